@@ -1,0 +1,23 @@
+"""The ``prism`` command line: one Typer app, one sub-command group per part of the platform."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="prism",
+    help="Multi-resolution pixel diffusion: data, science, training, serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+# Each part registers its own commands here (one line each).
+# -- registrations --
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
