@@ -1,0 +1,274 @@
+"""Image power spectra and per-image schedule bounds (SCIENCE.md section 4, reconstruction).
+
+Conventions
+- Images are float NCHW in [-1, 1]; a *plane* is one (H, W) array (a channel or luminance).
+- Luminance is Rec.601 luma, ``Y = 0.299 R + 0.587 G + 0.114 B`` (on [-1, 1] values).
+- Orthonormal 2-D DFT, ``X = F x / sqrt(H W)``, so white noise of variance s^2 has flat power
+  ``E|X_k|^2 = s^2`` and the per-frequency SNR at log-SNR lambda is ``e^lambda S(f)``.
+- Radial bins of integer radius ``r = round(sqrt(ky^2 + kx^2))`` with ``k`` the integer
+  frequency (cycles per image). The RAPSD ``S`` has ``n_bins = min(H, W) // 2`` entries, for
+  ``r = 1 .. n_bins`` (index ``r - 1``); the DC term (r = 0) is returned separately as
+  ``dc_power = |X_0|^2 = H W mean(x)^2``; the corner frequencies ``r > n_bins`` enter only the
+  last octave of the energy (so that octave energies + DC add up to ``mean(x^2)``, Parseval).
+- Every function accepts NumPy arrays or torch tensors (CPU or GPU) and returns the same kind;
+  both paths compute in float64 (NumPy) / the input's float dtype promoted to at least float32
+  (torch) with the same bin matrices, so they agree to float precision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+Array = np.ndarray | torch.Tensor
+
+LUMA_REC601 = (0.299, 0.587, 0.114)
+# variance of uniform 8-bit quantisation noise on [-1, 1]: step 2/255, var = step^2 / 12
+QUANT_NOISE_VAR = (2.0 / 255.0) ** 2 / 12.0
+LAMBDA_QUANT = -math.log(QUANT_NOISE_VAR)  # about 12.18: no schedule needs more signal than this
+POWER_FLOOR = 1e-12  # power values are floored here before logs (constant images)
+
+
+# --------------------------------------------------------------------------- bin matrices
+
+
+@lru_cache(maxsize=32)
+def _bin_matrices(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Averaging matrices over the rfft2 half-spectrum of an (h, w) plane.
+
+    Returns (avg (h*wr, n_bins), octave_sum (h*wr, n_oct), dc_weight (h*wr,)) with
+    wr = w // 2 + 1. Columns of the half-spectrum that stand for two conjugate frequencies
+    get weight 2, so ``power_half @ M`` equals the same sum over the full spectrum.
+    """
+    n_bins = min(h, w) // 2
+    ky = np.fft.fftfreq(h, 1.0 / h)[:, None]  # integer frequencies (h, 1)
+    kx = np.arange(w // 2 + 1)[None, :]  # (1, wr)
+    r = np.rint(np.sqrt(ky**2 + kx**2)).astype(np.int64).ravel()  # (h*wr,)
+    mult = np.full((h, w // 2 + 1), 2.0)
+    mult[:, 0] = 1.0
+    if w % 2 == 0:
+        mult[:, -1] = 1.0  # the Nyquist column is its own conjugate
+    mult = mult.ravel()
+    avg = np.zeros((r.size, n_bins))
+    inside = (r >= 1) & (r <= n_bins)
+    avg[np.flatnonzero(inside), r[inside] - 1] = mult[inside]
+    avg /= avg.sum(axis=0, keepdims=True)  # mean over the bin's full-spectrum frequencies
+    # octaves: {1}, {2}, {3,4}, {5..8}, ..., the last one also takes the corners r > n_bins
+    n_oct = n_octaves(n_bins)
+    octave = np.zeros(r.size, dtype=np.int64)
+    nz = r >= 1
+    octave[nz] = np.minimum(np.ceil(np.log2(np.maximum(r[nz], 1))).astype(np.int64), n_oct - 1)
+    oct_sum = np.zeros((r.size, n_oct))
+    oct_sum[np.flatnonzero(nz), octave[nz]] = mult[nz] / (h * w)  # mean-square units
+    dc = np.zeros(r.size)
+    dc[0] = 1.0
+    return avg, oct_sum, dc
+
+
+def n_octaves(n_bins: int) -> int:
+    """Number of octave bands {1}, {2}, {3,4}, ... covering radii 1..n_bins."""
+    return int(math.ceil(math.log2(n_bins))) + 1 if n_bins >= 1 else 0
+
+
+@lru_cache(maxsize=32)
+def bin_frequencies(n_bins: int) -> np.ndarray:
+    """Radial frequency of each RAPSD entry (cycles per image), (n_bins,).
+
+    The mean exact radius ``sqrt(ky^2 + kx^2)`` of the frequencies in each integer-radius bin
+    of a (2 n_bins)-square plane (about r; 1.21 for r = 1). Power-law fits use these values,
+    which removes most of the rounding bias of integer bins at low frequencies.
+    """
+    size = 2 * n_bins
+    k = np.fft.fftfreq(size, 1.0 / size)
+    rad = np.sqrt(k[:, None] ** 2 + k[None, :] ** 2).ravel()
+    r = np.rint(rad).astype(np.int64)
+    sums = np.bincount(r, weights=rad, minlength=n_bins + 1)[1 : n_bins + 1]
+    counts = np.bincount(r, minlength=n_bins + 1)[1 : n_bins + 1]
+    return sums / counts
+
+
+def _check_planes(x: Array) -> None:
+    if x.ndim < 2:
+        raise ValueError(f"RAPSD needs (..., H, W) planes, got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if min(h, w) < 4:
+        raise ValueError(f"RAPSD needs planes of at least 4x4 pixels, got {h}x{w}")
+    finite = torch.isfinite(x).all() if isinstance(x, torch.Tensor) else np.isfinite(x).all()
+    if not bool(finite):
+        raise ValueError("RAPSD input contains NaN or infinite values")
+
+
+# --------------------------------------------------------------------------- spectra
+
+
+def power_half(x: Array) -> Array:
+    """|rfft2(x, ortho)|^2 flattened: (..., H, W) -> (..., H * (W // 2 + 1))."""
+    _check_planes(x)
+    if isinstance(x, torch.Tensor):
+        if not x.is_floating_point():
+            raise TypeError(f"RAPSD needs a float tensor, got {x.dtype}")
+        f = torch.fft.rfft2(x.to(torch.promote_types(x.dtype, torch.float32)), norm="ortho")
+        p = f.real.square() + f.imag.square()
+    else:
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"RAPSD needs a float array, got {x.dtype}")
+        f = np.fft.rfft2(x.astype(np.float64, copy=False), norm="ortho")
+        p = f.real**2 + f.imag**2
+    return p.reshape(*p.shape[:-2], -1)
+
+
+def _matmul(p: Array, m: np.ndarray) -> Array:
+    if isinstance(p, torch.Tensor):
+        return p @ torch.as_tensor(m, dtype=p.dtype, device=p.device)
+    return p @ m
+
+
+def rapsd(x: Array) -> Array:
+    """Radially averaged power spectral density of planes: (..., H, W) -> (..., n_bins).
+
+    Entry ``r - 1`` is the mean of ``|X_k|^2`` over frequencies of integer radius r
+    (r = 1 .. min(H, W) // 2); DC excluded (see ``dc_power``).
+    """
+    _check_planes(x)
+    h, w = x.shape[-2:]
+    return _matmul(power_half(x), _bin_matrices(h, w)[0])
+
+
+def luminance(images: Array) -> Array:
+    """Rec.601 luma of RGB images: (..., 3, H, W) -> (..., H, W)."""
+    if images.ndim < 3 or images.shape[-3] != 3:
+        raise ValueError(f"luminance needs (..., 3, H, W) RGB images, got {tuple(images.shape)}")
+    r, g, b = images[..., 0, :, :], images[..., 1, :, :], images[..., 2, :, :]
+    return LUMA_REC601[0] * r + LUMA_REC601[1] * g + LUMA_REC601[2] * b
+
+
+def uint8_to_unit(images: np.ndarray) -> np.ndarray:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1]."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (B, H, W, 3), got {images.dtype} {images.shape}")
+    return images.transpose(0, 3, 1, 2).astype(np.float32) * (2.0 / 255.0) - 1.0
+
+
+# --------------------------------------------------------------------------- fits and bounds
+
+
+def power_law_fit(s: Array, f_lo: int = 1, f_hi: int | None = None) -> tuple[Array, Array, Array]:
+    """Least-squares fit ``log S(f) = log A - beta log f`` over bins f_lo..f_hi.
+
+    s: (..., n_bins). Returns (log_A, beta, residual), each (...): natural logs; residual is
+    the RMS of the log-space residual.
+    """
+    n_bins = s.shape[-1]
+    f_hi = n_bins if f_hi is None else f_hi
+    if not 1 <= f_lo < f_hi <= n_bins:
+        raise ValueError(f"power_law_fit: need 1 <= f_lo < f_hi <= {n_bins}, got {f_lo}, {f_hi}")
+    u = np.log(bin_frequencies(n_bins)[f_lo - 1 : f_hi])  # (n,)
+    u_c = u - u.mean()
+    torch_in = isinstance(s, torch.Tensor)
+    lib = torch if torch_in else np
+    y = lib.log(lib.clip(s[..., f_lo - 1 : f_hi], POWER_FLOOR, None))  # (..., n)
+    uc = torch.as_tensor(u_c, dtype=y.dtype, device=y.device) if torch_in else u_c
+    y_mean = y.mean(-1)
+    slope = (y * uc).sum(-1) / float((u_c**2).sum())  # = -beta
+    log_a = y_mean - slope * float(u.mean())
+    fit = log_a[..., None] + slope[..., None] * (uc + float(u.mean()))
+    residual = lib.sqrt(((y - fit) ** 2).mean(-1))
+    return log_a, -slope, residual
+
+
+def schedule_bounds(
+    s: Array, eps_lo: float = 0.01, eps_hi: float = 10.0, min_span: float = 1.0
+) -> tuple[Array, Array]:
+    """Per-image log-SNR bounds from the RAPSD ``s`` (..., n_bins) (SCIENCE.md section 4).
+
+    lambda_min = log(eps_lo) - log max_f S(f)       (noise swamps the strongest component)
+    lambda_max = min(log(eps_hi) - log min_f S(f), -log((2/255)^2 / 12))
+    A featureless image (lambda_min > lambda_max - min_span) gets lambda_min = lambda_max -
+    min_span, so that every image has a valid, strictly decreasing schedule.
+    """
+    if not 0 < eps_lo < eps_hi:
+        raise ValueError(f"schedule_bounds: need 0 < eps_lo < eps_hi, got {eps_lo}, {eps_hi}")
+    if min_span <= 0:
+        raise ValueError(f"schedule_bounds: min_span must be > 0, got {min_span}")
+    lib = torch if isinstance(s, torch.Tensor) else np
+    s = lib.clip(s, POWER_FLOOR, None)
+    s_max = s.max(-1).values if lib is torch else s.max(-1)
+    s_min = s.min(-1).values if lib is torch else s.min(-1)
+    lam_min = math.log(eps_lo) - lib.log(s_max)
+    lam_max = lib.clip(math.log(eps_hi) - lib.log(s_min), None, LAMBDA_QUANT)
+    lam_min = lib.minimum(lam_min, lam_max - min_span)
+    return lam_min, lam_max
+
+
+# --------------------------------------------------------------------------- per-image stats
+
+
+@dataclass(frozen=True)
+class SpectraParams:
+    """Choices recorded with every run: thresholds, fit range, channel weights."""
+
+    eps_lo: float = 0.01
+    eps_hi: float = 10.0
+    min_span: float = 1.0
+    fit_f_lo: int = 1
+    fit_f_hi: int | None = None  # None: up to n_bins
+
+
+def image_statistics(images: Array, params: SpectraParams | None = None) -> dict[str, Array]:
+    """All per-image spectral statistics of RGB images (B, 3, H, W) in [-1, 1].
+
+    Returns a dict of arrays (same kind as the input):
+      lum_rapsd (B, n_bins), rgb_rapsd (B, 3, n_bins), dc_power (B,) of luminance,
+      octave_energy (B, n_oct) of luminance (mean-square units), log_A, beta, fit_residual
+      (B,) of the luminance power-law fit, lambda_min, lambda_max (B,).
+    """
+    p = params or SpectraParams()
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"image_statistics needs (B, 3, H, W), got {tuple(images.shape)}")
+    lib = torch if isinstance(images, torch.Tensor) else np
+    planes = lib.concatenate([luminance(images)[:, None], images], axis=1) if lib is np else \
+        torch.cat([luminance(images)[:, None], images], dim=1)  # (B, 4, H, W)
+    h, w = planes.shape[-2:]
+    avg, oct_sum, dc = _bin_matrices(h, w)
+    ph = power_half(planes)  # (B, 4, h*wr)
+    spec = _matmul(ph, avg)  # (B, 4, n_bins)
+    lum = spec[:, 0]
+    log_a, beta, res = power_law_fit(lum, p.fit_f_lo, p.fit_f_hi)
+    lam_min, lam_max = schedule_bounds(lum, p.eps_lo, p.eps_hi, p.min_span)
+    return {
+        "lum_rapsd": lum,
+        "rgb_rapsd": spec[:, 1:],
+        "dc_power": _matmul(ph[:, 0], dc[:, None])[:, 0],
+        "octave_energy": _matmul(ph[:, 0], oct_sum),
+        "log_A": log_a,
+        "beta": beta,
+        "fit_residual": res,
+        "lambda_min": lam_min,
+        "lambda_max": lam_max,
+    }
+
+
+def gaussian_random_field(
+    n: int, size: int, beta: float, seed: int = 0, variance: float = 1.0
+) -> np.ndarray:
+    """Isotropic Gaussian random fields with power spectrum ~ f^-beta: (n, size, size) float64.
+
+    White Gaussian noise filtered by ``f^(-beta/2)`` in the Fourier domain (DC set to zero),
+    rescaled to the given pixel variance. Used by tests and demos.
+    """
+    if n < 1 or size < 4:
+        raise ValueError(f"gaussian_random_field: need n >= 1 and size >= 4, got {n}, {size}")
+    rng = np.random.default_rng(seed)
+    white = rng.standard_normal((n, size, size))
+    ky = np.fft.fftfreq(size, 1.0 / size)[:, None]
+    kx = np.fft.fftfreq(size, 1.0 / size)[None, :]
+    f = np.sqrt(ky**2 + kx**2)
+    amp = np.zeros_like(f)
+    amp[f > 0] = f[f > 0] ** (-beta / 2.0)
+    field = np.fft.ifft2(np.fft.fft2(white) * amp).real
+    field /= field.std(axis=(-2, -1), keepdims=True)
+    return field * math.sqrt(variance)
