@@ -13,14 +13,16 @@ in general). ``D_m`` is ``F.avg_pool2d(x, m)`` (the same operator as
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from components.diffusion import Cond, NetworkDenoiser, noise_conditioning, q_sample
-from components.schedules import Schedule
+from components.objectives import DiffusionObjective
+from components.schedules import Schedule, build_schedule
 
 
 def multiscale_targets(eps: Tensor, factors: Sequence[int]) -> list[Tensor]:
@@ -46,72 +48,57 @@ def _backbone(net: nn.Module) -> nn.Module:
 class MultiScaleObjective:
     """``objective(net, batch) -> (loss, logs)`` for eps-predicting multi-resolution networks.
 
-    schedule: the global training schedule; ``t ~ U(0, 1)``, ``lambda = schedule.lambda_(t)``.
+    schedule: the global training schedule (a ``Schedule``, or a ``build_schedule`` name with
+        ``schedule_kwargs``, so that ``training`` can build it from JSON options);
+        ``t ~ U(0, 1)``, ``lambda = schedule.lambda_(t)``.
     coefficients: ``c_b`` per branch, coarse to fine (default :func:`default_coefficients`).
-    label_dropout: probability of replacing a label by the null class ``-1`` (classifier-free
-        guidance); 0 if the training loop drops labels itself.
-    n_cond: the network's noise-conditioning width (1, or 3 for spectral schedules). With a
-        batch's ``lambda_bounds`` (B, 2) = (lambda(0), lambda(1)) the noise level of each image
-        is ``lambda(0) + t (lambda(1) - lambda(0))`` (linear in lambda between its bounds), or
-        ``sample_lambda(t, lambda_bounds)`` if given.
+    label_dropout: probability of replacing a label by the null class ``-1`` (CFG training).
+    n_cond, per_instance: as ``components.objectives.DiffusionObjective`` (per-image spectral
+        schedules need ``n_cond = 3``); lambda sampling and label dropout are delegated to it.
     The network is called as ``net(x_t, c_noise, labels, return_all=True)`` (list of eps, coarse
     to fine); the branch factors ``k_b`` are read from the outputs' sizes.
     """
 
     def __init__(
         self,
-        schedule: Schedule,
+        schedule: Schedule | str | None = "cosine",
         coefficients: Sequence[float] | None = None,
         label_dropout: float = 0.0,
         n_cond: int = 1,
-        sample_lambda: Callable[[Tensor, Tensor], Tensor] | None = None,
+        per_instance: str | None = None,
+        schedule_kwargs: dict[str, float] | None = None,
     ) -> None:
         if coefficients is not None and (
                 not len(coefficients) or any(not c >= 0 for c in coefficients)):
             raise ValueError(f"coefficients must be a non-empty list of numbers >= 0, "
                              f"got {coefficients}")
-        if not 0.0 <= label_dropout < 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
-        if n_cond not in (1, 3):
-            raise ValueError(f"n_cond must be 1 or 3, got {n_cond}")
-        self.schedule, self.label_dropout, self.n_cond = schedule, label_dropout, n_cond
+        if isinstance(schedule, str):
+            schedule = build_schedule(schedule, **dict(schedule_kwargs or {}))
         self.coefficients = None if coefficients is None else [float(c) for c in coefficients]
-        self.sample_lambda = sample_lambda
+        self.base = DiffusionObjective(
+            schedule=None if per_instance else schedule, prediction="eps", n_cond=n_cond,
+            label_dropout=label_dropout, per_instance=per_instance, name="dimr_multiscale")
 
-    def _lambda(self, t: Tensor, bounds: Tensor | None) -> Tensor:
-        if bounds is None:
-            return self.schedule.lambda_(t).float()
-        if self.sample_lambda is not None:
-            return self.sample_lambda(t, bounds).float()
-        lam0, lam1 = bounds[:, 0].float(), bounds[:, 1].float()
-        return lam0 + t * (lam1 - lam0)
-
-    def __call__(self, net: nn.Module, batch: dict) -> tuple[Tensor, dict[str, float]]:
-        x0 = batch["images"]
-        labels, bounds = batch.get("labels"), batch.get("lambda_bounds")
-        B = x0.shape[0]
-        if self.n_cond == 3 and bounds is None:
-            raise ValueError("n_cond=3 needs batch['lambda_bounds'] (spectral schedules)")
-        t = torch.rand(B, device=x0.device)  # t ~ U(0, 1), global RNG (exact resume)
-        lam = self._lambda(t, bounds if self.n_cond == 3 or self.sample_lambda else None)
+    def __call__(self, net: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        x0 = batch["images"]  # (B, C, H, W) in [-1, 1]
+        lam, bounds = self.base.sample_lambda(batch, x0.shape[0], x0.device)  # (B,), (B, 2)?
         eps = torch.randn_like(x0)
         x_t = q_sample(x0, lam, eps).to(x0.dtype)
-        if labels is not None and self.label_dropout > 0:
-            drop = torch.rand(B, device=x0.device) < self.label_dropout
-            labels = torch.where(drop, torch.full_like(labels, -1), labels)
-        c_noise = noise_conditioning(lam, Cond(labels, bounds), self.n_cond)
-        preds = _backbone(net)(x_t, c_noise, labels, return_all=True)
+        cond = Cond(self.base.drop_labels(batch.get("labels")),
+                    None if bounds is None else bounds.to(x0.device, torch.float32))
+        c_noise = noise_conditioning(lam, cond, self.base.n_cond)  # (B, n_cond)
+        preds = _backbone(net)(x_t, c_noise, cond.class_labels, return_all=True)
         coeffs = self.coefficients or default_coefficients(len(preds))
         if len(coeffs) != len(preds):
             raise ValueError(f"{len(coeffs)} loss coefficients for {len(preds)} branches")
-        factors = [x0.shape[-1] // p.shape[-1] for p in preds]
-        targets = multiscale_targets(eps, factors)
-        loss = x0.new_zeros(())
-        logs: dict[str, float] = {}
+        targets = multiscale_targets(eps, [x0.shape[-1] // p.shape[-1] for p in preds])
+        loss = x0.new_zeros((), dtype=torch.float32)
+        logs: dict[str, Tensor] = {}
         for b, (pred, target, c_b) in enumerate(zip(preds, targets, coeffs, strict=True)):
-            mse = F.mse_loss(pred.float(), target.float())  # mean over (B, C, g, g)
+            mse = F.mse_loss(pred.float(), target.float())  # mean over (B, C, g_b, g_b)
             loss = loss + c_b * mse
-            logs[f"loss_branch{b}"] = float(mse.detach())
-        logs["loss"] = float(loss.detach())
+            logs[f"mse_branch{b}"] = mse.detach()
+        # detached 0-d tensors, as components.objectives: the loop makes floats when it logs
+        logs["loss"] = loss.detach()
+        logs["lambda_mean"] = lam.mean().detach()
         return loss, logs
-

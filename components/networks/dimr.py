@@ -183,7 +183,7 @@ class DiMR(nn.Module):
         if cfg.branches[0].kind != "transformer" or any(
                 b.kind != "convnext" for b in cfg.branches[1:]):
             raise ValueError("branches must be one transformer branch then convnext branches")
-        if any(g2 % g1 or g2 <= g1 for g1, g2 in zip(grids, grids[1:])):
+        if any(g2 % g1 or g2 <= g1 for g1, g2 in zip(grids, grids[1:], strict=False)):
             raise ValueError(f"branch grids must grow by integer factors, got {grids}")
         self.grids = grids
         d0 = cfg.branches[0].dim
@@ -198,8 +198,8 @@ class DiMR(nn.Module):
         self.branches = nn.ModuleList(
             Branch(b, cfg.in_channels, g) for b, g in zip(cfg.branches, grids, strict=True))
         self.cascades = nn.ModuleList(
-            Cascade(b.dim * (b.depth + 1), nb.dim, g2 // g1)
-            for b, nb, g1, g2 in zip(cfg.branches, cfg.branches[1:], grids, grids[1:]))
+            Cascade(b.dim * (b.depth + 1), nb.dim, g2 // g1) for b, nb, g1, g2 in zip(
+                cfg.branches, cfg.branches[1:], grids, grids[1:], strict=False))
 
     def _tokens(self, c_noise: Tensor, class_labels: Tensor | None, B: int) -> Tensor:
         """The Transformer branch's conditioning token (B, 1, d0)."""
