@@ -44,9 +44,9 @@ PRESETS: dict[str, dict] = {
         resolution=64, model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
         attention_resolutions=(16,), dropout=0.1,
     ),
-    # The DDPM-x0 baseline of ssd-32-3l (CIFAR-10 width).
+    # The DDPM-x0 baseline of ssd-32-3l (= ddpm-cifar10).
     "ddpm-x0-32": dict(
-        resolution=32, model_channels=128, channel_mult=(1, 2, 2), num_res_blocks=2,
+        resolution=32, model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
         attention_resolutions=(16,), dropout=0.1,
     ),
     # Tiny: trains 20 steps on CPU in seconds.
