@@ -1,0 +1,211 @@
+"""Resolution chromatography (SCIENCE.md section 2, Hwang, Park & Jo).
+
+``D_m[x_t] = alpha D_m[x0] + (sigma / m) eps'``: at the coarse resolution the SNR is
+``m^2 SNR(t)``, the total power is ``P = alpha^2 + sigma^2 / m^2`` and
+``D_m[x_t] / sqrt(P)`` is a valid state at time ``tau`` with ``SNR(tau) = m^2 SNR(t)``,
+i.e. at log-SNR ``lambda + 2 log m``.
+
+Level k (m = 2^k) sees the schedule ``lambda(t) + k ln 4`` (schedule-mapping property); its
+signal fraction is ``a_k(t) = sigmoid(lambda(t) + k ln 4)`` and its chromatogram (signal
+generation rate) ``c_k(t) = -d a_k / dt``. The dominant level is ``k*(t) = -lambda(t) / ln 4``.
+
+*Reconstruction (ours)*: the band-pass view ``p_k = a_k - a_{k-1}`` (``p_0 = a_0``) is the
+difference between adjacent cumulative curves: the fraction of the process whose finest
+resolved level is k (with the remainder ``1 - a_{L-1}``: nothing resolved yet).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from components.schedules import DiscreteSchedule, Schedule, lambda_from_alpha_bar
+
+LN4 = math.log(4.0)
+
+
+def _f64(x: Tensor | float) -> Tensor:
+    return torch.as_tensor(x, dtype=torch.float64)
+
+
+def _check_m(m: float) -> None:
+    if not m >= 1:
+        raise ValueError(f"chromatography: scale factor m must be >= 1, got {m}")
+
+
+def power(lam: Tensor | float, m: float) -> Tensor:
+    """``P = alpha^2 + sigma^2 / m^2``: the power of ``D_m[x_t]`` for unit-power data."""
+    _check_m(m)
+    lam = torch.as_tensor(lam)
+    return torch.sigmoid(lam) + torch.sigmoid(-lam) / (m * m)
+
+
+def lambda_low(lam: Tensor | float, m: float) -> Tensor:
+    """Log-SNR of ``D_m[x_t] / sqrt(P)``: ``lambda + 2 log m``."""
+    _check_m(m)
+    return torch.as_tensor(lam) + 2.0 * math.log(m)
+
+
+def tau(schedule: Schedule, t: Tensor | float, m: float) -> Tensor:
+    """Continuous time map: ``SNR(tau) = m^2 SNR(t)``, i.e.
+    ``tau = t(lambda(t) + 2 log m)`` (clipped to [0, 1] where the schedule ends)."""
+    t = _f64(t)
+    return schedule.t_of_lambda(lambda_low(schedule.lambda_(t), m)).clamp(0.0, 1.0)
+
+
+def tau_discrete(schedule: DiscreteSchedule, n: Tensor | int, m: float) -> Tensor:
+    """Discrete time map of Upsample Guidance's appendix, on 0-based step indices:
+    ``tau[n] = argmin_j |log SNR[j] - (log SNR[n] + 2 log m)|`` over j = 0..T-1."""
+    _check_m(m)
+    log_snr = lambda_from_alpha_bar(schedule.alpha_bar)  # (T,)
+    n = torch.as_tensor(n, dtype=torch.long)
+    if bool(((n < 0) | (n >= schedule.T)).any()):
+        raise ValueError(f"tau_discrete: step index out of range 0..{schedule.T - 1}: {n}")
+    target = log_snr[n] + 2.0 * math.log(m)  # (...)
+    return (target[..., None] - log_snr).abs().argmin(dim=-1)
+
+
+def signal_fraction(lam: Tensor | float, k: int | Tensor) -> Tensor:
+    """``a_k = sigmoid(lambda + k ln 4)``: signal fraction of the level-k view (m = 2^k)."""
+    return torch.sigmoid(torch.as_tensor(lam) + torch.as_tensor(k) * LN4)
+
+
+def dominant_level(lam: Tensor | float) -> Tensor:
+    """Continuous dominant level ``k* = -lambda / ln 4`` (where a_k = 1/2), clipped at 0."""
+    return (-torch.as_tensor(lam) / LN4).clamp(min=0.0)
+
+
+def lambda_of_level(level: float) -> float:
+    """The log-SNR at which level ``level`` is dominant (a_level = 1/2): ``-level ln 4``."""
+    return -float(level) * LN4
+
+
+ChromKind = Literal["cumulative", "bandpass"]
+
+
+def chromatogram(
+    schedule: Schedule, levels: int = 4, n_t: int = 501, kind: ChromKind = "cumulative"
+) -> dict[str, Tensor]:
+    """Predicted chromatogram of ``schedule`` on a uniform t grid.
+
+    Returns float64 tensors: ``t`` (n_t,), ``lambda`` (n_t,), ``a`` (levels, n_t) the
+    cumulative signal fractions (or the band-pass ``p_k`` when kind="bandpass"), ``c``
+    (levels, n_t) the rates ``-d a/dt`` (same kind), and ``dominant`` (n_t,) = k*(t).
+    """
+    if levels < 1 or n_t < 3:
+        raise ValueError(f"chromatogram: need levels >= 1 and n_t >= 3, got {levels}, {n_t}")
+    if kind not in ("cumulative", "bandpass"):
+        raise ValueError(f"chromatogram kind must be 'cumulative' or 'bandpass', got {kind!r}")
+    t = torch.linspace(0.0, 1.0, n_t, dtype=torch.float64).requires_grad_(True)
+    with torch.enable_grad():
+        lam = schedule.lambda_(t)
+        (dlam_dt,) = torch.autograd.grad(lam.sum(), t)
+    t, lam = t.detach(), lam.detach()
+    k = torch.arange(levels, dtype=torch.float64)[:, None]  # (L, 1)
+    a = signal_fraction(lam[None, :], k)  # (L, n_t)
+    c = -a * (1 - a) * dlam_dt[None, :]  # -da/dt = -a (1 - a) dlambda/dt >= 0
+    if kind == "bandpass":
+        a = torch.cat([a[:1], a[1:] - a[:-1]], dim=0)
+        c = torch.cat([c[:1], c[1:] - c[:-1]], dim=0)
+    return {"t": t, "lambda": lam, "a": a, "c": c, "dominant": dominant_level(lam)}
+
+
+def measured_chromatogram(
+    denoiser,
+    images: Tensor,
+    t_grid: Tensor,
+    schedule: Schedule,
+    levels: int = 4,
+    cond=None,
+    generator: torch.Generator | None = None,
+    kind: str = "box",
+) -> dict[str, Tensor]:
+    """Measure when each Laplacian band of the x0-prediction emerges.
+
+    For each t: ``x_t = alpha x0 + sigma eps`` (one fixed eps per image), ``x0_hat = D(x_t)``,
+    band energies ``E_k(t)`` of x0_hat (per full-resolution pixel, batch-averaged), normalised
+    by the clean images' band energies: ``e_k(t) = E_k(t) / E_k(x0)``, which rises from ~0 to
+    ~1 as t -> 0. ``emergence[k]`` is the largest t at which ``e_k >= 1/2`` (NaN if never).
+
+    images: (B, C, H, W) in [-1, 1]; t_grid: (n_t,). Returns float64 tensors ``t``,
+    ``lambda``, ``energy_fraction`` (levels, n_t), ``emergence`` (levels,),
+    ``clean_energy`` (levels,).
+    """
+    from components.diffusion import Cond, as_prediction, check_image_range, q_sample
+    from components.scale import band_energies
+
+    check_image_range(images, "measured_chromatogram images")
+    cond = cond if cond is not None else Cond()
+    t_grid = _f64(t_grid).flatten()
+    eps = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
+    clean = band_energies(images.double(), levels, kind).mean(0)  # (L,)
+    frac = []
+    with torch.no_grad():
+        for t in t_grid:
+            lam = schedule.lambda_(t).to(torch.float64).expand(images.shape[0])
+            x_t = q_sample(images, lam, eps)
+            x0_hat = as_prediction(denoiser, x_t, lam.to(images.dtype), cond, "x0")
+            frac.append(band_energies(x0_hat.double(), levels, kind).mean(0) / clean)
+    e = torch.stack(frac, dim=1)  # (L, n_t)
+    emergence = torch.full((levels,), float("nan"), dtype=torch.float64)
+    for k in range(levels):
+        above = (e[k] >= 0.5).nonzero().flatten()
+        if len(above):
+            emergence[k] = t_grid[above].max()
+    return {"t": t_grid, "lambda": schedule.lambda_(t_grid).double(), "energy_fraction": e,
+            "emergence": emergence, "clean_energy": clean}
+
+
+def plot_chromatogram(
+    schedule: Schedule,
+    levels: int = 4,
+    path: str | None = None,
+    title: str | None = None,
+    measured: dict[str, Tensor] | None = None,
+):
+    """Draw a_k(t), c_k(t) and the band-pass p_k(t) of ``schedule`` (matplotlib, Agg).
+
+    With ``measured`` (from :func:`measured_chromatogram`) the measured band energy
+    fractions are drawn as markers on the cumulative panel. Saves to ``path`` if given;
+    returns the figure.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cum = chromatogram(schedule, levels, kind="cumulative")
+    band = chromatogram(schedule, levels, kind="bandpass")
+    t = cum["t"].numpy()
+    colors = plt.cm.viridis([k / max(levels - 1, 1) for k in range(levels)])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    for k in range(levels):
+        lbl = f"level {k} (1/{2 ** k} res)"
+        axes[0].plot(t, cum["a"][k].numpy(), color=colors[k], label=lbl)
+        axes[1].plot(t, cum["c"][k].numpy(), color=colors[k], label=lbl)
+        axes[2].plot(t, band["a"][k].numpy(), color=colors[k], label=lbl)
+        if measured is not None and k < measured["energy_fraction"].shape[0]:
+            axes[0].plot(measured["t"].numpy(), measured["energy_fraction"][k].numpy(), "o",
+                         color=colors[k], ms=4, label=f"measured band {k}")
+    axes[0].set(title="signal fraction $a_k(t)$ (cumulative)", xlabel="t (1 = noise)",
+                ylabel="$a_k$", ylim=(-0.02, 1.05))
+    axes[1].set(title="chromatogram $c_k(t) = -da_k/dt$", xlabel="t (1 = noise)",
+                ylabel="rate")
+    axes[2].set(title="band-pass $p_k = a_k - a_{k-1}$", xlabel="t (1 = noise)",
+                ylabel="$p_k$", ylim=(-0.02, 1.05))
+    ax2 = axes[1].twinx()
+    ax2.plot(t, cum["dominant"].numpy(), "k--", lw=1, label="dominant level $k^*$")
+    ax2.set_ylabel("dominant level $k^* = -\\lambda/\\ln 4$")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.invert_xaxis()  # generation runs from t = 1 to t = 0
+    axes[0].legend(fontsize=7, loc="upper left")
+    ax2.legend(fontsize=7, loc="upper right")
+    name = getattr(schedule, "name", type(schedule).__name__)
+    fig.suptitle(title or f"resolution chromatogram: {name}")
+    if path is not None:
+        fig.savefig(path, dpi=130)
+    return fig
