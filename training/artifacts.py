@@ -1,0 +1,124 @@
+"""The model artifact: ``model.safetensors`` + ``config.json`` + ``schedule.json``; loading it
+back as a :class:`components.generate.GenerativeModel` (safetensors and JSON only, no pickle).
+
+Layout of a model directory (also the MLflow artifact path ``model/`` of a training run)::
+
+    model.safetensors   EMA weights of the backbone
+    config.json         {"format": "prism.model", "version": 1, "family", "net_kwargs",
+                         "prediction", "n_cond", "resolution", "in_channels", "num_classes",
+                         "kind", "extra", "training": <the full resolved training config>}
+    schedule.json       {"name", "kwargs": the global schedule (build_schedule),
+                         "spectral": the fitted spectral schedule model JSON or null,
+                         "spectral_kind": "frequency" | "power" | "mixed" | null}
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from components.generate import GenerativeModel
+from components.networks.registry import build_family
+from components.schedules import build_schedule
+
+FORMAT = "prism.model"
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def save_model(directory: str | Path, net: nn.Module, *, family: str, net_kwargs: dict,
+               prediction: str, n_cond: int, resolution: int, in_channels: int,
+               num_classes: int, schedule_name: str, schedule_kwargs: dict[str, float],
+               spectral: dict[str, Any] | None = None, spectral_kind: str | None = None,
+               kind: str = "standard", extra: dict[str, Any] | None = None,
+               training: dict[str, Any] | None = None) -> Path:
+    """Write a model directory (see the module doc); returns its path."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    save_file(weights, str(d / "model.safetensors"))
+    config = {"format": FORMAT, "version": 1, "family": family,
+              "net_kwargs": _jsonable(net_kwargs), "prediction": prediction, "n_cond": n_cond,
+              "resolution": resolution, "in_channels": in_channels, "num_classes": num_classes,
+              "kind": kind, "extra": _jsonable(extra or {}), "training": training or {}}
+    (d / "config.json").write_text(json.dumps(config, indent=1))
+    schedule = {"name": schedule_name, "kwargs": dict(schedule_kwargs), "spectral": spectral,
+                "spectral_kind": spectral_kind}
+    (d / "schedule.json").write_text(json.dumps(schedule, indent=1))
+    return d
+
+
+def _download(uri: str, dst: Path) -> Path:
+    """``runs:/ID/path``, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or any MLflow
+    artifact URI -> a local directory (MLflow's client, honouring MLFLOW_TRACKING_URI)."""
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+
+
+def load_model(uri_or_dir: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:
+    """Load a trained model for sampling.
+
+    ``load_model(uri_or_dir: str | Path, device: str | torch.device = "cpu") -> GenerativeModel``
+
+    ``uri_or_dir``: a local model directory (``model.safetensors``, ``config.json``,
+    ``schedule.json``), or an MLflow URI: ``runs:/<run id>/model``, ``models:/<name>@<alias>``
+    (e.g. ``models:/prism-debug@candidate``) or ``models:/<name>/<version>``; MLflow URIs are
+    downloaded to a temporary directory first (tracking server from MLFLOW_TRACKING_URI).
+    Returns the network on ``device`` in eval mode, with its prediction type, conditioning
+    width, native resolution, channels, classes, global schedule, kind and spectral model.
+    Only safetensors and JSON are read: loading never executes code.
+    """
+    src = str(uri_or_dir)
+    if "://" in src.split("/")[0] or src.startswith(("runs:/", "models:/")):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = _download(src, Path(tmp))
+            return _load_dir(local, device)
+    return _load_dir(Path(src), device)
+
+
+def _load_dir(d: Path, device: str | torch.device) -> GenerativeModel:
+    missing = [f for f in ("model.safetensors", "config.json", "schedule.json")
+               if not (d / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{d} is not a prism model directory: missing {missing}")
+    config = json.loads((d / "config.json").read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{d / 'config.json'}: not a prism model (format "
+                         f"{config.get('format')!r})")
+    schedule = json.loads((d / "schedule.json").read_text())
+    net = build_family(config["family"], **config["net_kwargs"])
+    net.load_state_dict(load_file(str(d / "model.safetensors"), device="cpu"))
+    net.to(device).eval()
+    extra = dict(config.get("extra", {}))
+    if schedule.get("spectral_kind"):
+        extra.setdefault("spectral_kind", schedule["spectral_kind"])
+    return GenerativeModel(
+        net=net, prediction=config["prediction"], n_cond=int(config["n_cond"]),
+        resolution=int(config["resolution"]), in_channels=int(config["in_channels"]),
+        num_classes=int(config["num_classes"]),
+        schedule=build_schedule(schedule["name"], **schedule.get("kwargs", {})),
+        kind=config.get("kind", "standard"), spectral=schedule.get("spectral"), extra=extra,
+    )
+
+
+def copy_model(src: str | Path, dst: str | Path) -> Path:
+    """Copy a model directory (the three files) to ``dst``."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in ("model.safetensors", "config.json", "schedule.json"):
+        shutil.copy2(Path(src) / f, dst / f)
+    return dst

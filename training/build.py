@@ -1,0 +1,88 @@
+"""From a config to the parts of a run: network, schedule, objective, optimizer groups.
+
+The objective registry imports family objectives lazily by name, so that ``training`` does not
+depend on every model family: ``diffusion`` (``components.objectives``), ``ssd``
+(``components.ssd.SSDObjective``), ``dimr_multiscale``
+(``components.multiscale.MultiScaleObjective``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from components.networks.registry import build_family, preset_kwargs
+from components.schedules import Schedule, build_schedule
+from training.config import Config
+
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    "diffusion": ("components.objectives", "DiffusionObjective"),
+    "ssd": ("components.ssd", "SSDObjective"),
+    "dimr_multiscale": ("components.multiscale", "MultiScaleObjective"),
+}
+
+
+def n_cond_of(cfg: Config) -> int:
+    """1 (lambda) for a global schedule, 3 (lambda(t), lambda(0), lambda(1)) per instance."""
+    return 3 if cfg.objective.per_instance else 1
+
+
+def schedule_of(cfg: Config) -> Schedule:
+    """The global schedule (also the sampling grid's schedule for per-instance runs)."""
+    return build_schedule(cfg.objective.schedule, **dict(cfg.objective.schedule_kwargs))
+
+
+def network_spec(cfg: Config) -> tuple[str, dict[str, Any]]:
+    """(family, constructor kwargs) of the run's network: the preset, the data's classes and
+    channels, the conditioning width, then the config's overrides."""
+    family, kwargs = preset_kwargs(cfg.model.preset)
+    # every backbone family takes these (the backbone contract of CONVENTIONS.md)
+    kwargs.update(num_classes=cfg.data.num_classes, n_cond=n_cond_of(cfg),
+                  in_channels=cfg.data.channels)
+    kwargs.update(cfg.model.overrides)
+    res = kwargs.get("resolution")
+    if res is not None and res != cfg.data.resolution and cfg.objective.name == "diffusion":
+        raise ValueError(f"model.preset {cfg.model.preset!r} is built for {res}x{res} images "
+                         f"but data.resolution is {cfg.data.resolution}")
+    return family, kwargs
+
+
+def build_model(cfg: Config) -> tuple[nn.Module, str, dict[str, Any]]:
+    """(network, family, constructor kwargs)."""
+    family, kwargs = network_spec(cfg)
+    return build_family(family, **kwargs), family, kwargs
+
+
+def build_objective(cfg: Config) -> Callable:
+    """The loss callable ``objective(net, batch) -> (loss, logs)`` named by the config."""
+    o = cfg.objective
+    module, cls_name = OBJECTIVES[o.name]
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"objective.name {o.name!r}: {module}.{cls_name} is not available "
+                         f"({err})") from err
+    if o.name != "diffusion":
+        return cls(**dict(o.options))
+    return cls(
+        schedule=None if o.per_instance else schedule_of(cfg),
+        prediction=o.prediction, weighting=o.weighting, min_snr_gamma=o.min_snr_gamma,
+        sigmoid_bias=o.sigmoid_bias, n_cond=n_cond_of(cfg), label_dropout=o.label_dropout,
+        per_instance=o.per_instance, **dict(o.options),
+    )
+
+
+def param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The model's own groups (``param_groups(weight_decay)``, e.g. TD-LN exempt from decay),
+    else decay on weights of rank >= 2 and none on biases and norms."""
+    if hasattr(net, "param_groups"):
+        return net.param_groups(weight_decay)
+    decay, no_decay = [], []
+    for p in net.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]

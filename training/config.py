@@ -1,0 +1,226 @@
+"""Typed training configuration: one pydantic model per YAML section (extra keys forbidden).
+
+A config file has the sections ``run``, ``data``, ``model``, ``objective``, ``optim``,
+``train``, ``checkpoint``, ``tracking`` and ``sampling``; every key has a default except
+where noted. ``load_config(path, overrides)`` reads YAML, applies ``--set a.b=value``
+overrides and validates; a bad value fails at load with a message naming the field
+(``objective.prediction: Input should be 'eps', 'x0' or 'v'``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(_Section):
+    """Identity of the run: the same ``name`` in the same ``output_dir`` resumes."""
+
+    name: str = Field("debug", pattern=r"^[A-Za-z0-9_.-]+$")
+    project: str = Field("prism", pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = "runs"  # local runs/<name>/ holds checkpoints, metrics.jsonl, model/
+    seed: int = Field(0, ge=0, lt=2**31)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA only
+    compile: Literal["auto", "on", "off"] = "auto"  # auto: torch.compile on CUDA only
+    channels_last: Literal["auto", "on", "off"] = "auto"
+
+
+class DataConfig(_Section):
+    """Where the images come from. ``source: shards`` streams WebDataset shards (a local
+    directory, a glob or ``s3://bucket/prefix``); ``synthetic`` is an in-memory generated set."""
+
+    source: Literal["shards", "synthetic", "npz"] = "synthetic"
+    url: str | None = None  # shards: dir / s3 prefix; npz: path with x (N,H,W,C) uint8, y
+    resolution: int = Field(32, ge=4, le=1024)
+    channels: int = Field(3, ge=1, le=4)
+    num_classes: int = Field(0, ge=0)  # 0: unconditional (labels ignored)
+    synthetic_size: int = Field(512, ge=1)
+    spectral_stats: str | None = None  # Parquet file/dir keyed by sample key
+    num_workers: int = Field(0, ge=0, le=64)
+    random_flip: bool = True
+    version: str | None = None  # data version tag (e.g. a DVC hash), logged as a tag
+
+    @model_validator(mode="after")
+    def _url_needed(self) -> DataConfig:
+        if self.source in ("shards", "npz") and not self.url:
+            raise ValueError(f"data.url is required for source={self.source!r}")
+        return self
+
+
+class ModelConfig(_Section):
+    """A preset from ``components.networks.registry`` plus constructor overrides."""
+
+    preset: str = "unet-debug"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class ObjectiveConfig(_Section):
+    """The loss. ``name: diffusion`` is ``components.objectives.DiffusionObjective``;
+    ``ssd`` and ``dimr_multiscale`` are the family objectives, built with ``options``."""
+
+    name: Literal["diffusion", "ssd", "dimr_multiscale"] = "diffusion"
+    prediction: Literal["eps", "x0", "v"] = "eps"
+    schedule: str = "cosine"  # components.schedules.build_schedule name
+    schedule_kwargs: dict[str, float] = Field(default_factory=dict)
+    # per-image spectral schedules: a components.spectral_schedules kind, or None (global)
+    per_instance: Literal["frequency", "power", "mixed"] | None = None
+    weighting: Literal["uniform", "min_snr", "sigmoid"] = "uniform"
+    min_snr_gamma: float = Field(5.0, gt=0)
+    sigmoid_bias: float = 0.0
+    label_dropout: float = Field(0.0, ge=0, lt=1)
+    options: dict[str, Any] = Field(default_factory=dict)  # family objective kwargs
+
+
+class OptimConfig(_Section):
+    """AdamW with linear warm-up (in images) and gradient clipping; EMA of the weights."""
+
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    warmup_images: int = Field(0, ge=0)
+    decay: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    ema_warmup: bool = True  # decay_k = min(ema_decay, (1 + k) / (10 + k))
+    fused: Literal["auto", "on", "off"] = "auto"
+
+
+class TrainConfig(_Section):
+    """How long and how big: progress is counted in images seen."""
+
+    total_images: int = Field(10_240, ge=1)
+    batch_size: int = Field(64, ge=1)  # global images per optimizer step
+    grad_accum: int = Field(1, ge=1)
+    log_every_images: int = Field(1024, ge=1)
+
+
+class CheckpointConfig(_Section):
+    every_images: int = Field(5120, ge=1)
+    keep_last: int = Field(3, ge=1)
+    resume: bool = True  # the same run name resumes from its latest checkpoint
+
+
+class TrackingConfig(_Section):
+    """MLflow: experiment = run.project, run = run.name. ``uri`` None: $MLFLOW_TRACKING_URI,
+    else ``sqlite:///mlflow.db`` in the working directory."""
+
+    enabled: bool = True
+    uri: str | None = None
+    register_name: str | None = None  # registered model name; None: <project>-<run name>
+    alias: str = "candidate"
+    system_metrics: bool = True
+
+
+class SamplingConfig(_Section):
+    """Sample grids logged during training (EMA weights, fixed seeds)."""
+
+    every_images: int = Field(0, ge=0)  # 0: only at the end
+    num_images: int = Field(16, ge=0, le=256)
+    steps: int = Field(32, ge=1, le=1000)
+    sampler: Literal["ddim", "ddpm", "dpmpp_2m"] = "ddim"
+    seed: int = Field(1234, ge=0)
+    # fitted spectral schedule model JSON (per-instance runs); None: fitted on the training
+    # set's parameters at start (in-memory data only)
+    schedule_model: str | None = None
+
+
+class Config(_Section):
+    """The full training configuration."""
+
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    sampling: SamplingConfig = SamplingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.train.batch_size % self.train.grad_accum:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by "
+                             f"train.grad_accum ({self.train.grad_accum})")
+        if self.objective.per_instance and not (self.data.spectral_stats
+                                                or self.data.source == "synthetic"):
+            raise ValueError("objective.per_instance needs data.spectral_stats (the Parquet of "
+                             "per-image spectral parameters)")
+        if (self.objective.per_instance and self.data.source == "shards"
+                and not self.sampling.schedule_model):
+            raise ValueError("objective.per_instance with sharded data needs "
+                             "sampling.schedule_model (the fitted schedule model JSON)")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps: ceil(total_images / batch_size)."""
+        return -(-self.train.total_images // self.train.batch_size)
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names every bad field."""
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-4", "run.name=x"]`` -> nested dict (values parsed as YAML scalars)."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid training config {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {field}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a nested dict; raise :class:`ConfigError` naming the bad fields."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(_merge(raw, parse_overrides(overrides or [])), str(path))

@@ -1,0 +1,160 @@
+"""The training loop: one function that reads top to bottom.
+
+``train(cfg, callbacks, resume_from, checkpoint_dir, run_dir)`` runs in one process, under
+``torchrun`` (it joins the process group from the environment) and inside a Ray Train worker
+(the group already exists); the launchers only choose the callbacks and where checkpoints go.
+Progress is counted in images seen; every micro-batch is seeded from (seed, step, slot) so a
+resumed run is exactly the run that was not interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from training import parts
+from training.artifacts import save_model
+from training.build import build_model, build_objective, n_cond_of, param_groups
+from training.callbacks import Callback, Callbacks
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import Config
+from training.data import MemoryData, build_data
+from training.sampling import generative_model, load_schedule_model, sample_grid
+
+
+def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
+          resume_from: str | Path | None = None, checkpoint_dir: str | Path | None = None,
+          run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train ``cfg``; return the final metrics (step, images_seen, loss, model_dir)."""
+    cb = Callbacks(callbacks)
+    run_dir = Path(run_dir or Path(cfg.run.output_dir) / cfg.run.name)
+    checkpoint_dir = Path(checkpoint_dir or run_dir / "checkpoints")
+
+    # -- processes and device
+    ctx = parts.distributed_context()
+    device = parts.pick_device(cfg, ctx)
+    channels_last = parts.switch(cfg.run.channels_last, device)
+    accum = cfg.train.grad_accum
+    if cfg.train.batch_size % (ctx.world * accum):
+        raise ValueError(f"train.batch_size {cfg.train.batch_size} is not divisible by "
+                         f"world size x grad_accum = {ctx.world * accum}")
+    micro = cfg.train.batch_size // (ctx.world * accum)  # images per forward on each rank
+
+    # -- model, EMA, optimizer, objective
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    net, family, net_kwargs = build_model(cfg)
+    net.to(device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = parts.make_optimizer(cfg, param_groups(net, cfg.optim.weight_decay), device)
+    objective = build_objective(cfg)
+
+    # -- data
+    data = build_data(cfg, ctx.rank, ctx.world, micro, device)
+    spectral = load_schedule_model(cfg, data.params if isinstance(data, MemoryData) else None) \
+        if ctx.rank == 0 else None
+
+    # -- resume: weights, EMA, optimizer, RNGs, data position
+    step, images_seen = 0, 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, net, ema, opt)
+        step, images_seen = int(state["step"]), int(state["images_seen"])
+        data.load_state_dict(state["data"][ctx.rank])
+
+    # -- wrappers for DDP and speed (checkpoints and EMA use the raw ``net``)
+    ddp = DistributedDataParallel(net) if ctx.world > 1 else None
+    fwd = ddp or net
+    if parts.switch(cfg.run.compile, device):
+        fwd = torch.compile(fwd)
+    cb.on_start(cfg, {"rank": ctx.rank, "world": ctx.world, "device": str(device),
+                      "start_step": step, "total_steps": cfg.total_steps, "family": family,
+                      "parameters": sum(p.numel() for p in net.parameters())})
+
+    # -- the loop
+    loss_sum, n_logged = torch.zeros((), device=device), 0
+    window_t, window_images = time.perf_counter(), 0
+    metrics: dict[str, float] = {}
+    while step < cfg.total_steps:
+        lr = parts.learning_rate(cfg, images_seen)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for a in range(accum):  # gradient accumulation; DDP syncs on the last micro-step
+            slot = ctx.rank * accum + a
+            torch.manual_seed(parts.step_seed(cfg.run.seed, step, slot))
+            batch = data.batch(step, slot)
+            if channels_last:
+                batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
+            no_sync = ddp.no_sync() if ddp is not None and a < accum - 1 \
+                else contextlib.nullcontext()
+            with no_sync:
+                with parts.autocast(cfg, device):
+                    loss, _ = objective(fwd, batch)
+                (loss / accum).backward()
+            loss_sum += loss.detach().float() / accum
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        parts.ema_update(ema, net, step, cfg)
+        step, images_seen = step + 1, images_seen + cfg.train.batch_size
+        n_logged, window_images = n_logged + 1, window_images + cfg.train.batch_size
+        last = step == cfg.total_steps
+
+        # -- metrics (all ranks take part in the mean of the loss)
+        if parts.crossed(images_seen, cfg.train.batch_size, cfg.train.log_every_images) or last:
+            loss_mean = float(parts.all_mean(loss_sum / n_logged, ctx))
+            seconds = time.perf_counter() - window_t
+            metrics = {"loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm),
+                       "images_seen": float(images_seen),
+                       "images_per_second": window_images / max(seconds, 1e-9),
+                       "memory_gib": parts.peak_memory_gib(device)}
+            cb.on_metrics(step, metrics)
+            loss_sum.zero_()
+            n_logged, window_t, window_images = 0, time.perf_counter(), 0
+
+        # -- sample grids from the EMA weights at fixed seeds (rank 0)
+        if ctx.rank == 0 and cfg.sampling.num_images and (
+                last or parts.crossed(images_seen, cfg.train.batch_size,
+                                      cfg.sampling.every_images)):
+            grid = sample_grid(cfg, generative_model(cfg, ema, spectral), device)
+            cb.on_images(step, "samples", grid)
+
+        # -- checkpoint: every rank's data position, written by rank 0
+        if parts.crossed(images_seen, cfg.train.batch_size, cfg.checkpoint.every_images) \
+                or last:
+            data_states = [data.state_dict()]
+            if ctx.world > 1:
+                data_states = [None] * ctx.world
+                dist.all_gather_object(data_states, data.state_dict())
+            path = None
+            if ctx.rank == 0:
+                state = {"step": step, "images_seen": images_seen, "data": data_states,
+                         "world": ctx.world, "config": cfg.model_dump(mode="json")}
+                path = save_checkpoint(checkpoint_dir, step, net, ema, opt, state,
+                                       cfg.checkpoint.keep_last)
+            cb.on_checkpoint(step, path, metrics)
+
+    # -- the end: export the EMA model (rank 0)
+    model_dir = None
+    if ctx.rank == 0:
+        model_dir = save_model(
+            run_dir / "model", ema, family=family, net_kwargs=net_kwargs,
+            prediction=cfg.objective.prediction, n_cond=n_cond_of(cfg),
+            resolution=cfg.data.resolution, in_channels=cfg.data.channels,
+            num_classes=cfg.data.num_classes, schedule_name=cfg.objective.schedule,
+            schedule_kwargs=dict(cfg.objective.schedule_kwargs), spectral=spectral,
+            spectral_kind=cfg.objective.per_instance,
+            kind=generative_model(cfg, ema, None).kind,
+            extra=generative_model(cfg, ema, None).extra, training=cfg.model_dump(mode="json"))
+    result = {**metrics, "step": step, "images_seen": images_seen,
+              "model_dir": None if model_dir is None else str(model_dir)}
+    cb.on_end(result, model_dir)
+    return result

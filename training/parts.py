@@ -1,0 +1,115 @@
+"""Small pieces of the training loop: distributed context, device, precision, learning rate,
+EMA, per-step seeds. Each is a plain function so that ``training.loop`` reads top to bottom."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from training.config import Config
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world: int
+    local_rank: int
+
+
+def distributed_context() -> DistContext:
+    """Rank and world size: an existing process group (Ray Train), torchrun's environment
+    (initialises the group), or a single process."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return DistContext(dist.get_rank(), dist.get_world_size(), local)
+    return DistContext(0, 1, 0)
+
+
+def pick_device(cfg: Config, ctx: DistContext) -> torch.device:
+    if cfg.run.device == "cpu" or (cfg.run.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("run.device is 'cuda' but no CUDA device is available")
+    torch.cuda.set_device(ctx.local_rank % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def switch(value: str, device: torch.device) -> bool:
+    """'on' / 'off' / 'auto' (on exactly on CUDA)."""
+    return value == "on" or (value == "auto" and device.type == "cuda")
+
+
+def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (precision auto/bf16), full precision otherwise."""
+    p = cfg.run.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def learning_rate(cfg: Config, images_seen: int) -> float:
+    """Linear warm-up over ``warmup_images``, then constant or cosine decay to 0."""
+    o = cfg.optim
+    if o.warmup_images and images_seen < o.warmup_images:
+        return o.lr * (images_seen + cfg.train.batch_size) / o.warmup_images
+    if o.decay == "cosine":
+        span = max(cfg.train.total_images - o.warmup_images, 1)
+        frac = min((images_seen - o.warmup_images) / span, 1.0)
+        return 0.5 * o.lr * (1.0 + math.cos(math.pi * frac))
+    return o.lr
+
+
+def make_optimizer(cfg: Config, groups: list[dict], device: torch.device) -> torch.optim.AdamW:
+    o = cfg.optim
+    fused = switch(o.fused, device)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps,
+                             weight_decay=o.weight_decay, fused=fused or None)
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, step: int, cfg: Config) -> None:
+    """ema <- d ema + (1 - d) net, d = min(ema_decay, (1 + k) / (10 + k)) with warm-up."""
+    d = cfg.optim.ema_decay
+    if cfg.optim.ema_warmup:
+        d = min(d, (1.0 + step) / (10.0 + step))
+    e_params, n_params = list(ema.parameters()), list(net.parameters())
+    torch._foreach_lerp_(e_params, n_params, 1.0 - d)
+    for eb, nb in zip(ema.buffers(), net.buffers(), strict=True):
+        eb.copy_(nb)
+
+
+def step_seed(seed: int, step: int, slot: int) -> int:
+    """The seed of micro-batch ``slot`` (rank * grad_accum + micro step) of ``step``: the
+    noise of a micro-batch depends on its place in the global batch, not on the process."""
+    return int(np.random.SeedSequence([seed, step, slot]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def crossed(images_seen: int, batch: int, every: int) -> bool:
+    """True when this step's images crossed a multiple of ``every``."""
+    return every > 0 and (images_seen // every) > ((images_seen - batch) // every)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def all_mean(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if ctx.world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= ctx.world
+    return x

@@ -1,0 +1,175 @@
+"""Infinite deterministic shard streams: no hang on uneven shards, exact resume.
+
+There are ``G = world * workers`` streams; stream ``g = rank * workers + w`` belongs to loader
+worker ``w`` of ``rank``. In epoch ``e`` the shards are permuted by ``(seed, e)``:
+
+* ``n_shards >= G``: stream g reads shards ``perm[g::G]`` (some streams get one more);
+* ``n_shards <  G``: stream g reads shard ``perm[g mod n]`` and keeps the samples whose index
+  is ``r mod c`` (``c`` streams share that shard, g is the r-th of them).
+
+Every stream then moves on to epoch ``e + 1``: a stream never ends, so every rank takes the
+same number of steps. Within a shard the samples are permuted (and flipped) by
+``(seed, e, shard, g)``. A stream's position is ``(epoch, shard position, sample position)``;
+each batch carries the position after it, so the trainer knows where every stream stands.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+# --------------------------------------------------------------------------- shard access
+
+
+def list_shard_urls(url: str) -> list[str]:
+    """Shards under a directory, glob or ``s3://`` prefix (``pipelines.shards`` if present)."""
+    try:
+        from pipelines.shards import list_shards
+    except ImportError:
+        list_shards = None
+    if list_shards is not None:
+        shards = [str(s) for s in list_shards(url)]
+    else:  # local fallback: *.tar, *.tar.gz, *.tgz in a directory
+        root = Path(url)
+        shards = sorted(str(p) for p in root.iterdir()
+                        if p.name.endswith((".tar", ".tar.gz", ".tgz"))) if root.is_dir() else []
+    if not shards:
+        raise FileNotFoundError(f"data.url {url!r}: no WebDataset shards found")
+    return sorted(shards)
+
+
+def _decode_local(path: str) -> Iterator[dict[str, Any]]:
+    from PIL import Image
+
+    groups: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    with tarfile.open(path, "r:*") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            base = m.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            if key not in groups:
+                groups[key], _ = {}, order.append(key)
+            groups[key][ext.lower()] = tar.extractfile(m).read()  # type: ignore[union-attr]
+    for key in order:
+        g = groups[key]
+        ext = next((e for e in IMAGE_EXTS if e in g), None)
+        if ext is None:
+            continue
+        img = np.asarray(Image.open(io.BytesIO(g[ext])).convert("RGB"))
+        label = int(g["cls"].decode().strip()) if "cls" in g else -1
+        yield {"key": key, "image": img, "label": label}
+
+
+def read_shard(url: str) -> list[dict[str, Any]]:
+    """All samples of one shard as dicts (key, image uint8 HWC, label)."""
+    try:
+        from pipelines.shards import iter_samples
+    except ImportError:
+        return list(_decode_local(url))
+    return list(iter_samples(url))
+
+
+def load_spectral_params(path: str) -> dict[str, np.ndarray]:
+    """Per-image spectral parameters ``(log_A, beta, lambda_min, lambda_max)`` (4,) float32
+    keyed by sample key, from the data pipeline's spectral statistics Parquet (a file or a
+    directory of files)."""
+    import pyarrow.parquet as pq
+
+    from components.spectral_schedules import PARAM_NAMES
+
+    table = pq.read_table(path, columns=["key", *PARAM_NAMES])
+    keys = table.column("key").to_pylist()
+    cols = np.stack([table.column(c).to_numpy() for c in PARAM_NAMES], axis=1)
+    return {k: row.astype(np.float32) for k, row in zip(keys, cols, strict=True)}
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def stream_plan(n_shards: int, n_streams: int, g: int, seed: int,
+                epoch: int) -> list[tuple[int, int, int]]:
+    """Stream g's shards in ``epoch``: list of (shard index, modulus, residue)."""
+    perm = np.random.default_rng([seed, 11, epoch]).permutation(n_shards)
+    if n_shards >= n_streams:
+        return [(int(s), 1, 0) for s in perm[g::n_streams]]
+    users = [h for h in range(n_streams) if h % n_shards == g % n_shards]
+    return [(int(perm[g % n_shards]), len(users), users.index(g))]
+
+
+def iter_stream(shards: list[str], g: int, n_streams: int, seed: int, start: list[int],
+                flip: bool) -> Iterator[tuple[dict[str, Any], bool, list[int]]]:
+    """Yield (sample, flip flag, position after it) forever, from position ``start``."""
+    epoch, shard_pos, sample_pos = start
+    while True:
+        plan = stream_plan(len(shards), n_streams, g, seed, epoch)
+        got = 0
+        for sp in range(shard_pos, len(plan)):
+            s, mod, res = plan[sp]
+            samples = [x for i, x in enumerate(read_shard(shards[s])) if i % mod == res]
+            rng = np.random.default_rng([seed, 13, epoch, s, g])
+            order, flips = rng.permutation(len(samples)), rng.random(len(samples)) < 0.5
+            for k in range(sample_pos, len(order)):
+                got += 1
+                yield samples[order[k]], bool(flip and flips[order[k]]), [epoch, sp, k + 1]
+            sample_pos = 0
+        if got == 0 and shard_pos == 0:
+            raise RuntimeError(f"stream {g} of {n_streams} found no samples in a whole epoch: "
+                               f"too few samples in {len(shards)} shards for that many ranks "
+                               "and loader workers")
+        epoch, shard_pos = epoch + 1, 0
+
+
+class ShardStreamDataset(torch.utils.data.IterableDataset):
+    """One rank's streams as batches; loader worker ``w`` serves stream ``rank * W + w``."""
+
+    def __init__(self, url: str, seed: int, rank: int, world: int, workers: int,
+                 micro_batch: int, flip: bool, params: dict[str, np.ndarray] | None) -> None:
+        super().__init__()
+        self.shards = list_shard_urls(url)
+        self.seed, self.rank, self.world, self.workers = seed, rank, world, workers
+        self.micro_batch, self.flip, self.params = micro_batch, flip, params
+        self.positions: dict[int, list[int]] = {}
+        self.rotation = 0
+
+    def resume(self, positions: dict[int, list[int]], rotation: int) -> None:
+        """Start each stream at its saved position; the DataLoader asks physical worker 0
+        first, so worker p plays logical worker ``(p + rotation) mod W``."""
+        self.positions, self.rotation = dict(positions), rotation
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        phys = 0 if info is None else info.id
+        w = (phys + self.rotation) % self.workers
+        if info is None and self.workers > 1:
+            raise ValueError("several streams per rank need data.num_workers loader workers")
+        g = self.rank * self.workers + w
+        start = self.positions.get(g, [0, 0, 0])
+        it = iter_stream(self.shards, g, self.world * self.workers, self.seed, start, self.flip)
+        while True:
+            items = [next(it) for _ in range(self.micro_batch)]
+            yield self._collate(items, g)
+
+    def _collate(self, items: list[tuple[dict[str, Any], bool, list[int]]],
+                 g: int) -> dict[str, Any]:
+        imgs = np.stack([x["image"][:, ::-1] if f else x["image"] for x, f, _ in items])
+        keys = [str(x["key"]) for x, _, _ in items]
+        params = None
+        if self.params is not None:
+            missing = [k for k in keys if k not in self.params]
+            if missing:
+                raise KeyError(f"spectral statistics have no row for sample keys {missing[:3]}")
+            params = torch.from_numpy(np.stack([self.params[k] for k in keys]))
+        return {"images": torch.from_numpy(np.ascontiguousarray(imgs)),
+                "labels": torch.tensor([int(x["label"]) for x, _, _ in items]),
+                "params": params, "keys": keys, "stream": g, "state": items[-1][2]}
