@@ -1,18 +1,30 @@
 """Generation from a trained model: the one entry point used by training (sample grids),
 evaluation and serving.
 
-CONTRACT (the body of ``generate`` is being written; keep this dataclass stable).
+``generate`` turns seeds into images. Each image depends only on its own seed: its initial
+noise, its fresh sampler noise and (for spectral schedules) its drawn schedule all come from
+per-image generators, so an image never depends on the batch it was generated in
+(STYLE.md principle 10). Guidance (classifier-free, upsample guidance, time-aware
+conditioning) is a wrapper around the denoiser (``components.guidance``); the sampler loop
+never changes.
 """
 
 from __future__ import annotations
 
+import math
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from components.diffusion import Prediction
+from components.diffusion import Cond, NetworkDenoiser, Prediction
 from components.schedules import Schedule
+
+MAX_SEED = 2**63 - 1
+# A separate stream for the per-image spectral schedule draw, so it does not shift the noise.
+SCHEDULE_STREAM = 0x5EED_5C4E
 
 
 @dataclass
@@ -42,3 +54,328 @@ class GenerativeModel:
     kind: str = "standard"
     spectral: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """The settings of one ``generate`` call that are shared by all images of a batch."""
+
+    steps: int
+    sampler: str = "ddim"
+    eta: float = 0.0
+    cfg_scale: float = 1.0
+    resolution: int | None = None
+    upscale: Literal["ug", "cascade"] = "ug"
+    ug_theta: float = 1.3
+    ug_eta: float = 1.0
+    ug_order: Literal["ug_of_cfg", "cfg_of_ug", "cfg_high_only"] = "ug_of_cfg"
+    schedule: Literal["model", "spectral"] = "model"
+    time_aware: tuple[int, float | str] | None = None
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_request(model: GenerativeModel, opts: GenerateOptions, seeds: list[int],
+                  class_labels: list[int] | None) -> int:
+    """Validate the settings against the model; return the upscale factor m.
+
+    Raises ValueError naming the offending argument.
+    """
+    if opts.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {opts.steps}")
+    if not seeds:
+        raise ValueError("seeds must name at least one image")
+    if any(not 0 <= int(s) <= MAX_SEED for s in seeds):
+        raise ValueError(f"seeds must be in [0, {MAX_SEED}]")
+    if model.kind == "ssd" and (opts.resolution not in (None, model.resolution)
+                                or opts.cfg_scale != 1.0 or opts.time_aware is not None
+                                or opts.schedule != "model"):
+        raise ValueError("Scale Space Diffusion models sample at their native resolution with "
+                         "their own schedule: resolution, cfg_scale, time_aware and schedule "
+                         "must stay at their defaults")
+    res = opts.resolution or model.resolution
+    if res <= 0 or res % model.resolution:
+        raise ValueError(f"resolution {res} is not a positive multiple of the model's native "
+                         f"resolution {model.resolution}")
+    if class_labels is not None:
+        if len(class_labels) != len(seeds):
+            raise ValueError(f"class_labels has {len(class_labels)} entries for {len(seeds)} seeds")
+        if model.num_classes == 0:
+            raise ValueError("class_labels given but the model is unconditional")
+        bad = [c for c in class_labels if not 0 <= c < model.num_classes]
+        if bad:
+            raise ValueError(f"class_labels {bad[:4]} out of range [0, {model.num_classes})")
+    if opts.cfg_scale != 1.0 and class_labels is None:
+        raise ValueError("cfg_scale != 1 needs class_labels (classifier-free guidance)")
+    if opts.time_aware is not None:
+        second, switch = opts.time_aware
+        if class_labels is None:
+            raise ValueError("time_aware needs class_labels (the condition of the layout)")
+        if not 0 <= int(second) < model.num_classes:
+            raise ValueError(f"time_aware second class {second} out of range "
+                             f"[0, {model.num_classes})")
+        if switch != "auto" and not 0.0 < float(switch) < 1.0:
+            raise ValueError(f"time_aware switch time must be in (0, 1) or 'auto', got {switch}")
+    if opts.schedule == "spectral" and model.spectral is None:
+        raise ValueError("schedule 'spectral' needs a model saved with a spectral schedule model")
+    if opts.schedule not in ("model", "spectral"):
+        raise ValueError(f"schedule must be 'model' or 'spectral', got {opts.schedule!r}")
+    if opts.ug_order not in ("ug_of_cfg", "cfg_of_ug", "cfg_high_only"):
+        raise ValueError(f"ug_order must be ug_of_cfg, cfg_of_ug or cfg_high_only, "
+                         f"got {opts.ug_order!r}")
+    if opts.upscale not in ("ug", "cascade"):
+        raise ValueError(f"upscale must be 'ug' or 'cascade', got {opts.upscale!r}")
+    return res // model.resolution
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def per_image_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image (CPU so that an image is the same on every device)."""
+    return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+
+
+def initial_noise(generators: list[torch.Generator], shape: tuple[int, ...],
+                  device: torch.device | str) -> Tensor:
+    """x_T: image i is N(0, I) of ``shape`` (C, H, W) from generator i -> (N, C, H, W).
+
+    Variance preserving: at lambdas[0] (alpha ~ 0) the state is the unit-variance noise.
+    """
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def generate(
+    model: GenerativeModel,
+    *,
+    seeds: list[int],
+    steps: int,
+    sampler: str = "ddim",
+    eta: float = 0.0,
+    class_labels: list[int] | None = None,
+    cfg_scale: float = 1.0,
+    resolution: int | None = None,
+    upscale: Literal["ug", "cascade"] = "ug",
+    ug_theta: float = 1.3,
+    ug_eta: float = 1.0,
+    ug_order: Literal["ug_of_cfg", "cfg_of_ug", "cfg_high_only"] = "ug_of_cfg",
+    schedule: Literal["model", "spectral"] = "model",
+    time_aware: tuple[int, float | str] | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """One image per seed -> (N, C, H, W) in [-1, 1], H = W = ``resolution`` (default native).
+
+    resolution = m x native goes through upsample guidance (``upscale="ug"``, SCIENCE.md
+    section 3, with ``ug_theta``, ``ug_eta`` and ``ug_order`` relative to classifier-free
+    guidance) or cascaded upscaling (``"cascade"``, section 2). ``time_aware`` is
+    ``(second_class, switch_t)`` with ``switch_t`` in (0, 1) or ``"auto"`` (chromatogram).
+    ``kind == "ssd"`` models use their own sampler (``components.ssd.ssd_generate``).
+    """
+    seeds = [int(s) for s in seeds]
+    opts = GenerateOptions(steps=steps, sampler=sampler, eta=eta, cfg_scale=cfg_scale,
+                           resolution=resolution, upscale=upscale, ug_theta=ug_theta,
+                           ug_eta=ug_eta, ug_order=ug_order, schedule=schedule,
+                           time_aware=time_aware)
+    device = torch.device(device)
+    m = check_request(model, opts, seeds, class_labels)
+    if model.kind == "ssd":
+        from components.ssd import ssd_generate
+
+        return ssd_generate(model, seeds, steps, class_labels, device).clamp(-1, 1)
+    with torch.no_grad():
+        x = _sample(model, opts, seeds, class_labels, m, device)
+    return x.clamp(-1.0, 1.0)
+
+
+def sampling_grid(model: GenerativeModel, opts: GenerateOptions, seeds: list[int],
+                  class_labels: list[int] | None) -> tuple[Tensor, Tensor | None]:
+    """The log-SNR grid, (steps + 1,) for the model's schedule or (steps + 1, N) for
+    per-image spectral schedules, and the per-image ``lambda_bounds`` (N, 2) or None."""
+    from components.samplers import lambda_grid
+
+    if opts.schedule == "model":
+        return lambda_grid(model.schedule, opts.steps), None
+    from components.spectral_schedules import (
+        ScheduleModel,
+        lambda_bounds,
+        spectral_lambda_grid,
+    )
+
+    dist = ScheduleModel.from_json(model.spectral or {})
+    labels = class_labels or [-1] * len(seeds)
+    # one draw per image from its own stream: the schedule depends only on the seed
+    params = torch.cat([
+        dist.sample(1, generator=torch.Generator().manual_seed(int(s) ^ SCHEDULE_STREAM),
+                    class_labels=torch.tensor([c]))
+        for s, c in zip(seeds, labels, strict=True)])  # (N, 4)
+    kind = model.extra.get("spectral_kind", "mixed")
+    return spectral_lambda_grid(params, opts.steps, kind), lambda_bounds(params)
+
+
+def _sample(model: GenerativeModel, opts: GenerateOptions, seeds: list[int],
+            class_labels: list[int] | None, m: int, device: torch.device) -> Tensor:
+    """Noise -> images at m x native: one sampler run (upsample guidance) or the cascade."""
+    from components.guidance import cascaded_upscale
+    from components.samplers import get_sampler
+
+    lambdas, bounds = sampling_grid(model, opts, seeds, class_labels)
+    cond = Cond(labels_tensor(class_labels, device), None if bounds is None else bounds.to(device))
+    gens = per_image_generators(seeds)
+    kw = {"eta": opts.eta} if opts.sampler == "ddim" else {}
+    res = model.resolution * (1 if opts.upscale == "cascade" else m)
+    x = initial_noise(gens, (model.in_channels, res, res), device)  # x_T, (N, C, res, res)
+    den = _guided(model, opts, cond, m if opts.upscale == "ug" else 1)
+    if m > 1 and opts.upscale == "cascade":
+        # native-resolution steps on lambdas + 2 log m, hand-off at the chromatogram's default
+        return cascaded_upscale(den, x, lambdas, cond, m=m, sampler=opts.sampler,
+                                generators=gens, **kw)
+    return get_sampler(opts.sampler)(den, x, lambdas, cond, gens, **kw)
+
+
+def auto_switch_level(resolution: int, layout_size: int = 8) -> float:
+    """Time-aware ``"auto"``: switch when the dominant level ``k* = -lambda / ln 4`` falls
+    below the level of a ``layout_size`` grid, ``log2(resolution / layout_size)`` (ours)."""
+    return max(math.log2(resolution / layout_size), 0.0)
+
+
+def _guided(model: GenerativeModel, opts: GenerateOptions, cond: Cond, m: int) -> Any:
+    """The denoiser with guidance: CFG and UG composed in ``opts.ug_order`` (see
+    ``components.guidance.guided_denoiser``), time-aware conditioning outermost."""
+    from components.guidance import TimeAwareConditioning, guided_denoiser
+
+    den: Any = base_denoiser(model)
+    if m > 1 or opts.cfg_scale != 1.0:
+        # w_t = theta H(t - (1 - eta)): active while lambda <= lambda(1 - eta)
+        lam_active = (math.inf if opts.ug_eta >= 1.0
+                      else float(model.schedule.lambda_(torch.tensor(1.0 - opts.ug_eta))))
+        den = guided_denoiser(den, cfg_scale=opts.cfg_scale, ug_theta=opts.ug_theta if m > 1
+                              else 0.0, m=max(m, 2), lambda_active_max=lam_active,
+                              order=opts.ug_order)
+    if opts.time_aware is not None:
+        second, switch = opts.time_aware
+        assert cond.class_labels is not None  # checked by check_request
+        late = Cond(torch.full_like(cond.class_labels, int(second)), cond.lambda_bounds)
+        if switch == "auto":
+            level = auto_switch_level(model.resolution * m)
+            den = TimeAwareConditioning.auto(den, late, level)
+        else:
+            lam_switch = float(model.schedule.lambda_(torch.tensor(float(switch))))
+            den = TimeAwareConditioning(den, late, lam_switch)
+    return den
+
+
+# --------------------------------------------------------------------------- memory
+
+
+_ACTIVATIONS: weakref.WeakKeyDictionary[nn.Module, tuple[float, float]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _activation_profile(model: GenerativeModel) -> tuple[float, float]:
+    """(floats per pixel, attention floats per pixel^2) for one image, measured once.
+
+    One forward pass at the native resolution with hooks on the leaf modules: the sum of
+    their outputs bounds the live activations of an inference pass from above; attention
+    modules add ``heads * (H W)^2`` for the score matrix (quadratic in the pixel count).
+    """
+    net = model.net
+    if net in _ACTIVATIONS:
+        return _ACTIVATIONS[net]
+    r = model.resolution
+    linear, quad = [0.0], [0.0]
+
+    def hook(mod: nn.Module, _inp: Any, out: Any) -> None:
+        if isinstance(out, Tensor):
+            linear[0] += out.numel()
+        if "attention" in type(mod).__name__.lower() and isinstance(_inp[0], Tensor):
+            x = _inp[0]
+            hw = x.shape[-1] * x.shape[-2] if x.ndim == 4 else x.shape[-2]
+            quad[0] += getattr(mod, "num_heads", 1) * hw**2
+
+    mods = [m for m in net.modules() if not list(m.children())
+            or "attention" in type(m).__name__.lower()]
+    handles = [m.register_forward_hook(hook) for m in mods]
+    p = next(net.parameters(), torch.zeros(()))
+    try:
+        x = torch.zeros(1, model.in_channels, r, r, device=p.device, dtype=p.dtype)
+        c = torch.zeros(1, model.n_cond, device=p.device, dtype=p.dtype)
+        labels = torch.zeros(1, dtype=torch.long, device=p.device) if model.num_classes else None
+        with torch.no_grad():
+            net(x, c, labels)
+    finally:
+        for h in handles:
+            h.remove()
+    pixels = float(r * r)
+    prof = (linear[0] / pixels, quad[0] / pixels**2)
+    _ACTIVATIONS[net] = prof
+    return prof
+
+
+def memory_estimate_bytes(model: GenerativeModel, *, n_images: int, resolution: int | None = None,
+                          cfg_scale: float = 1.0, upscale: str = "ug",
+                          bytes_per_float: int = 4) -> int:
+    """A conservative estimate of the peak memory of one ``generate`` call (bytes).
+
+    Parameters + (images through the network at once) x activations(resolution).
+    Classifier-free guidance doubles the network batch; upsample guidance adds a pass on
+    1/m^2 of the pixels. Used to refuse requests over a cap before running them.
+    """
+    res = resolution or model.resolution
+    m = res // model.resolution
+    per_px, per_px2 = _activation_profile(model)
+    pixels = float(res * res)
+    act = per_px * pixels + per_px2 * pixels**2  # floats for one image at full resolution
+    batch = n_images * (2 if cfg_scale != 1.0 else 1)
+    if m > 1 and upscale == "ug":
+        low = pixels / m**2
+        act += per_px * low + per_px2 * low**2
+    params = sum(p.numel() * p.element_size() for p in model.net.parameters())
+    state = 4 * n_images * model.in_channels * pixels  # x, prediction, noise, output
+    return int(params + bytes_per_float * (batch * act + state))
+
+
+# --------------------------------------------------------------------------- images
+
+
+def image_grid(images: Tensor, nrow: int | None = None, padding: int = 2,
+               pad_value: float = 1.0) -> Tensor:
+    """(N, C, H, W) -> (C, rows (H + p) + p, nrow (W + p) + p), row-major, ``nrow`` default
+    ceil(sqrt(N)); padding filled with ``pad_value`` (white in [-1, 1])."""
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N, C, H, W) batch, got "
+                         f"{tuple(images.shape)}")
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = images.new_full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding),
+                           pad_value)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        y, x = padding + r * (h + padding), padding + k * (w + padding)
+        grid[:, y:y + h, x:x + w] = images[i]
+    return grid
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] float (..., C, H, W) -> uint8 (..., H, W, C) on the CPU."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu()
+
+
+def labels_tensor(class_labels: list[int] | None, device: torch.device) -> Tensor | None:
+    return None if class_labels is None else torch.tensor(class_labels, dtype=torch.long,
+                                                          device=device)
+
+
+def base_denoiser(model: GenerativeModel) -> NetworkDenoiser:
+    """The network as a denoiser ``D(x, lam, cond)``."""
+    return NetworkDenoiser(model.net, model.prediction, model.n_cond)
+
+
+__all__ = ["Cond", "GenerativeModel", "GenerateOptions", "generate", "memory_estimate_bytes",
+           "image_grid", "to_uint8", "initial_noise", "per_image_generators", "check_request"]
