@@ -1,0 +1,174 @@
+"""Ingest: a folder / tar / .npz / WebDataset shards of images -> WebDataset shards + manifest.
+
+Output under DEST (a local directory or ``s3://bucket/prefix``):
+
+    <name>-000000.tar[.gz] ...   samples <key>.{jpg|png}, <key>.cls, <key>.json (see shards.py)
+    manifest.parquet             key, shard, label, size (bytes), checksum (sha256), width,
+                                 height, source
+    errors.parquet               source, key, reason: every input not written
+    ingest.json                  counts (inputs = written + errors), classes, config
+    _parts/<shard>.parquet       per-shard rows; a shard with its part is done (reruns skip it)
+
+Images already at the target size (and RGB JPEG/PNG) keep their original bytes; converted,
+center-cropped or resized (Lanczos, anti-aliased) images are stored as lossless PNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.config import IngestConfig
+from pipelines.images import BadImage, prepare_image
+from pipelines.shards import ShardWriter, shard_name
+from pipelines.sources import SourceItem, enumerate_source
+
+PART_SCHEMA = pa.schema([
+    ("key", pa.string()), ("shard", pa.string()), ("label", pa.int32()), ("size", pa.int64()),
+    ("checksum", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("source", pa.string()), ("reason", pa.string()),  # reason null: written
+])
+
+
+@dataclass
+class IngestResult:
+    inputs: int
+    written: int
+    errors: int
+    shards: list[str] = field(default_factory=list)
+    skipped_shards: int = 0
+    classes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"inputs = written + errors: {self.inputs} = {self.written} + {self.errors} "
+                f"({len(self.shards)} shards, {self.skipped_shards} already done)")
+
+
+def _table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=PART_SCHEMA)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def _write_item(item: SourceItem, cfg: IngestConfig, writer: ShardWriter, shard: str,
+                label: int) -> dict[str, Any]:
+    row = {"key": item.key, "shard": shard, "label": label, "source": item.source}
+    if item.error is not None:
+        return {**row, "reason": item.error}
+    try:
+        ext, data, w, h = prepare_image(item.load(), cfg.size, cfg.max_pixels)
+    except BadImage as exc:
+        return {**row, "reason": str(exc)}
+    writer.write(item.key, ext, data, label,
+                 {"key": item.key, "label": label, "source": item.source, "width": w, "height": h})
+    return {**row, "size": len(data), "checksum": hashlib.sha256(data).hexdigest(),
+            "width": w, "height": h, "reason": None}
+
+
+def _full(writer: ShardWriter, cfg: IngestConfig) -> bool:
+    if cfg.shard_size is not None:
+        return writer.count >= cfg.shard_size
+    return writer.nbytes >= (cfg.shard_bytes or 0)
+
+
+def ingest(src: str, dest: str, cfg: IngestConfig | None = None, log=print) -> IngestResult:
+    """Turn SRC into shards under DEST (see module docstring); returns the counts."""
+    cfg = cfg or IngestConfig()
+    storage.check_access(dest)
+    items, classes = enumerate_source(src)
+    order = np.random.default_rng(cfg.seed).permutation(len(items)) if cfg.shuffle \
+        else np.arange(len(items))
+    items = [items[i] for i in order]
+    class_index = {c: i for i, c in enumerate(classes)}
+    rows: list[dict[str, Any]] = []
+    shards: list[str] = []
+    skipped, pos, index = 0, 0, 0
+    with storage.LocalStaging() as stage:
+        while pos < len(items):
+            name = shard_name(cfg.name, index, cfg.gzip)
+            shard_url, part_url = storage.join(dest, name), storage.join(dest, "_parts",
+                                                                         name + ".parquet")
+            if storage.exists(part_url) and storage.exists(shard_url):  # done by an earlier run
+                part = pq.read_table(io.BytesIO(storage.read_bytes(part_url))).to_pylist()
+                rows += part
+                pos += len(part)
+                skipped += 1
+            else:
+                writer, part = ShardWriter(stage / name, cfg.gzip), []
+                while pos < len(items) and not _full(writer, cfg):
+                    item = items[pos]
+                    label = item.label if item.label is not None else \
+                        class_index.get(item.class_name or "", -1)
+                    part.append(_write_item(item, cfg, writer, name, label))
+                    pos += 1
+                writer.close()
+                if writer.count == 0 and pos >= len(items) and shards:
+                    rows += [{**r, "shard": shards[-1]} for r in part]  # only errors left over
+                    _append_part(dest, shards[-1], part)
+                    break
+                storage.put_file(stage / name, shard_url)  # atomic; then the part marks it done
+                storage.write_bytes(part_url, _parquet_bytes(_table(part)))
+                (stage / name).unlink()
+                rows += part
+            shards.append(name)
+            index += 1
+    return _finish(dest, rows, shards, skipped, classes, cfg, src, log)
+
+
+def _append_part(dest: str, shard: str, extra: list[dict[str, Any]]) -> None:
+    """Leftover error rows after the last shard go into that shard's part file."""
+    url = storage.join(dest, "_parts", shard + ".parquet")
+    old = pq.read_table(io.BytesIO(storage.read_bytes(url))).to_pylist()
+    extra = [{**r, "shard": shard} for r in extra]
+    storage.write_bytes(url, _parquet_bytes(_table(old + extra)))
+
+
+def _finish(dest: str, rows: list[dict[str, Any]], shards: list[str], skipped: int,
+            classes: list[str], cfg: IngestConfig, src: str, log) -> IngestResult:
+    table = _table(rows)
+    ok = [r for r in rows if r["reason"] is None]
+    bad = [{"source": r["source"], "key": r["key"], "reason": r["reason"]}
+           for r in rows if r["reason"] is not None]
+    manifest = _table(ok).drop_columns(["reason"])
+    storage.write_bytes(storage.join(dest, "manifest.parquet"), _parquet_bytes(manifest))
+    err_schema = pa.schema([("source", pa.string()), ("key", pa.string()),
+                            ("reason", pa.string())])
+    storage.write_bytes(storage.join(dest, "errors.parquet"),
+                        _parquet_bytes(pa.Table.from_pylist(bad, schema=err_schema)))
+    result = IngestResult(len(table), len(ok), len(bad), shards, skipped, classes)
+    assert result.inputs == result.written + result.errors
+    summary = {"inputs": result.inputs, "written": result.written, "errors": result.errors,
+               "shards": shards, "classes": classes, "source": _redact(src),
+               "config": cfg.model_dump(),
+               "error_reasons": _reason_counts(bad)}
+    storage.write_bytes(storage.join(dest, "ingest.json"),
+                        json.dumps(summary, indent=2).encode())
+    log(result.line())
+    return result
+
+
+def _reason_counts(bad: list[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in bad:
+        kind = r["reason"].split(":")[0]
+        out[kind] = out.get(kind, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _redact(url: str) -> str:
+    """Strip anything credential-like from a URL before it is written out."""
+    return re.sub(r"//[^/@]*@", "//", url)
+

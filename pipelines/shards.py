@@ -1,0 +1,137 @@
+"""Reading and writing prism's WebDataset shards (local or s3://, .tar or .tar.gz).
+
+A shard ``<name>-000000.tar`` holds, per sample (WebDataset convention: members grouped by
+the key, i.e. the member name up to its first '.'):
+
+    <key>.png | <key>.jpg    the image (original bytes, or lossless PNG when converted)
+    <key>.cls                the class label as decimal text (-1: unlabelled)
+    <key>.json               {"key", "label", "source", "width", "height"}
+
+Use in training (rank/worker splitting goes on top)::
+
+    for url in list_shards("s3://bucket/cifar10")[rank::world]:
+        for s in iter_samples(url):
+            s["key"], s["image"], s["label"]   # str, uint8 (H, W, 3), int
+"""
+
+from __future__ import annotations
+
+import gzip as gz
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipelines import storage
+
+SHARD_SUFFIXES = (".tar", ".tar.gz")
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")
+
+
+def shard_name(name: str, index: int, gzip: bool = False) -> str:
+    """``<name>-000042.tar`` (or ``.tar.gz``)."""
+    return f"{name}-{index:06d}.tar" + (".gz" if gzip else "")
+
+
+def list_shards(url: str) -> list[str]:
+    """Shard URLs, sorted: ``url`` itself if it is a shard, else the shards directly under it.
+
+    Works for a local directory or an ``s3://bucket/prefix``; raises if none is found.
+    """
+    if url.endswith(SHARD_SUFFIXES):
+        return [url]
+    found = [u for u in storage.list_files(url, SHARD_SUFFIXES)
+             if not u.rsplit("/", 1)[-1].startswith(".")]
+    if not found:
+        raise FileNotFoundError(f"no .tar / .tar.gz shards under {url}")
+    return found
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """WebDataset key and extension of a member name: 'a/b.c.png' -> ('a/b', 'c.png')."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def iter_records(shard_url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard: dict(key, ext, data (image bytes), label, source).
+
+    Samples are the contiguous groups of members that share a key; a group without an image
+    member is skipped.
+    """
+    raw = storage.read_bytes(shard_url)
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
+        current: dict[str, Any] = {}
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, ext = split_member(m.name)
+            if current and current["key"] != key:
+                yield from _finish(current)
+                current = {}
+            current.setdefault("key", key)
+            current[ext] = tar.extractfile(m).read()  # type: ignore[union-attr]
+        if current:
+            yield from _finish(current)
+
+
+def _finish(rec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    ext = next((e for e in IMAGE_EXTS if e in rec), None)
+    if ext is None:
+        return
+    meta = json.loads(rec["json"]) if "json" in rec else {}
+    label = int(rec["cls"].decode().strip()) if "cls" in rec else int(meta.get("label", -1))
+    yield {"key": rec["key"], "ext": ext, "data": rec[ext], "label": label,
+           "source": meta.get("source", "")}
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Image bytes -> uint8 (H, W, 3) RGB."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
+
+
+def iter_samples(shard_url: str) -> Iterator[dict[str, Any]]:
+    """Decoded samples of one shard: dict(key str, image uint8 (H, W, 3), label int, source)."""
+    for rec in iter_records(shard_url):
+        yield {"key": rec["key"], "image": decode_rgb(rec["data"]), "label": rec["label"],
+               "source": rec["source"]}
+
+
+class ShardWriter:
+    """Builds one shard file locally (deterministic member order and headers)."""
+
+    def __init__(self, path: Path, gzip: bool = False) -> None:
+        self.path = path
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        # gzip header with mtime 0 and no name: the same input gives the same bytes
+        self._gz = gz.GzipFile(fileobj=self._file, mode="wb", mtime=0, filename="") if gzip \
+            else None
+        self._tar = tarfile.open(fileobj=self._gz or self._file, mode="w",
+                                 format=tarfile.GNU_FORMAT)
+        self.count = 0
+        self.nbytes = 0
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+        self.nbytes += 512 + (len(data) + 511) // 512 * 512
+
+    def write(self, key: str, ext: str, data: bytes, label: int, meta: dict[str, Any]) -> None:
+        self._add(f"{key}.{ext}", data)
+        self._add(f"{key}.cls", str(int(label)).encode())
+        self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        self.count += 1
+
+    def close(self) -> None:
+        self._tar.close()
+        if self._gz is not None:
+            self._gz.close()
+        self._file.close()

@@ -1,0 +1,127 @@
+"""Enumerating ingest inputs: a folder (flat or one subfolder per class), a tar of images,
+an ``.npz`` of uint8 arrays (``x`` (N, H, W[, 3]), optional ``y`` (N,)), WebDataset shards, or
+a directory of tars. Local paths or s3:// (tars and shards).
+
+Every input with an image extension is one ``SourceItem``; problems found before decoding
+(an unsafe tar member name, a duplicate key) are recorded on the item as ``error``.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from pipelines import storage
+from pipelines.shards import SHARD_SUFFIXES, iter_records, split_member
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+@dataclass
+class SourceItem:
+    """One input. ``load()`` returns encoded bytes or a uint8 array."""
+
+    source: str
+    key: str
+    load: Callable[[], bytes | np.ndarray]
+    class_name: str | None = None
+    label: int | None = None  # given directly (npz, shards); else from class_name
+    error: str | None = None
+
+
+def make_key(rel: str) -> str:
+    """A WebDataset-safe key from a relative source path: no extension, no dots or slashes."""
+    stem = str(PurePosixPath(rel).with_suffix(""))
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem.replace("/", "_"))
+
+
+def _unsafe(name: str) -> bool:
+    return name.startswith("/") or ".." in PurePosixPath(name).parts
+
+
+def _from_folder(root: Path) -> list[SourceItem]:
+    items = []
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        rel = p.relative_to(root).as_posix()
+        parts = PurePosixPath(rel).parts
+        items.append(SourceItem(rel, make_key(rel), p.read_bytes,
+                                class_name=parts[0] if len(parts) > 1 else None))
+    return items
+
+
+def _from_tar(url: str) -> list[SourceItem]:
+    raw = storage.read_bytes(url)
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
+        members = [m for m in tar if m.isfile()]
+        if any(split_member(m.name)[1] == "cls" for m in members):
+            return _from_shard(url)
+        items = []
+        for m in members:
+            if PurePosixPath(m.name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            parent = PurePosixPath(m.name).parent.name or None
+            data = tar.extractfile(m).read()  # type: ignore[union-attr]
+            item = SourceItem(f"{url}:{m.name}", make_key(m.name.lstrip("/")),
+                              (lambda d=data: d), class_name=parent)
+            if _unsafe(m.name):
+                item.error = f"unsafe path in tar member name: {m.name!r}"
+            items.append(item)
+    if len({i.class_name for i in items}) <= 1:  # one folder: no classes
+        for i in items:
+            i.class_name = None
+    return items
+
+
+def _from_shard(url: str) -> list[SourceItem]:
+    return [SourceItem(f"{url}:{r['key']}", r["key"], (lambda d=r["data"]: d),
+                       label=r["label"]) for r in iter_records(url)]
+
+
+def _from_npz(path: str) -> list[SourceItem]:
+    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
+        if "x" not in z:
+            raise ValueError(f"{path}: an .npz input needs an array 'x' (N, H, W[, 3]) uint8")
+        x = z["x"]
+        y = z["y"] if "y" in z else None
+    if x.dtype != np.uint8 or x.ndim not in (3, 4):
+        raise ValueError(f"{path}: 'x' must be uint8 (N, H, W[, 3]), got {x.dtype} {x.shape}")
+    if y is not None and len(y) != len(x):
+        raise ValueError(f"{path}: 'y' has {len(y)} labels for {len(x)} images")
+    stem = make_key(PurePosixPath(path).name.split(".")[0])
+    return [SourceItem(f"{path}[{i}]", f"{stem}_{i:06d}", (lambda a=x[i]: a),
+                       label=None if y is None else int(y[i])) for i in range(len(x))]
+
+
+def enumerate_source(src: str) -> tuple[list[SourceItem], list[str]]:
+    """All inputs of SRC (sorted, duplicates flagged) and the sorted class names."""
+    if src.endswith(".npz"):
+        items = _from_npz(src)
+    elif src.endswith(SHARD_SUFFIXES):
+        items = _from_tar(src)
+    elif storage.is_s3(src) or (Path(src).is_dir() and _only_tars(Path(src))):
+        items = [i for u in storage.list_files(src, SHARD_SUFFIXES) for i in _from_tar(u)]
+    elif Path(src).is_dir():
+        items = _from_folder(Path(src))
+    else:
+        raise FileNotFoundError(f"ingest source not found or not supported: {src} "
+                                "(a folder, .tar[.gz], .npz, or a folder/prefix of shards)")
+    seen: set[str] = set()
+    for item in items:
+        if item.key in seen and item.error is None:
+            item.error = f"duplicate key: {item.key!r} already taken by an earlier input"
+        seen.add(item.key)
+    names = sorted({i.class_name for i in items if i.class_name is not None})
+    return items, names
+
+
+def _only_tars(root: Path) -> bool:
+    files = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return bool(files) and all(p.name.endswith(SHARD_SUFFIXES) for p in files)
