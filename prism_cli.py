@@ -13,6 +13,8 @@ app = typer.Typer(
 
 # Each part registers its own commands here (one line each).
 # -- registrations --
+from pipelines.cli import data_app; app.add_typer(data_app, name="data")  # noqa: E402, E702, I001
+from training.cli import train_command; app.command("train")(train_command)  # noqa: E402, E702, I001
 
 
 def main() -> None:

@@ -1,0 +1,103 @@
+"""``prism data ...``: demo corpus, ingest, spectral statistics, schedule model.
+
+Each command reads its section of ``params.yaml`` (``--params``, section ``data.<command>``)
+and lets the options given on the command line override single fields.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from pipelines.config import load_section
+
+data_app = typer.Typer(help="Data: demo corpus, ingest to shards, spectra, schedule model.",
+                       no_args_is_help=True)
+PARAMS = typer.Option(None, "--params", help="params.yaml to read data.<command> from")
+
+
+def _fail(exc: Exception) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code=2) from None
+
+
+@data_app.command("demo")
+def demo(dest: str = typer.Argument(..., help="output folder"),
+         params: Optional[str] = PARAMS,
+         size: Optional[int] = typer.Option(None, help="image side (default 32)"),
+         per_class: Optional[int] = typer.Option(None, help="images per class (default 64)"),
+         seed: Optional[int] = typer.Option(None)) -> None:
+    """Build the embedded demo corpus (crops of scikit-image's photographs; no download)."""
+    from pipelines.demo import build_demo
+
+    try:
+        cfg = load_section(params, "demo", {"size": size, "per_class": per_class, "seed": seed})
+        build_demo(dest, cfg, log=typer.echo)
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+
+
+@data_app.command("ingest")
+def ingest(src: str = typer.Argument(..., help="folder, .tar[.gz], .npz, or shards (local/s3)"),
+           dest: str = typer.Argument(..., help="output folder or s3://bucket/prefix"),
+           params: Optional[str] = PARAMS,
+           name: Optional[str] = typer.Option(None, help="shard prefix"),
+           size: Optional[int] = typer.Option(None, help="target side (crop + resize)"),
+           shard_size: Optional[int] = typer.Option(None, help="samples per shard"),
+           shard_bytes: Optional[int] = typer.Option(None, help="bytes per shard (instead)"),
+           gzip: Optional[bool] = typer.Option(None, "--gzip/--no-gzip"),
+           seed: Optional[int] = typer.Option(None, help="shuffle seed")) -> None:
+    """Images -> WebDataset shards, manifest.parquet, errors.parquet (inputs = written + errors)."""
+    from pipelines.ingest import ingest as run
+    from pipelines.storage import StorageError
+
+    over = {"name": name, "size": size, "shard_size": shard_size, "shard_bytes": shard_bytes,
+            "gzip": gzip, "seed": seed}
+    try:
+        cfg = load_section(params, "ingest", over)
+        if shard_bytes is not None:
+            cfg = cfg.model_copy(update={"shard_size": None})
+        run(src, dest, cfg, log=typer.echo)
+    except (ValueError, OSError, StorageError) as exc:
+        _fail(exc)
+
+
+@data_app.command("spectra")
+def spectra(shards: str = typer.Argument(..., help="folder or s3:// prefix of shards"),
+            out: str = typer.Argument(..., help="output folder or s3:// prefix"),
+            params: Optional[str] = PARAMS,
+            workers: Optional[int] = typer.Option(None, help="tasks in flight"),
+            shards_per_task: Optional[int] = typer.Option(None),
+            eps_lo: Optional[float] = typer.Option(None),
+            eps_hi: Optional[float] = typer.Option(None)) -> None:
+    """Per-image spectra, fits and schedule bounds on Ray (RAY_ADDRESS or a local cluster)."""
+    from pipelines.spectra_job import run_spectra
+    from pipelines.storage import StorageError
+
+    over = {"workers": workers, "shards_per_task": shards_per_task, "eps_lo": eps_lo,
+            "eps_hi": eps_hi}
+    try:
+        result = run_spectra(shards, out, load_section(params, "spectra", over))
+    except (ValueError, OSError, StorageError) as exc:
+        _fail(exc)
+    typer.echo(json.dumps(result, indent=1))
+
+
+@data_app.command("schedules")
+def schedules(stats: str = typer.Argument(..., help="folder of spectra .parquet files"),
+              out: str = typer.Argument(..., help="schedule.json path or folder"),
+              params: Optional[str] = PARAMS,
+              n_components: Optional[int] = typer.Option(None),
+              per_class: Optional[bool] = typer.Option(None, "--per-class/--global"),
+              seed: Optional[int] = typer.Option(None)) -> None:
+    """Fit the Gaussian mixture over per-image schedule parameters; save JSON."""
+    from pipelines.schedule_model import fit_schedule_model
+    from pipelines.storage import StorageError
+
+    over = {"n_components": n_components, "per_class": per_class, "seed": seed}
+    try:
+        fit_schedule_model(stats, out, load_section(params, "schedules", over), log=typer.echo)
+    except (ValueError, OSError, StorageError) as exc:
+        _fail(exc)
