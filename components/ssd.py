@@ -151,20 +151,29 @@ class SSDProcess:
             self._mats[key] = A.to(device=device, dtype=dtype)
         return self._mats[key]
 
-    def resize_op(self, n_in: int, n_out: int, like: Tensor) -> LinearOp:
-        """``R`` from n_in to n_out px: ``x -> A x A^T`` on (..., n_in, n_in), transpose back."""
+    def resize_op(self, n_in: int, n_out: int) -> LinearOp:
+        """``R`` from n_in to n_out px: ``x -> A x A^T`` on (..., n_in, n_in), transpose back
+        (A in the input's dtype and device)."""
         if n_in == n_out:
             return LinearOp(lambda x: x, lambda y: y)
-        A = self.matrix(n_in, n_out, like.device, like.dtype)
-        return LinearOp(lambda x: A @ x @ A.T, lambda y: A.T @ y @ A)
+
+        def apply(x: Tensor) -> Tensor:
+            A = self.matrix(n_in, n_out, x.device, x.dtype)
+            return A @ x @ A.T  # (..., n_out, n_out)
+
+        def transpose(y: Tensor) -> Tensor:
+            A = self.matrix(n_in, n_out, y.device, y.dtype)
+            return A.T @ y @ A  # (..., n_in, n_in)
+
+        return LinearOp(apply, transpose)
 
     def down(self, x: Tensor, n_out: int) -> Tensor:
         """``R_{base -> n_out} x`` for images (..., H, H)."""
-        return self.resize_op(x.shape[-1], n_out, x).apply(x)
+        return self.resize_op(x.shape[-1], n_out).apply(x)
 
-    def transition(self, j: int, k: int, like: Tensor) -> LinearOp:
+    def transition(self, j: int, k: int) -> LinearOp:
         """``M = (a_k / a_j) R_{r(j) -> r(k)}`` from state j to state k > j."""
-        c, R = self.a(k) / self.a(j), self.resize_op(self.res(j), self.res(k), like)
+        c, R = self.a(k) / self.a(j), self.resize_op(self.res(j), self.res(k))
         return LinearOp(lambda x: c * R.apply(x), lambda y: c * R.transpose(y))
 
     # ----------------------------------------------------------------- forward process
@@ -204,7 +213,7 @@ class SSDProcess:
         """
         if j < 0:
             return x0_hat
-        op = self.transition(j, k, x_k)
+        op = self.transition(j, k)
         mean = posterior_mean(x_k, self.a(j) * x0_hat, op, self.sigma(j), self.sigma(k))
         return mean if z is None else mean + self.posterior_noise(z, j, k)
 

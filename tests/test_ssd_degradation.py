@@ -31,8 +31,7 @@ def chain_joint(process: SSDProcess, x0: torch.Tensor, k_last: int):
     out = []
     for k in range(k_last + 1):
         s_in = process.res(k - 1)
-        like = torch.zeros(1, dtype=F64)
-        M = dense(process.transition(k - 1, k, like).apply, s_in * s_in, s_in)
+        M = dense(process.transition(k - 1, k).apply, s_in * s_in, s_in)
         Q = process.sigma(k) ** 2 * torch.eye(M.shape[0], dtype=F64) \
             - process.sigma(k - 1) ** 2 * M @ M.T
         assert torch.linalg.eigvalsh(Q).min() > -1e-12, f"step noise of k={k} is not PSD"
@@ -83,7 +82,7 @@ def test_posterior_equals_brute_force_conditioning(small_process, k):
     L = dense(lambda z: p.posterior_noise(z, k - 1, k), rj * rj, rj)
     torch.testing.assert_close(L @ L.T, cov_bf, atol=1e-5, rtol=0)
     # the generic formulas of components.degradation give the same covariance
-    op = p.transition(k - 1, k, x_k)
+    op = p.transition(k - 1, k)
     S = dense(lambda v: dg.posterior_cov_apply(v, op, p.sigma(k - 1), p.sigma(k)), rj * rj, rj)
     torch.testing.assert_close(S, cov_bf, atol=1e-5, rtol=0)
     assert dg.check_psd(op, (1, rj, rj), p.sigma(k - 1), p.sigma(k), step=k) >= 0
@@ -126,7 +125,7 @@ def test_separable_resize_matches_scale_resize():
     x = torch.randn(2, 3, 32, 32, dtype=F64)
     torch.testing.assert_close(p.down(x, 16), resize(x, 16), atol=1e-10, rtol=0)
     torch.testing.assert_close(p.down(x, 8), resize(resize(x, 16), 8), atol=1e-10, rtol=0)
-    op, y = p.resize_op(32, 8, x), torch.randn(2, 3, 8, 8, dtype=F64)
+    op, y = p.resize_op(32, 8), torch.randn(2, 3, 8, 8, dtype=F64)
     assert abs(float((op.apply(x) * y).sum() - (x * op.transpose(y)).sum())) < 1e-9
 
 
@@ -139,7 +138,7 @@ def test_lanczos_sqrt_matches_exact_eigenbasis_noise(small_process):
     p = small_process
     z = torch.randn(3, 1, 8, 8, dtype=F64)
     exact = p.posterior_noise(z, 3, 4)
-    lz = dg.posterior_noise_lanczos(z, p.transition(3, 4, z), p.sigma(3), p.sigma(4), iters=64)
+    lz = dg.posterior_noise_lanczos(z, p.transition(3, 4), p.sigma(3), p.sigma(4), iters=64)
     torch.testing.assert_close(lz, exact, atol=1e-7, rtol=0)
 
 
@@ -151,7 +150,7 @@ def test_resolution_increasing_noise_empirical_covariance():
     z = torch.randn(n, 1, 4, 4, dtype=F64, generator=g)
     noise = p.posterior_noise(z, k - 1, k).reshape(n, 16)
     emp = noise.T @ noise / n
-    op = p.transition(k - 1, k, z)
+    op = p.transition(k - 1, k)
     target = dense(lambda v: dg.posterior_cov_apply(v, op, p.sigma(k - 1), p.sigma(k)), 16, 4)
     # it is not isotropic (the point of the exact draw) ...
     assert (target - torch.diag(torch.diag(target))).abs().max() > 0.01 * target.diag().mean()
