@@ -1,0 +1,40 @@
+"""``prism train CONFIG [--set key=value ...] [--ray --workers N [--gpu]]``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from training.config import ConfigError, load_config
+
+
+def train_command(
+    config: Path = typer.Argument(..., help="training config YAML (see training/configs/)"),
+    set_: list[str] = typer.Option([], "--set", help="override, e.g. --set optim.lr=1e-4"),
+    ray: bool = typer.Option(False, "--ray", help="run on Ray Train (RAY_ADDRESS or local)"),
+    workers: int = typer.Option(1, "--workers", min=1, help="Ray Train workers"),
+    gpu: bool = typer.Option(False, "--gpu", help="one GPU per Ray Train worker"),
+    storage: str = typer.Option(None, "--storage",
+                                help="Ray Train storage path (local dir or s3://...)"),
+    max_failures: int = typer.Option(3, "--max-failures", min=0,
+                                     help="Ray Train: worker failures tolerated"),
+) -> None:
+    """Train a model. One process (or each process of torchrun) by default; the same loop on
+    Ray Train with --ray. The same run name resumes from its latest checkpoint."""
+    try:
+        cfg = load_config(config, set_)
+    except ConfigError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+    if ray:
+        from training.launch import run_ray
+
+        result = run_ray(cfg, workers, use_gpu=gpu, storage_path=storage,
+                         max_failures=max_failures)
+    else:
+        from training.launch import run_local
+
+        result = run_local(cfg)
+    typer.echo(json.dumps(result, indent=1, default=str))

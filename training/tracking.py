@@ -1,0 +1,149 @@
+"""MLflow tracking as a loop callback: experiment per project, run per training.
+
+What a run holds: the full resolved config as params (``section.key``); metrics loss, lr,
+images_per_second, grad_norm, memory_gib, images_seen (per step); sample grids as images
+(``samples/samples-<step>.png`` and the ``samples`` image series); system metrics where psutil
+is installed; tags ``git_commit``, ``data_version``, ``prism.run_name``. At the end the model
+directory (``model.safetensors``, ``config.json``, ``schedule.json``) is logged under
+``model/``, registered as ``tracking.register_name`` (default ``<project>-<run name>``) and
+given the alias ``tracking.alias`` (default ``candidate``).
+
+Tracking URI: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in
+the working directory. A restarted run with the same name continues its unfinished MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.callbacks import Callback
+from training.config import Config
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(cfg: Config) -> str:
+    """The tracking URI, made absolute for a local SQLite file (workers run elsewhere)."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"optim.lr": "0.0002", ...} (MLflow params are strings)."""
+    out: dict[str, str] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def model_name(cfg: Config) -> str:
+    return cfg.tracking.register_name or f"{cfg.run.project}-{cfg.run.name}"
+
+
+class MLflowLogger(Callback):
+    """Logs a training run to MLflow (rank 0 only)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.cfg: Config | None = None
+        self.run_id: str | None = None
+        self.version: str | None = None
+
+    def on_start(self, cfg: Config, info: dict[str, Any]) -> None:
+        self.active = info["rank"] == 0 and cfg.tracking.enabled
+        if not self.active:
+            return
+        import mlflow
+
+        self.cfg = cfg
+        mlflow.set_tracking_uri(tracking_uri(cfg))
+        exp = mlflow.set_experiment(cfg.run.project)
+        previous = mlflow.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`prism.run_name` = '{cfg.run.name}' "
+            "and attributes.status != 'FINISHED'", output_format="list", max_results=1)
+        system = cfg.tracking.system_metrics and _has_psutil()
+        run = mlflow.start_run(run_id=previous[0].info.run_id if previous else None,
+                               run_name=None if previous else cfg.run.name,
+                               log_system_metrics=system)
+        self.run_id = run.info.run_id
+        if not previous:  # params are immutable: log them once
+            mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+        mlflow.set_tags({"prism.run_name": cfg.run.name, "git_commit": git_commit(),
+                         "data_version": cfg.data.version or cfg.data.url or cfg.data.source,
+                         "model_family": info.get("family", ""),
+                         "parameters": str(info.get("parameters", ""))})
+        if info.get("start_step"):
+            mlflow.set_tag("resumed_at_step", str(info["start_step"]))
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.log_metrics(metrics, step=step)
+
+    def on_images(self, step: int, name: str, image: np.ndarray) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.log_image(image, artifact_file=f"samples/{name}-{step:08d}.png")
+            mlflow.log_image(image, key=name, step=step)
+
+    def on_end(self, result: dict[str, Any], model_dir: Path | None) -> None:
+        if not self.active:
+            return
+        import mlflow
+
+        try:
+            if model_dir is not None:
+                self.version = register_model(self.cfg, self.run_id, model_dir)  # type: ignore
+        finally:
+            mlflow.end_run()
+
+
+def register_model(cfg: Config, run_id: str, model_dir: Path) -> str:
+    """Log ``model_dir`` as the run's ``model/`` artifacts, register it, set the alias;
+    returns the new version."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    name = model_name(cfg)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    mv = client.create_model_version(name, source, run_id=run_id,
+                                     tags={"git_commit": git_commit()})
+    client.set_registered_model_alias(name, cfg.tracking.alias, mv.version)
+    mlflow.set_tag("registered_model", f"{name}/{mv.version}@{cfg.tracking.alias}")
+    return str(mv.version)
+
+
+def _has_psutil() -> bool:
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        return False
+    return True
