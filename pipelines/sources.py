@@ -106,13 +106,15 @@ def enumerate_source(src: str) -> tuple[list[SourceItem], list[str]]:
         items = _from_npz(src)
     elif src.endswith(SHARD_SUFFIXES):
         items = _from_tar(src)
-    elif storage.is_s3(src) or (Path(src).is_dir() and _only_tars(Path(src))):
+    elif storage.is_s3(src) or (Path(src).is_dir() and _has_tars(Path(src))):
         items = [i for u in storage.list_files(src, SHARD_SUFFIXES) for i in _from_tar(u)]
     elif Path(src).is_dir():
         items = _from_folder(Path(src))
     else:
         raise FileNotFoundError(f"ingest source not found or not supported: {src} "
                                 "(a folder, .tar[.gz], .npz, or a folder/prefix of shards)")
+    if not items:
+        raise FileNotFoundError(f"no images found in {src} (extensions {IMAGE_SUFFIXES})")
     seen: set[str] = set()
     for item in items:
         if item.key in seen and item.error is None:
@@ -122,6 +124,7 @@ def enumerate_source(src: str) -> tuple[list[SourceItem], list[str]]:
     return items, names
 
 
-def _only_tars(root: Path) -> bool:
-    files = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return bool(files) and all(p.name.endswith(SHARD_SUFFIXES) for p in files)
+def _has_tars(root: Path) -> bool:
+    """A folder with .tar / .tar.gz files at its top level is a folder of tars or shards."""
+    return any(p.is_file() and p.name.endswith(SHARD_SUFFIXES) and not p.name.startswith(".")
+               for p in root.iterdir())

@@ -1,0 +1,127 @@
+"""Ingest of bad inputs: convertible ones converted, the rest recorded; counts reconcile."""
+
+from __future__ import annotations
+
+import io
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.config import IngestConfig
+from pipelines.ingest import ingest
+from pipelines.shards import iter_samples, list_shards
+
+
+def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(arr: np.ndarray, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels."""
+    data = bytearray(_png(np.zeros((8, 8, 3), np.uint8)))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def _cases() -> dict[str, tuple[bytes, str | None]]:
+    """name -> (bytes, expected error reason prefix or None when it must be written)."""
+    pal = Image.fromarray(RGB).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    pbuf = io.BytesIO()
+    pal.save(pbuf, format="PNG")
+    cmyk = io.BytesIO()
+    Image.fromarray(RGB).convert("CMYK").save(cmyk, format="JPEG")
+    g16 = io.BytesIO()
+    Image.fromarray((RNG.integers(0, 65536, (32, 32))).astype(np.uint16)).save(g16, "PNG")
+    good = _jpeg(RGB)
+    return {
+        "ok.jpg": (good, None),
+        "truncated.jpg": (good[: len(good) // 2], "truncated or corrupt image"),
+        "empty.jpg": (b"", "empty file"),
+        "text.jpg": (b"this is not an image\n" * 10, "not a decodable image"),
+        "gray.png": (_png(RGB[..., 0]), None),
+        "rgba.png": (_png(np.dstack([RGB, RGB[..., :1]]), "RGBA"), None),
+        "cmyk.jpg": (cmyk.getvalue(), None),
+        "gray16.png": (g16.getvalue(), None),
+        "palette.png": (pbuf.getvalue(), None),
+        "small.png": (_png(RGB[:16, :16]), "smaller than target size"),
+        "bomb.png": (_bomb_png(100_000, 100_000), "decompression bomb"),
+        "big.png": (_png(RNG.integers(0, 256, (64, 48, 3), dtype=np.uint8)), None),
+    }
+
+
+def _check_counts(dest: Path, n_inputs: int) -> tuple[set[str], dict[str, str]]:
+    manifest = pq.read_table(dest / "manifest.parquet").to_pylist()
+    errors = pq.read_table(dest / "errors.parquet").to_pylist()
+    assert len(manifest) + len(errors) == n_inputs
+    return {r["key"] for r in manifest}, {r["key"]: r["reason"] for r in errors}
+
+
+def test_bad_files_in_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    cases = _cases()
+    for name, (data, _) in cases.items():
+        (src / name).write_bytes(data)
+    (src / "notes.txt").write_text("ignored: not an image extension")
+    result = ingest(str(src), str(tmp_path / "out"), IngestConfig(size=32, shard_size=100))
+    assert f"inputs = written + errors: {len(cases)} = " in capsys.readouterr().out
+    written, errors = _check_counts(tmp_path / "out", len(cases))
+    assert result.inputs == len(cases) == result.written + result.errors
+    for name, (_, reason) in cases.items():
+        key = name.split(".")[0]
+        if reason is None:
+            assert key in written, f"{name} should have been converted and written"
+        else:
+            assert errors[key].startswith(reason), (name, errors.get(key))
+    samples = {s["key"]: s for s in iter_samples(list_shards(str(tmp_path / "out"))[0])}
+    for s in samples.values():
+        assert s["image"].shape == (32, 32, 3) and s["image"].dtype == np.uint8
+    g16 = samples["gray16"]["image"]  # scaled from 16 bits, not clipped at 255
+    assert 60 < g16.mean() < 200 and g16.std() > 30
+    np.testing.assert_array_equal(samples["gray"]["image"][..., 0], RGB[..., 0])
+
+
+def test_unsafe_tar_member_and_duplicate_keys(tmp_path: Path) -> None:
+    tar_path = tmp_path / "in.tar"
+    good = _png(RGB)
+    with tarfile.open(tar_path, "w") as tar:
+        for name in ("a/x.png", "a/y.png", "../evil.png", "b/x.png", "a/x.png"):
+            info = tarfile.TarInfo(name)
+            info.size = len(good)
+            tar.addfile(info, io.BytesIO(good))
+    ingest(str(tar_path), str(tmp_path / "out"), IngestConfig(shard_size=10))
+    written, errors = _check_counts(tmp_path / "out", 5)
+    assert written == {"a_x", "a_y", "b_x"}
+    reasons = sorted(errors.values())
+    assert reasons[0].startswith("duplicate key") and reasons[1].startswith("unsafe path")
+    assert not (tmp_path / "evil.png").exists() and not (tmp_path.parent / "evil.png").exists()
+
+
+def test_bad_npz_and_missing_source(tmp_path: Path) -> None:
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        ingest(str(tmp_path / "bad.npz"), str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ingest(str(tmp_path / "nothing"), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="exactly one of shard_size and shard_bytes"):
+        IngestConfig(shard_size=None)

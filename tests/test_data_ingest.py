@@ -1,0 +1,146 @@
+"""Ingest: input layouts, shard sizes, determinism, original bytes, reruns, demo corpus."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.config import DemoConfig, IngestConfig
+from pipelines.demo import PHOTOGRAPHS, build_demo
+from pipelines.ingest import ingest
+from pipelines.shards import iter_records, iter_samples, list_shards
+
+
+def _images(n: int, size: int = 32, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def _per_class_folder(root: Path, n_per_class: int = 6) -> Path:
+    for c, name in enumerate(("cat", "dog", "owl")):
+        (root / name).mkdir(parents=True)
+        for i, im in enumerate(_images(n_per_class, seed=c)):
+            Image.fromarray(im).save(root / name / f"{i}.png")
+    return root
+
+
+def _all(dest: Path) -> dict[str, dict]:
+    return {s["key"]: s for u in list_shards(str(dest)) for s in iter_samples(u)}
+
+
+def test_per_class_folder_labels_and_original_bytes(tmp_path: Path) -> None:
+    src = _per_class_folder(tmp_path / "src")
+    r = ingest(str(src), str(tmp_path / "out"), IngestConfig(size=32, shard_size=5))
+    assert (r.inputs, r.written, r.errors, r.classes) == (18, 18, 0, ["cat", "dog", "owl"])
+    shards = list_shards(str(tmp_path / "out"))
+    assert [Path(s).name for s in shards] == [f"shard-{i:06d}.tar" for i in range(4)]
+    samples = _all(tmp_path / "out")
+    assert samples["dog_3"]["label"] == 1 and samples["owl_0"]["label"] == 2
+    np.testing.assert_array_equal(samples["cat_2"]["image"], _images(6, seed=0)[2])
+    # stored bytes are the original PNG bytes, checksum in the manifest
+    manifest = {m["key"]: m for m in pq.read_table(tmp_path / "out/manifest.parquet").to_pylist()}
+    original = (src / "cat" / "2.png").read_bytes()
+    assert manifest["cat_2"]["checksum"] == hashlib.sha256(original).hexdigest()
+    rec = next(r for u in shards for r in iter_records(u) if r["key"] == "cat_2")
+    assert rec["data"] == original and rec["source"] == "cat/2.png"
+
+
+def test_resized_images_are_lossless_png_and_antialiased(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    stripes = np.zeros((64, 96, 3), np.uint8)
+    stripes[:, ::2] = 255  # Nyquist stripes: anti-aliasing must average them to grey
+    Image.fromarray(stripes).save(src / "s.jpg", quality=100)
+    ingest(str(src), str(tmp_path / "out"), IngestConfig(size=32, shard_size=10))
+    rec = next(iter_records(list_shards(str(tmp_path / "out"))[0]))
+    assert rec["ext"] == "png"
+    img = np.asarray(Image.open(io.BytesIO(rec["data"])))
+    assert img.shape == (32, 32, 3) and abs(float(img.mean()) - 127.5) < 12 and img.std() < 20
+
+
+def test_npz_tar_gz_and_shards_input(tmp_path: Path) -> None:
+    x = np.stack(_images(7))
+    np.savez(tmp_path / "set.npz", x=x, y=np.arange(7) % 3)
+    r = ingest(str(tmp_path / "set.npz"), str(tmp_path / "a"),
+               IngestConfig(shard_size=3, gzip=True, shuffle=False))
+    assert r.written == 7
+    shards = list_shards(str(tmp_path / "a"))
+    assert all(s.endswith(".tar.gz") for s in shards) and len(shards) == 3
+    samples = _all(tmp_path / "a")
+    np.testing.assert_array_equal(samples["set_000004"]["image"], x[4])
+    assert samples["set_000004"]["label"] == 1
+    # existing WebDataset shards as input keep keys, labels and pixels
+    r2 = ingest(str(tmp_path / "a"), str(tmp_path / "b"), IngestConfig(shard_size=100))
+    assert r2.written == 7
+    again = _all(tmp_path / "b")
+    assert set(again) == set(samples)
+    np.testing.assert_array_equal(again["set_000006"]["image"], x[6])
+    assert again["set_000006"]["label"] == 0
+    # a tar of images, one folder per class
+    with tarfile.open(tmp_path / "imgs.tar", "w") as tar:
+        for i, im in enumerate(_images(4)):
+            buf = io.BytesIO()
+            Image.fromarray(im).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"train/{'ab'[i % 2]}/{i}.png")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    r3 = ingest(str(tmp_path / "imgs.tar"), str(tmp_path / "c"), IngestConfig())
+    assert r3.classes == ["a", "b"] and _all(tmp_path / "c")["train_b_3"]["label"] == 1
+
+
+def test_deterministic_shuffle_byte_shards_and_rerun(tmp_path: Path) -> None:
+    src = _per_class_folder(tmp_path / "src", 10)
+    cfg = IngestConfig(shard_size=None, shard_bytes=20_000, seed=3)
+    ingest(str(src), str(tmp_path / "o1"), cfg)
+    ingest(str(src), str(tmp_path / "o2"), cfg)
+    s1, s2 = list_shards(str(tmp_path / "o1")), list_shards(str(tmp_path / "o2"))
+    assert len(s1) > 2
+    assert [Path(a).read_bytes() for a in s1] == [Path(b).read_bytes() for b in s2]
+    for s in s1[:-1]:
+        assert 20_000 <= Path(s).stat().st_size < 20_000 + 12_000
+    other = ingest(str(src), str(tmp_path / "o3"), cfg.model_copy(update={"seed": 4}))
+    assert Path(list_shards(str(tmp_path / "o3"))[0]).read_bytes() != Path(s1[0]).read_bytes()
+    assert other.written == 30
+    # rerun: finished shards are skipped (not rewritten), a missing one is rebuilt
+    mtimes = [Path(s).stat().st_mtime_ns for s in s1]
+    Path(s1[1]).unlink()
+    r = ingest(str(src), str(tmp_path / "o1"), cfg)
+    assert r.skipped_shards == len(s1) - 1 and r.written == 30
+    assert Path(s1[0]).stat().st_mtime_ns == mtimes[0]
+    assert Path(s1[1]).read_bytes() == Path(s2[1]).read_bytes()
+
+
+def test_demo_corpus_is_deterministic(tmp_path: Path) -> None:
+    n = build_demo(tmp_path / "d1", DemoConfig(per_class=4))
+    build_demo(tmp_path / "d2", DemoConfig(per_class=4))
+    assert n == 4 * len(PHOTOGRAPHS)
+    f1 = sorted(p.relative_to(tmp_path / "d1") for p in (tmp_path / "d1").rglob("*.png"))
+    assert len(f1) == n
+    assert all((tmp_path / "d1" / f).read_bytes() == (tmp_path / "d2" / f).read_bytes()
+               for f in f1)
+    r = ingest(str(tmp_path / "d1"), str(tmp_path / "s"), IngestConfig(size=32))
+    assert r.written == n and len(r.classes) == len(PHOTOGRAPHS)
+
+
+def test_cifar10_subset_from_shared_data(shared_data: Path, tmp_path: Path) -> None:
+    src = shared_data / "cifar10" / "test.tar"
+    if not src.exists():
+        pytest.skip(f"{src} not present")
+    small = tmp_path / "cifar_small.tar"
+    with tarfile.open(src) as tin, tarfile.open(small, "w") as tout:
+        n = 0
+        for m in tin:
+            if m.isfile() and n < 300:
+                tout.addfile(m, tin.extractfile(m))
+                n += 1
+    r = ingest(str(small), str(tmp_path / "out"), IngestConfig(size=32, shard_size=128))
+    assert r.written == 300 and r.errors == 0
+    recs = [x for u in list_shards(str(tmp_path / "out")) for x in iter_records(u)]
+    assert all(x["ext"] == "jpg" for x in recs)  # JPEGs at 32x32 keep their bytes
