@@ -1,0 +1,120 @@
+"""The HTTP ingress: FastAPI routes that validate, delegate to the ``Sampler`` deployment and
+format the response. Build the application with :func:`build_app` (the Serve config's
+``import_path: serving.app:build_app``).
+"""
+
+import json
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving.encode import grid_png, png_base64, png_bytes
+from serving.model import Sampler
+from serving.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelsResponse
+
+api = FastAPI(
+    title="prism sampler",
+    version="0.1.0",
+    description="Pixel diffusion sampling: seeds in, images out. Every image depends only "
+    "on its seed. Resolutions above the native one use upsample guidance or cascaded "
+    "upscaling.",
+)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorBody} for s in (404, 413, 503)
+}
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_request: Any, exc: RequestValidationError) -> JSONResponse:
+    """422 naming the field(s): ``detail`` lists pydantic's errors (``loc`` ends with the
+    field), ``fields`` the field names."""
+    errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+    fields = sorted({str(e["loc"][-1]) for e in errors if e.get("loc")})
+    return JSONResponse(status_code=422, content=json.loads(json.dumps(
+        {"detail": errors, "fields": fields}, default=str)))
+
+
+def _raise(result: dict[str, Any]) -> None:
+    err = result.get("error")
+    if err is None:
+        return
+    if err["status"] == 422:
+        loc = ["body", err["field"]] if err["field"] else ["body"]
+        raise HTTPException(422, detail=[{"loc": loc, "msg": err["detail"], "type": "value_error"}])
+    raise HTTPException(err["status"], detail=err["detail"])
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress(api)
+class Ingress:
+    """Routes only: all work happens in the ``Sampler`` deployment."""
+
+    def __init__(self, sampler: DeploymentHandle) -> None:
+        self.sampler = sampler
+
+    @api.get("/healthz", responses={503: {"model": ErrorBody}})
+    async def healthz(self) -> dict[str, Any]:
+        """200 once the default model is loaded, 503 before."""
+        state = await self.sampler.health.remote()
+        if not state["ready"]:
+            raise HTTPException(503, detail=f"model {state['model']} not ready"
+                                + (f": {state['error']}" if state["error"] else ""))
+        return {"status": "ok", **state}
+
+    @api.get("/v1/models", response_model=ModelsResponse)
+    async def models(self) -> ModelsResponse:
+        return ModelsResponse(models=await self.sampler.list_models.remote())
+
+    @api.get("/v1/stats")
+    async def stats(self) -> dict[str, Any]:
+        """How many generate calls ran with each number of images (batching at work)."""
+        return {"images_per_batch": await self.sampler.stats.remote()}
+
+    @api.post(
+        "/v1/generate", response_model=GenerateResponse, responses={
+            **_ERRORS, 200: {"content": {"image/png": {}}, "description":
+                             "JSON (format=json) or a PNG (format=png or grid)"}})
+    async def generate(self, req: GenerateRequest) -> Any:
+        result = await self.sampler.generate.remote(req.model_dump(mode="json"))
+        _raise(result)
+        images = result["images"]  # (N, H, W, C) uint8
+        headers = {"X-Seeds": ",".join(map(str, result["seeds"])),
+                   "X-Model-Version": f"{result['model']}/{result['model_version']}",
+                   "X-Batch-Images": str(result["batch_images"]),
+                   "X-Generate-Seconds": f"{result['timings']['generate_s']:.4f}"}
+        if req.format == "png":
+            return Response(png_bytes(images[0]), media_type="image/png", headers=headers)
+        if req.format == "grid":
+            return Response(grid_png(images), media_type="image/png", headers=headers)
+        labels = result["labels"] or [None] * len(result["seeds"])
+        return GenerateResponse(
+            model=result["model"], model_version=result["model_version"],
+            resolution=result["resolution"], seeds=result["seeds"],
+            images=[{"seed": s, "class_label": c, "png_base64": png_base64(im)}
+                    for s, c, im in zip(result["seeds"], labels, images, strict=True)],
+            timings=result["timings"], batch_requests=result["batch_requests"],
+            batch_images=result["batch_images"])
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`build_app` (the ``args`` of the Serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_uri: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION or a directory")
+    device: str = "auto"
+    load_delay_s: float = Field(0.0, ge=0.0, description="Wait before loading (tests, rollouts)")
+    max_models: int = Field(2, ge=1)
+    allow_other_models: bool = True
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application: ``Ingress -> Sampler``."""
+    a = AppArgs.model_validate(args)
+    sampler = Sampler.bind(a.model_uri, a.device, a.load_delay_s, a.max_models,
+                           a.allow_other_models)
+    return Ingress.bind(sampler)

@@ -1,0 +1,192 @@
+"""``prism serve`` (start the service) and ``prism sample`` (HTTP client, or in-process)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+serving_app = typer.Typer(no_args_is_help=True)
+DEFAULT_PIDFILE = Path(os.environ.get("PRISM_SERVE_PIDFILE", ".prism-serve.pid"))
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+@serving_app.command("serve")
+def serve_cmd(
+    config: Path = typer.Option(Path("serving/config.yaml"), help="Ray Serve config file."),
+    model: str = typer.Option(None, help="Model to serve: models:/NAME@ALIAS or a directory."),
+    host: str = typer.Option(None, help="Bind address (config default 127.0.0.1)."),
+    port: int = typer.Option(None, help="HTTP port (config default 8000)."),
+    detach: bool = typer.Option(False, help="Start in the background, wait until ready, "
+                                "write the pid file, return."),
+    stop: bool = typer.Option(False, help="Stop a service started with --detach."),
+    pidfile: Path = typer.Option(DEFAULT_PIDFILE, help="Pid file of --detach / --stop."),
+    ready_timeout_s: float = typer.Option(300.0, help="How long --detach waits for /healthz."),
+) -> None:
+    """Start the sampling service locally and block until Ctrl-C (or --detach / --stop)."""
+    if stop:
+        _stop(pidfile)
+        return
+    from serving.launch import base_url, load_config, wait_ready
+
+    try:
+        cfg = load_config(config, model=model, host=host, port=port)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    url = base_url(cfg)
+    if detach:
+        _detach(config, model, host, port, pidfile, url, ready_timeout_s)
+        return
+    from serving.launch import start
+    from serving.launch import stop as stop_service
+
+    stopping = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
+    try:
+        start(cfg)
+        typer.echo(f"serving {cfg['applications'][0]['args'].get('model_uri')} at {url} "
+                   f"(docs: {url}/docs); Ctrl-C to stop")
+        try:
+            wait_ready(url, timeout_s=ready_timeout_s)
+            typer.echo("ready")
+        except TimeoutError as exc:
+            typer.echo(f"warning: {exc}", err=True)
+        while not stopping["now"]:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        typer.echo("stopping")
+        stop_service()
+
+
+def _detach(config: Path, model: str | None, host: str | None, port: int | None,
+            pidfile: Path, url: str, timeout_s: float) -> None:
+    from serving.launch import wait_ready
+
+    cmd = [sys.executable, "-m", "prism_cli", "serve", "--config", str(config)]
+    for flag, val in (("--model", model), ("--host", host), ("--port", port)):
+        if val is not None:
+            cmd += [flag, str(val)]
+    log = pidfile.with_suffix(".log")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    pidfile.write_text(str(proc.pid))
+    try:
+        wait_ready(url, timeout_s=timeout_s)
+    except TimeoutError as exc:
+        _stop(pidfile)
+        _fail(f"{exc} (log: {log})")
+    typer.echo(json.dumps({"url": url, "pid": proc.pid, "pidfile": str(pidfile),
+                           "log": str(log)}))
+
+
+def _stop(pidfile: Path, timeout_s: float = 60.0) -> None:
+    if not pidfile.is_file():
+        _fail(f"no pid file {pidfile}: nothing started with --detach here")
+    pid = int(pidfile.read_text().strip())
+    try:
+        os.kill(pid, signal.SIGINT)  # the server shuts Serve down on Ctrl-C
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pidfile.unlink(missing_ok=True)
+    typer.echo(f"stopped {pid}")
+
+
+@serving_app.command("sample")
+def sample_cmd(
+    out: Path = typer.Option(..., help="Directory for the PNGs (seed_<seed>.png)."),
+    url: str = typer.Option("http://127.0.0.1:8000", help="Service URL."),
+    local: bool = typer.Option(False, help="Sample in this process (needs --model)."),
+    model: str = typer.Option(None, help="Model: NAME@ALIAS (service) or a URI (--local)."),
+    n: int = typer.Option(4, help="Number of images."),
+    seed: int = typer.Option(0, help="Base seed: image i gets seed + i."),
+    steps: int = typer.Option(32),
+    sampler: str = typer.Option("ddim"),
+    eta: float = typer.Option(0.0),
+    class_label: int = typer.Option(None, help="Class for every image."),
+    cfg_scale: float = typer.Option(1.0),
+    resolution: int = typer.Option(None, help="Output side (m x native)."),
+    upscale: str = typer.Option("ug", help="ug or cascade"),
+    ug_theta: float = typer.Option(1.3),
+    ug_eta: float = typer.Option(1.0),
+    schedule: str = typer.Option("model", help="model or spectral"),
+    timeout_s: float = typer.Option(600.0),
+) -> None:
+    """Get images from the service (or in-process with --local) and write them as PNGs."""
+    body: dict[str, Any] = dict(
+        num_images=n, seed=seed, steps=steps, sampler=sampler, eta=eta, cfg_scale=cfg_scale,
+        resolution=resolution, upscale=upscale, ug_theta=ug_theta, ug_eta=ug_eta,
+        schedule=schedule, class_labels=class_label, format="json")
+    out.mkdir(parents=True, exist_ok=True)
+    if local:
+        if not model:
+            _fail("--local needs --model (models:/NAME@ALIAS or a model directory)")
+        meta = _sample_local(model, body, out)
+    else:
+        if model:
+            body["model"] = model
+        meta = _sample_http(url, body, out, timeout_s)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    typer.echo(f"wrote {len(meta['seeds'])} images to {out}")
+
+
+def _sample_http(url: str, body: dict[str, Any], out: Path, timeout_s: float) -> dict[str, Any]:
+    import requests
+
+    try:
+        r = requests.post(f"{url.rstrip('/')}/v1/generate", json=body, timeout=timeout_s)
+    except requests.RequestException as exc:
+        _fail(f"cannot reach {url}: {exc}")
+    if r.status_code != 200:
+        _fail(f"{r.status_code}: {r.text[:1000]}")
+    res = r.json()
+    for im in res["images"]:
+        (out / f"seed_{im['seed']}.png").write_bytes(base64.b64decode(im["png_base64"]))
+    return {k: v for k, v in res.items() if k != "images"}
+
+
+def _sample_local(model_ref: str, body: dict[str, Any], out: Path) -> dict[str, Any]:
+    from components.generate import generate, to_uint8
+    from serving.encode import png_bytes
+    from serving.loading import ModelNotFound, default_device, load_served_model, normalize_uri
+    from serving.model import _options
+    from serving.schemas import GenerateRequest
+
+    try:
+        req = GenerateRequest.model_validate(body)
+        model, info = load_served_model(normalize_uri(model_ref), default_device())
+    except (ValueError, ModelNotFound) as exc:
+        _fail(str(exc))
+    o, seeds = _options(req), req.image_seeds()
+    start = time.perf_counter()
+    try:
+        images = generate(model, seeds=seeds, steps=o.steps, sampler=o.sampler, eta=o.eta,
+                          class_labels=req.image_labels(), cfg_scale=o.cfg_scale,
+                          resolution=o.resolution, upscale=o.upscale, ug_theta=o.ug_theta,
+                          ug_eta=o.ug_eta, ug_order=o.ug_order, schedule=o.schedule,
+                          time_aware=o.time_aware, device=info["device"])
+    except ValueError as exc:
+        _fail(str(exc))
+    for s, im in zip(seeds, to_uint8(images).numpy(), strict=True):
+        (out / f"seed_{s}.png").write_bytes(png_bytes(im))
+    return {"model": info["name"], "model_version": info["version"], "seeds": seeds,
+            "resolution": int(images.shape[-1]), "generate_s": time.perf_counter() - start}

@@ -1,0 +1,124 @@
+"""Starting and stopping the service in this process from a Serve config file.
+
+``prism serve`` and the tests use these functions, so that what is tested is what runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+import yaml
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+
+from serving.app import AppArgs, Ingress
+from serving.model import Sampler
+
+DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG, *, model: str | None = None,
+                host: str | None = None, port: int | None = None,
+                user_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a Serve config (validated by Ray's ``ServeDeploySchema``) and apply overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"serve config {path} not found")
+    cfg = yaml.safe_load(path.read_text())
+    cfg = apply_overrides(cfg, model=model, host=host, port=port, user_config=user_config)
+    ServeDeploySchema.model_validate(cfg) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(cfg)
+    if len(cfg.get("applications", [])) != 1:
+        raise ValueError(f"{path}: expected exactly one application")
+    return cfg
+
+
+def apply_overrides(cfg: dict[str, Any], *, model: str | None = None, host: str | None = None,
+                    port: int | None = None, user_config: dict[str, Any] | None = None,
+                    args: dict[str, Any] | None = None) -> dict[str, Any]:
+    cfg = copy.deepcopy(cfg)
+    http = cfg.setdefault("http_options", {})
+    if host is not None:
+        http["host"] = host
+    if port is not None:
+        http["port"] = int(port)
+    app = cfg["applications"][0]
+    if model is not None:
+        app.setdefault("args", {})["model_uri"] = model
+    app.setdefault("args", {}).update(args or {})
+    if user_config:
+        dep = _deployment(app, "Sampler")
+        dep["user_config"] = {**dep.get("user_config", {}), **user_config}
+    return cfg
+
+
+def _deployment(app: dict[str, Any], name: str) -> dict[str, Any]:
+    deps = app.setdefault("deployments", [])
+    for d in deps:
+        if d.get("name") == name:
+            return d
+    deps.append({"name": name})
+    return deps[-1]
+
+
+def build_from_config(cfg: dict[str, Any]) -> serve.Application:
+    """``Ingress -> Sampler`` with the config's args and per-deployment options."""
+    app_cfg = cfg["applications"][0]
+    args = AppArgs.model_validate(app_cfg.get("args", {}))
+    opts = {d["name"]: {k: v for k, v in d.items() if k != "name"}
+            for d in app_cfg.get("deployments", [])}
+    sampler_opts = copy.deepcopy(opts.get("Sampler", {}))
+    if args.device in ("auto", "cuda") and torch.cuda.is_available():
+        actor = sampler_opts.setdefault("ray_actor_options", {})
+        actor["num_gpus"] = max(float(actor.get("num_gpus", 0) or 0), 1.0)
+    sampler = Sampler.options(**sampler_opts).bind(
+        args.model_uri, args.device, args.load_delay_s, args.max_models, args.allow_other_models)
+    return Ingress.options(**opts.get("Ingress", {})).bind(sampler)
+
+
+def base_url(cfg: dict[str, Any]) -> str:
+    http = cfg.get("http_options", {})
+    prefix = cfg["applications"][0].get("route_prefix", "/").rstrip("/")
+    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix}"
+
+
+def start(cfg: dict[str, Any], ray_init: dict[str, Any] | None = None) -> str:
+    """Start Ray (if needed), the HTTP proxy and the application; return the base URL."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**(ray_init or {}))
+    http = cfg.get("http_options", {})
+    serve.start(http_options={"host": http.get("host", "127.0.0.1"),
+                              "port": int(http.get("port", 8000)),
+                              **({"request_timeout_s": http["request_timeout_s"]}
+                                 if "request_timeout_s" in http else {})},
+                proxy_location=cfg.get("proxy_location", "HeadOnly"))
+    app_cfg = cfg["applications"][0]
+    serve.run(build_from_config(cfg), name=app_cfg.get("name", "prism"),
+              route_prefix=app_cfg.get("route_prefix", "/"))
+    return base_url(cfg)
+
+
+def wait_ready(url: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Poll ``/healthz`` until 200; raise TimeoutError (with the last answer) otherwise."""
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            r = requests.get(f"{url}/healthz", timeout=5)
+            if r.status_code == 200:
+                return r.json()
+            last = f"{r.status_code} {r.text[:300]}"
+        except requests.RequestException as exc:
+            last = str(exc)
+        time.sleep(0.25)
+    raise TimeoutError(f"service at {url} not ready after {timeout_s:.0f} s: {last}")
+
+
+def stop() -> None:
+    serve.shutdown()

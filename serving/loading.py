@@ -1,0 +1,95 @@
+"""Resolving model references and loading models for serving (safetensors + JSON only).
+
+A reference is ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the MLflow registry;
+``NAME@ALIAS`` and ``NAME/VERSION`` are accepted as short forms), ``runs:/RUN_ID/PATH``, or a
+local model directory (only from the service configuration, never from a request).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.generate import GenerativeModel
+
+_REGISTRY = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?$")
+
+
+class ModelNotFound(LookupError):
+    """The named model, alias or version does not exist."""
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def normalize_uri(ref: str, allow_local: bool = True) -> str:
+    """A model reference in canonical form (``models:/...``, ``runs:/...`` or an absolute
+    directory)."""
+    ref = ref.strip()
+    if ref.startswith(("models:/", "runs:/")):
+        return ref
+    if allow_local and (ref.startswith((".", "/", "~")) or Path(ref).expanduser().is_dir()):
+        return str(Path(ref).expanduser().resolve())
+    return f"models:/{ref}"
+
+
+def resolve_registry(uri: str) -> tuple[str, str, list[str]]:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, version, aliases).
+
+    Raises ModelNotFound for an unknown model, alias or version.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    match = _REGISTRY.match(uri)
+    if match is None:
+        raise ModelNotFound(f"malformed registry reference {uri!r}: expected "
+                            "models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, version = match["name"], match["alias"], match["version"]
+    client = MlflowClient()
+    try:
+        if alias is not None:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif version is not None:
+            mv = client.get_model_version(name, version)
+        else:
+            latest = client.search_model_versions(f"name='{name}'", max_results=1,
+                                                  order_by=["version_number DESC"])
+            if not latest:
+                raise ModelNotFound(f"registered model {name!r} has no versions")
+            mv = latest[0]
+    except MlflowException as exc:
+        raise ModelNotFound(f"model {uri!r} not found in the registry: "
+                            f"{str(exc).splitlines()[0]}") from exc
+    return name, str(mv.version), [f"{name}@{a}" for a in (mv.aliases or [])]
+
+
+def load_served_model(uri: str, device: str) -> tuple[GenerativeModel, dict[str, Any]]:
+    """Load ``uri`` onto ``device``; return the model and its description for /v1/models."""
+    from training.artifacts import load_model
+
+    aliases: list[str] = []
+    load_uri = uri
+    if uri.startswith("models:/"):
+        name, version, aliases = resolve_registry(uri)
+        load_uri = f"models:/{name}/{version}"  # pin the version the alias pointed to
+        aliases = sorted({*aliases, uri.removeprefix("models:/"), name, uri, load_uri})
+    elif uri.startswith("runs:/"):
+        name, version = uri, uri.split("/")[1]
+    else:
+        path = Path(uri)
+        if not path.is_dir():
+            raise ModelNotFound(f"model directory {uri} does not exist")
+        name, version = path.name, "local"
+    model = load_model(load_uri, device)
+    model.net.eval()
+    info = {
+        "name": name, "uri": uri, "version": version, "aliases": aliases or [uri, name],
+        "kind": model.kind, "resolution": model.resolution, "in_channels": model.in_channels,
+        "num_classes": model.num_classes, "prediction": model.prediction, "device": device,
+    }
+    return model, info

@@ -1,0 +1,267 @@
+"""The Serve deployment that holds the model(s) and runs ``components.generate.generate``.
+
+Concurrent requests are collected by ``@serve.batch``; inside a batch, requests whose
+settings are compatible (same model, steps, sampler, resolution, guidance, schedule...) run
+as one ``generate`` call, split so that each call stays under the memory cap. Images depend
+only on their seeds, so batching never changes a result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import serve
+
+from components.generate import (
+    GenerateOptions,
+    GenerativeModel,
+    check_request,
+    generate,
+    memory_estimate_bytes,
+    to_uint8,
+)
+from serving.loading import ModelNotFound, default_device, load_served_model, normalize_uri
+from serving.schemas import GenerateRequest
+
+log = logging.getLogger("ray.serve")
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status, returned to the ingress as a dict."""
+
+    def __init__(self, status: int, detail: str, field_name: str | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.field = status, detail, field_name
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"error": {"status": self.status, "detail": self.detail, "field": self.field}}
+
+
+@dataclass
+class Loaded:
+    model: GenerativeModel
+    info: dict[str, Any]
+
+
+@dataclass
+class Job:
+    """One validated request waiting in the batch queue."""
+
+    key: tuple
+    uri: str
+    opts: GenerateOptions
+    seeds: list[int]
+    labels: list[int] | None
+    received: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _options(req: GenerateRequest) -> GenerateOptions:
+    ta = None if req.time_aware is None else (req.time_aware.second_class, req.time_aware.switch_t)
+    return GenerateOptions(
+        steps=req.steps, sampler=req.sampler, eta=req.eta, cfg_scale=req.cfg_scale,
+        resolution=req.resolution, upscale=req.upscale, ug_theta=req.ug_theta,
+        ug_eta=req.ug_eta, ug_order=req.ug_order, schedule=req.schedule, time_aware=ta,
+    )
+
+
+_FIELD_WORDS = ("resolution", "class_labels", "cfg_scale", "time_aware", "schedule", "steps",
+                "seeds", "upscale", "sampler")
+
+
+def _field_of(message: str) -> str | None:
+    low = message.lower()
+    return next((f for f in _FIELD_WORDS if f in low), None)
+
+
+@serve.deployment(name="Sampler", max_ongoing_requests=64)
+class Sampler:
+    """Holds the default model (loaded in the background) and a small cache of others."""
+
+    def __init__(self, model_uri: str, device: str = "auto", load_delay_s: float = 0.0,
+                 max_models: int = 2, allow_other_models: bool = True) -> None:
+        self.default_uri = normalize_uri(model_uri)
+        self.device = default_device() if device == "auto" else device
+        self.max_models, self.allow_other = max_models, allow_other_models
+        self.models: OrderedDict[str, Loaded] = OrderedDict()
+        self.loading: set[str] = {self.default_uri}
+        self.load_error: str | None = None
+        self.memory_cap_bytes = 8 * 2**30
+        self.max_image_steps = 64 * 1000 * 4
+        self.batches: Counter[int] = Counter()  # images per generate call -> count
+        self._lock = threading.Lock()
+        threading.Thread(target=self._load_default, args=(load_delay_s,), daemon=True).start()
+
+    # ------------------------------------------------------------------ configuration
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """user_config: max_batch_size, batch_wait_timeout_s, memory_cap_bytes,
+        max_image_steps."""
+        if "max_batch_size" in config:
+            self._run_batch.set_max_batch_size(int(config["max_batch_size"]))
+        if "batch_wait_timeout_s" in config:
+            self._run_batch.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+        self.memory_cap_bytes = int(config.get("memory_cap_bytes", self.memory_cap_bytes))
+        self.max_image_steps = int(config.get("max_image_steps", self.max_image_steps))
+
+    # ------------------------------------------------------------------ loading
+    def _load_default(self, delay_s: float) -> None:
+        time.sleep(delay_s)
+        try:
+            self._load(self.default_uri)
+        except Exception as exc:  # reported by /healthz
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("loading %s failed", self.default_uri)
+        finally:
+            self.loading.discard(self.default_uri)
+
+    def _load(self, uri: str) -> Loaded:
+        model, info = load_served_model(uri, self.device)
+        loaded = Loaded(model, info)
+        with self._lock:
+            self.models[uri] = loaded
+            while len(self.models) > self.max_models:
+                old = next(k for k in self.models if k != self.default_uri)
+                self.models.pop(old)
+        return loaded
+
+    async def _get(self, ref: str | None) -> Loaded:
+        default = self.models.get(self.default_uri)
+        if ref is None or (default is not None and ref in default.info["aliases"]):
+            ref = self.default_uri
+        uri = normalize_uri(ref)
+        if uri in self.models:
+            self.models.move_to_end(uri)
+            return self.models[uri]
+        if uri in self.loading:
+            raise ServiceError(503, f"model {uri} is still loading")
+        if uri == self.default_uri:
+            raise ServiceError(503, f"model {uri} failed to load: {self.load_error}")
+        if not self.allow_other or not uri.startswith("models:/"):
+            raise ServiceError(404, f"model {ref!r} is not served here", "model")
+        self.loading.add(uri)
+        try:
+            return await asyncio.to_thread(self._load, uri)
+        except ModelNotFound as exc:
+            raise ServiceError(404, str(exc), "model") from exc
+        finally:
+            self.loading.discard(uri)
+
+    # ------------------------------------------------------------------ endpoints
+    async def health(self) -> dict[str, Any]:
+        ready = self.default_uri in self.models
+        return {"ready": ready, "model": self.default_uri, "error": self.load_error,
+                "device": self.device}
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        out = [dict(lm.info, loaded=True) for lm in self.models.values()]
+        if self.default_uri not in self.models:
+            out.insert(0, {"name": self.default_uri, "uri": self.default_uri, "version": "",
+                           "loaded": False})
+        return out
+
+    async def stats(self) -> dict[str, int]:
+        return {str(k): v for k, v in sorted(self.batches.items())}
+
+    async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Validate a request against its model, queue it, return images (uint8 NHWC)."""
+        received = time.perf_counter()
+        try:
+            req = GenerateRequest.model_validate(payload)
+            loaded = await self._get(req.model)
+            job = self._job(req, loaded, received)
+        except ServiceError as err:
+            return err.as_dict()
+        return await self._run_batch(job)
+
+    def _job(self, req: GenerateRequest, loaded: Loaded, received: float) -> Job:
+        opts, seeds, labels = _options(req), req.image_seeds(), req.image_labels()
+        try:
+            m = check_request(loaded.model, opts, seeds, labels)
+        except ValueError as exc:
+            raise ServiceError(422, str(exc), _field_of(str(exc))) from exc
+        res = loaded.model.resolution * m
+        need = memory_estimate_bytes(loaded.model, n_images=len(seeds), resolution=res,
+                                     cfg_scale=opts.cfg_scale, upscale=opts.upscale)
+        if need > self.memory_cap_bytes:
+            raise ServiceError(413, f"request needs about {need / 2**30:.2f} GiB, over the "
+                               f"memory cap of {self.memory_cap_bytes / 2**30:.2f} GiB: ask for "
+                               "fewer images or a lower resolution", "num_images")
+        work = len(seeds) * opts.steps * m * m
+        if work > self.max_image_steps:
+            raise ServiceError(413, f"request asks for {work} image-steps (images x steps x m^2), "
+                               f"over the cap of {self.max_image_steps}", "steps")
+        uri = loaded.info["uri"]
+        key = (uri, opts, labels is None)
+        return Job(key, uri, opts, seeds, labels, received,
+                   {"model": loaded.info["name"], "version": loaded.info["version"],
+                    "resolution": res})
+
+    # ------------------------------------------------------------------ batching
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)
+    async def _run_batch(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.key, []).append(i)
+        results: list[dict[str, Any]] = [{} for _ in jobs]
+        for idx in groups.values():
+            for chunk in self._chunks([jobs[i] for i in idx], idx):
+                try:
+                    await self._run_group(jobs, chunk, results)
+                except ValueError as exc:  # a setting the checks did not catch
+                    for i in chunk:
+                        results[i] = ServiceError(422, str(exc), _field_of(str(exc))).as_dict()
+                except Exception as exc:
+                    log.exception("generate failed")
+                    for i in chunk:
+                        results[i] = ServiceError(500, f"{type(exc).__name__}: {exc}").as_dict()
+        return results
+
+    def _chunks(self, group: list[Job], idx: list[int]) -> list[list[int]]:
+        """Split a compatible group so that each generate call stays under the caps."""
+        model = self.models[group[0].uri].model
+        chunks, cur, n = [], [], 0
+        for job, i in zip(group, idx, strict=True):
+            k = len(job.seeds)
+            need = memory_estimate_bytes(model, n_images=n + k, resolution=job.extra["resolution"],
+                                         cfg_scale=job.opts.cfg_scale, upscale=job.opts.upscale)
+            if cur and need > self.memory_cap_bytes:
+                chunks.append(cur)
+                cur, n = [], 0
+            cur.append(i)
+            n += k
+        return chunks + [cur]
+
+    async def _run_group(self, jobs: list[Job], chunk: list[int],
+                         results: list[dict[str, Any]]) -> None:
+        first = jobs[chunk[0]]
+        loaded = self.models[first.uri]
+        seeds = [s for i in chunk for s in jobs[i].seeds]
+        labels = None if first.labels is None else [c for i in chunk for c in jobs[i].labels]
+        start = time.perf_counter()
+        o = first.opts
+        images = await asyncio.to_thread(
+            generate, loaded.model, seeds=seeds, steps=o.steps, sampler=o.sampler, eta=o.eta,
+            class_labels=labels, cfg_scale=o.cfg_scale, resolution=o.resolution,
+            upscale=o.upscale, ug_theta=o.ug_theta, ug_eta=o.ug_eta, ug_order=o.ug_order,
+            schedule=o.schedule, time_aware=o.time_aware, device=self.device)
+        done = time.perf_counter()
+        arr = to_uint8(images).numpy()  # (N, H, W, C)
+        self.batches[len(seeds)] += 1
+        pos = 0
+        for i in chunk:
+            job, k = jobs[i], len(jobs[i].seeds)
+            results[i] = {
+                "images": arr[pos:pos + k], "seeds": job.seeds, "labels": job.labels,
+                "model": job.extra["model"], "model_version": job.extra["version"],
+                "resolution": job.extra["resolution"], "batch_requests": len(chunk),
+                "batch_images": len(seeds),
+                "timings": {"queue_s": start - job.received, "generate_s": done - start,
+                            "total_s": done - job.received},
+            }
+            pos += k

@@ -1,0 +1,214 @@
+"""The served sampler over real HTTP: a real Ray Serve application on CPU with the debug UNet.
+
+Serve starts once for the module (``serving.launch``, the same code path as ``prism serve``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import schemathesis
+import torch
+from hypothesis import HealthCheck, settings
+from PIL import Image
+
+from components.networks.registry import preset_kwargs
+from training.artifacts import save_model
+
+pytestmark = pytest.mark.ray
+STEPS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def debug_model_dir(path, num_classes: int = 4, seed: int = 0):
+    """A unet-debug model directory (random weights; the zero head re-drawn so that the
+    x0-predictions, hence the images, are not constant)."""
+    from components.networks.registry import build_network
+
+    torch.manual_seed(seed)
+    kwargs = dict(preset_kwargs("unet-debug")[1], num_classes=num_classes)
+    net = build_network("unet-debug", num_classes=num_classes)
+    for p in net.parameters():
+        if p.ndim > 1 and not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    return save_model(path, net, family="unet", net_kwargs=kwargs, prediction="x0", n_cond=1,
+                      resolution=16, in_channels=3, num_classes=num_classes,
+                      schedule_name="cosine", schedule_kwargs={})
+
+
+def test_config(model_uri: str, port: int, tracking_uri: str, **args) -> dict:
+    """The shipped config, made small for a 2-core box (one replica, half a CPU)."""
+    from serving.launch import apply_overrides, load_config
+
+    cfg = load_config(model=model_uri, port=port, user_config={
+        "max_batch_size": 32, "batch_wait_timeout_s": 0.25, "max_image_steps": 256,
+        "memory_cap_bytes": 256 * 2**20})
+    cfg = apply_overrides(cfg, args=args)
+    for dep in cfg["applications"][0]["deployments"]:
+        if dep["name"] == "Sampler":
+            dep.pop("autoscaling_config", None)
+            dep["num_replicas"] = 1
+            dep["ray_actor_options"] = {"num_cpus": 0.5, "runtime_env": {"env_vars": {
+                "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1"}}}
+    return cfg
+
+
+test_config.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, tmp_path_factory):
+    from ray import serve
+
+    from serving.launch import start, stop, wait_ready
+
+    tmp = tmp_path_factory.mktemp("serve")
+    model_dir = debug_model_dir(tmp / "model")
+    cfg = test_config(str(model_dir), _free_port(), f"sqlite:///{tmp / 'mlflow.db'}")
+    url = start(cfg)
+    wait_ready(url, timeout_s=120)
+    yield {"url": url, "cfg": cfg, "model_dir": model_dir, "serve": serve}
+    stop()
+
+
+def post(url: str, **body) -> requests.Response:
+    return requests.post(f"{url}/v1/generate", json=body, timeout=120)
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+# --------------------------------------------------------------------------- behaviour
+
+
+def test_health_models_docs(service):
+    url = service["url"]
+    assert requests.get(f"{url}/healthz", timeout=10).json()["ready"] is True
+    models = requests.get(f"{url}/v1/models", timeout=10).json()["models"]
+    assert models[0]["resolution"] == 16 and models[0]["loaded"] and models[0]["version"]
+    assert "swagger" in requests.get(f"{url}/docs", timeout=10).text.lower()
+    assert "/v1/generate" in requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+
+
+def test_single_request_json_png_grid(service):
+    url = service["url"]
+    r = post(url, num_images=2, seed=7, steps=STEPS, class_labels=1)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["seeds"] == [7, 8] and body["resolution"] == 16 and body["batch_images"] >= 2
+    imgs = [decode(im["png_base64"]) for im in body["images"]]
+    assert imgs[0].shape == (16, 16, 3) and not np.array_equal(imgs[0], imgs[1])
+    assert set(body["timings"]) == {"queue_s", "generate_s", "total_s"}
+    png = post(url, num_images=1, seed=7, steps=STEPS, class_labels=1, format="png")
+    assert png.headers["content-type"] == "image/png" and png.headers["X-Seeds"] == "7"
+    alone = np.asarray(Image.open(io.BytesIO(png.content))).astype(int)
+    assert np.abs(alone - imgs[0]).max() <= 1  # batch of 2 vs 1: float numerics ~1e-5
+    grid = post(url, num_images=4, seed=0, steps=STEPS, format="grid")
+    assert Image.open(io.BytesIO(grid.content)).size == (2 * 18 + 2, 2 * 18 + 2)
+
+
+def test_concurrent_requests_are_batched_and_seeds_reproducible(service):
+    url = service["url"]
+    alone = post(url, seeds=[1234], steps=STEPS, sampler="ddim", eta=0.5)
+    assert alone.status_code == 200 and alone.json()["batch_images"] == 1
+    seeds = [1234] + list(range(100, 131))  # 32 requests, one of them the seed above
+    with ThreadPoolExecutor(32) as pool:
+        res = list(pool.map(lambda s: post(url, seeds=[s], steps=STEPS, sampler="ddim",
+                                           eta=0.5), seeds))
+    assert all(r.status_code == 200 for r in res), [r.text for r in res if r.status_code != 200]
+    sizes = [r.json()["batch_images"] for r in res]
+    assert max(sizes) > 1, sizes
+    in_batch = res[0].json()
+    a = decode(alone.json()["images"][0]["png_base64"]).astype(int)
+    b = decode(in_batch["images"][0]["png_base64"]).astype(int)
+    assert np.abs(a - b).max() <= 1  # float batch numerics (~1e-5) may flip one 8-bit level
+    assert (a == b).mean() > 0.99
+    stats = requests.get(f"{url}/v1/stats", timeout=10).json()["images_per_batch"]
+    assert any(int(k) > 1 for k in stats)
+
+
+def test_upsample_guidance_and_cascade_return_2x(service):
+    url = service["url"]
+    for upscale in ("ug", "cascade"):
+        r = post(url, num_images=1, seed=3, steps=STEPS, resolution=32, upscale=upscale,
+                 ug_eta=0.5)
+        assert r.status_code == 200, r.text
+        assert decode(r.json()["images"][0]["png_base64"]).shape == (32, 32, 3)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"steps": -1}, "steps"),
+    ({"sampler": "euler"}, "sampler"),
+    ({"resolution": 24}, "resolution"),
+    ({"num_images": 65}, "num_images"),
+    ({"cfg_scale": 50.0}, "cfg_scale"),
+    ({"class_labels": [9]}, "class_labels"),
+    ({"cfg_scale": 2.0}, "cfg_scale"),  # CFG without labels
+    ({"bogus": 1}, "bogus"),
+])
+def test_invalid_values_get_422_naming_the_field(service, body, field):
+    r = post(service["url"], **{"steps": STEPS, **body})
+    assert r.status_code == 422, r.text
+    assert field in r.text
+
+
+def test_malformed_json_unknown_model_and_caps(service):
+    url = service["url"]
+    r = requests.post(f"{url}/v1/generate", data=b"{not json", timeout=10,
+                      headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500
+    r = post(url, model="no-such-model@prod", steps=STEPS)
+    assert r.status_code == 404 and "no-such-model" in r.text
+    r = post(url, num_images=32, seed=0, steps=8, resolution=16 * 16)  # refused before running
+    assert r.status_code == 413 and "cap" in r.text
+    r = post(url, num_images=64, steps=100)
+    assert r.status_code == 413 and "image-steps" in r.text
+
+
+def test_model_still_loading_gives_503(service, tmp_path):
+    from serving.launch import build_from_config
+
+    serve = service["serve"]
+    cfg = test_config(str(service["model_dir"]), 0, "sqlite:///:memory:", load_delay_s=600)
+    serve.run(build_from_config(cfg), name="slow", route_prefix="/slow")
+    try:
+        base = service["url"].rstrip("/") + "/slow"
+        assert requests.get(f"{base}/healthz", timeout=10).status_code == 503
+        r = post(base, steps=STEPS)
+        assert r.status_code == 503 and "loading" in r.text
+    finally:
+        serve.delete("slow")
+
+
+# --------------------------------------------------------------------------- fuzz
+
+
+@pytest.fixture
+def api_schema(service):
+    return schemathesis.openapi.from_url(f"{service['url']}/openapi.json")
+
+
+fuzz_schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@fuzz_schema.parametrize()
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_input_gives_a_server_error(case, service):
+    """Property: whatever the schema-shaped (or malformed) input, the answer is never 5xx."""
+    r = case.call(base_url=service["url"], timeout=120)
+    assert r.status_code < 500, (case.method, case.path, case.body, r.status_code, r.text[:500])
