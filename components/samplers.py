@@ -151,14 +151,16 @@ def sample_ddpm(
 def sample_dpmpp_2m(
     denoiser: Denoiser, x_init: Tensor, lambdas: Tensor, cond: Cond | None = None,
     generators: Sequence[torch.Generator] | None = None, clip_denoised: bool = False,
-    denoise_final: bool = True, callback: Callback | None = None,
+    denoise_final: bool = True, callback: Callback | None = None, lower_order_final: bool = True,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep second order.
 
     In DPM-Solver's half-log-SNR ``l = lambda / 2``, step ``h = l_t - l_s``:
     ``x_t = (sigma_t / sigma_s) x_s - alpha_t expm1(-h) D``, with ``D = x0_hat_s`` on the
     first step and ``D = (1 + 1/(2 q)) x0_hat_s - 1/(2 q) x0_hat_prev``, ``q = h_prev / h``,
-    afterwards. Deterministic (``generators`` unused, kept for the common signature).
+    afterwards; ``lower_order_final``: first order on the last step (stabler on grids whose
+    last step is much longer than the previous one, as uniform-t cosine grids at t -> 0).
+    Deterministic (``generators`` unused, kept for the common signature).
     """
     del generators
     cond = cond if cond is not None else Cond()
@@ -169,8 +171,9 @@ def sample_dpmpp_2m(
         (_, s_s), (a_t, s_t) = alpha_sigma(ls), alpha_sigma(lt)
         h = 0.5 * (lt - ls)  # (B,)
         x0 = _x0(denoiser, x, ls, cond, clip_denoised)
-        if x0_prev is None:
-            d = x0  # first order (DDIM) on the first step
+        last = i == lams.shape[0] - 2
+        if x0_prev is None or (lower_order_final and last):
+            d = x0  # first order (DDIM) on the first (and optionally the last) step
         else:
             q = h_prev / h
             d = _coef(1 + 0.5 / q, x) * x0 - _coef(0.5 / q, x) * x0_prev
