@@ -147,6 +147,7 @@ class ShardData:
             self.dataset, batch_size=None, num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=self.cfg.data.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.cfg.run.seed),  # not the global RNG
         )
         return iter(loader)
 

@@ -88,8 +88,8 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
             group["lr"] = lr
         for a in range(accum):  # gradient accumulation; DDP syncs on the last micro-step
             slot = ctx.rank * accum + a
-            torch.manual_seed(parts.step_seed(cfg.run.seed, step, slot))
             batch = data.batch(step, slot)
+            torch.manual_seed(parts.step_seed(cfg.run.seed, step, slot))  # after the data
             if channels_last:
                 batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
             no_sync = ddp.no_sync() if ddp is not None and a < accum - 1 \

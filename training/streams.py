@@ -16,67 +16,26 @@ each batch carries the position after it, so the trainer knows where every strea
 from __future__ import annotations
 
 import io
-import tarfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
-
-
 # --------------------------------------------------------------------------- shard access
 
 
 def list_shard_urls(url: str) -> list[str]:
-    """Shards under a directory, glob or ``s3://`` prefix (``pipelines.shards`` if present)."""
-    try:
-        from pipelines.shards import list_shards
-    except ImportError:
-        list_shards = None
-    if list_shards is not None:
-        shards = [str(s) for s in list_shards(url)]
-    else:  # local fallback: *.tar, *.tar.gz, *.tgz in a directory
-        root = Path(url)
-        shards = sorted(str(p) for p in root.iterdir()
-                        if p.name.endswith((".tar", ".tar.gz", ".tgz"))) if root.is_dir() else []
-    if not shards:
-        raise FileNotFoundError(f"data.url {url!r}: no WebDataset shards found")
-    return sorted(shards)
+    """Shards under a local directory or ``s3://`` prefix (``pipelines.shards``), sorted."""
+    from pipelines.shards import list_shards
 
-
-def _decode_local(path: str) -> Iterator[dict[str, Any]]:
-    from PIL import Image
-
-    groups: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
-    with tarfile.open(path, "r:*") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            if key not in groups:
-                groups[key], _ = {}, order.append(key)
-            groups[key][ext.lower()] = tar.extractfile(m).read()  # type: ignore[union-attr]
-    for key in order:
-        g = groups[key]
-        ext = next((e for e in IMAGE_EXTS if e in g), None)
-        if ext is None:
-            continue
-        img = np.asarray(Image.open(io.BytesIO(g[ext])).convert("RGB"))
-        label = int(g["cls"].decode().strip()) if "cls" in g else -1
-        yield {"key": key, "image": img, "label": label}
+    return sorted(str(s) for s in list_shards(url))
 
 
 def read_shard(url: str) -> list[dict[str, Any]]:
     """All samples of one shard as dicts (key, image uint8 HWC, label)."""
-    try:
-        from pipelines.shards import iter_samples
-    except ImportError:
-        return list(_decode_local(url))
+    from pipelines.shards import iter_samples
+
     return list(iter_samples(url))
 
 
@@ -88,7 +47,18 @@ def load_spectral_params(path: str) -> dict[str, np.ndarray]:
 
     from components.spectral_schedules import PARAM_NAMES
 
-    table = pq.read_table(path, columns=["key", *PARAM_NAMES])
+    columns = ["key", *PARAM_NAMES]
+    if path.startswith("s3://"):
+        import pyarrow as pa
+
+        from pipelines import storage
+
+        files = storage.list_files(path, (".parquet",)) if not path.endswith(".parquet") \
+            else [path]
+        table = pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(f)),
+                                                columns=columns) for f in files])
+    else:
+        table = pq.read_table(path, columns=columns)
     keys = table.column("key").to_pylist()
     cols = np.stack([table.column(c).to_numpy() for c in PARAM_NAMES], axis=1)
     return {k: row.astype(np.float32) for k, row in zip(keys, cols, strict=True)}

@@ -1,0 +1,117 @@
+"""The training loop on CPU: golden loss curve, exact resume on sharded data, configs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_helpers import debug_config, losses, write_shards  # noqa: E402
+
+from training.config import ConfigError, config_from_dict, load_config  # noqa: E402
+from training.launch import run_local  # noqa: E402
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "train_debug_loss.json"
+
+
+def _golden_run(out: Path) -> list[float]:
+    run_local(debug_config(out))
+    return losses(out / "debug")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: faster on a shared 2-core machine, and the golden's setting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory) -> list[float]:
+    return _golden_run(tmp_path_factory.mktemp("golden"))
+
+
+def test_debug_preset_loss_decreases_and_matches_golden(debug_run):
+    assert len(debug_run) == 20  # 160 images at batch 8, one record per step
+    first, last = sum(debug_run[:5]) / 5, sum(debug_run[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    golden = json.loads(GOLDEN.read_text())
+    assert debug_run == pytest.approx(golden["losses"], abs=2e-3, rel=2e-3)
+
+
+def _shard_cfg(out: Path, shards: Path, total: int):
+    return debug_config(out, "data.source=shards", f"data.url={shards}", "data.num_workers=2",
+                        "train.batch_size=8", f"train.total_images={total}",
+                        "train.log_every_images=8", "checkpoint.every_images=40",
+                        "checkpoint.keep_last=2", "run.name=resume")
+
+
+def test_resume_is_exact_on_shards(tmp_path):
+    shards = tmp_path / "shards"
+    write_shards(shards, [7, 3, 12, 5, 9])  # uneven: 36 images in 5 shards
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_local(_shard_cfg(straight, shards, 160))  # 20 steps
+    run_local(_shard_cfg(split, shards, 80))  # 10 steps, stop
+    assert (split / "resume" / "checkpoints" / "step-00000010").is_dir()
+    run_local(_shard_cfg(split, shards, 160))  # same name: resumes at step 10
+    a = straight / "resume" / "checkpoints" / "step-00000020"
+    b = split / "resume" / "checkpoints" / "step-00000020"
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=f"{name}:{k}")
+    assert losses(split / "resume") == pytest.approx(losses(straight / "resume"), abs=1e-6)
+    sa = json.loads((a / "state.json").read_text())["data"]
+    sb = json.loads((b / "state.json").read_text())["data"]
+    assert sa == sb and sa[0]["batches"] == 20  # the data position continued
+
+
+@pytest.mark.parametrize("sets, field", [
+    (["objective.prediction=epsilon"], "objective.prediction"),
+    (["optim.lr=-1"], "optim.lr"),
+    (["train.batch_size=0"], "train.batch_size"),
+    (["optim.bogus=1"], "optim.bogus"),
+    (["data.source=shards"], "data.url"),
+    (["run.name=has space"], "run.name"),
+])
+def test_bad_config_fails_at_load_naming_the_field(tmp_path, sets, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        debug_config(tmp_path, *sets)
+
+
+def test_config_consistency_errors_are_clear():
+    with pytest.raises(ConfigError, match="divisible by train.grad_accum"):
+        config_from_dict({"train": {"batch_size": 10, "grad_accum": 3}})
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent.yaml")
+
+
+def test_shipped_configs_load():
+    root = Path(__file__).resolve().parents[1] / "training" / "configs"
+    names = sorted(p.name for p in root.glob("*.yaml"))
+    assert {"debug.yaml", "cifar10-ddpm-eps.yaml", "cifar10-ddpm-x0.yaml",
+            "unet-64.yaml"} <= set(names)
+    for p in root.glob("*.yaml"):
+        load_config(p)
+
+
+if __name__ == "__main__":  # regenerate the golden curve: python tests/test_train_loop.py
+    import tempfile
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        first, second = _golden_run(Path(a)), _golden_run(Path(b))
+    assert first == second, "the debug run is not deterministic"
+    GOLDEN.write_text(json.dumps({"config": "training/configs/debug.yaml",
+                                  "overrides": ["tracking.enabled=false",
+                                                "sampling.num_images=0"],
+                                  "torch": torch.__version__, "losses": first}, indent=1) + "\n")
+    print(f"wrote {GOLDEN}: {first}")
