@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import scipy.fft
 import torch
 
 Array = np.ndarray | torch.Tensor
@@ -105,26 +106,40 @@ def _check_planes(x: Array) -> None:
 # --------------------------------------------------------------------------- spectra
 
 
-def power_half(x: Array) -> Array:
-    """|rfft2(x, ortho)|^2 flattened: (..., H, W) -> (..., H * (W // 2 + 1))."""
-    _check_planes(x)
+def _rfft2(x: Array) -> Array:
+    """Orthonormal rfft2 over the last two axes; single precision stays single (NumPy)."""
     if isinstance(x, torch.Tensor):
         if not x.is_floating_point():
             raise TypeError(f"RAPSD needs a float tensor, got {x.dtype}")
-        f = torch.fft.rfft2(x.to(torch.promote_types(x.dtype, torch.float32)), norm="ortho")
-        p = f.real.square() + f.imag.square()
-    else:
-        if not np.issubdtype(x.dtype, np.floating):
-            raise TypeError(f"RAPSD needs a float array, got {x.dtype}")
-        f = np.fft.rfft2(x.astype(np.float64, copy=False), norm="ortho")
-        p = f.real**2 + f.imag**2
+        return torch.fft.rfft2(x.to(torch.promote_types(x.dtype, torch.float32)), norm="ortho")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"RAPSD needs a float array, got {x.dtype}")
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    return scipy.fft.rfft2(x, norm="ortho", workers=1)
+
+
+def _abs2(f: Array) -> Array:
+    return f.real.square() + f.imag.square() if isinstance(f, torch.Tensor) else \
+        f.real**2 + f.imag**2
+
+
+def power_half(x: Array) -> Array:
+    """|rfft2(x, ortho)|^2 flattened: (..., H, W) -> (..., H * (W // 2 + 1))."""
+    _check_planes(x)
+    p = _abs2(_rfft2(x))
     return p.reshape(*p.shape[:-2], -1)
 
 
 def _matmul(p: Array, m: np.ndarray) -> Array:
+    """(..., K) @ (K, M) -> (..., M), as one 2-D matrix product."""
+    lead = p.shape[:-1]
+    flat = p.reshape(-1, p.shape[-1])
     if isinstance(p, torch.Tensor):
-        return p @ torch.as_tensor(m, dtype=p.dtype, device=p.device)
-    return p @ m
+        out = flat @ torch.as_tensor(m, dtype=p.dtype, device=p.device)
+    else:
+        out = flat @ m.astype(p.dtype, copy=False)
+    return out.reshape(*lead, m.shape[1])
 
 
 def rapsd(x: Array) -> Array:
@@ -229,21 +244,24 @@ def image_statistics(images: Array, params: SpectraParams | None = None) -> dict
     p = params or SpectraParams()
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"image_statistics needs (B, 3, H, W), got {tuple(images.shape)}")
-    lib = torch if isinstance(images, torch.Tensor) else np
-    planes = lib.concatenate([luminance(images)[:, None], images], axis=1) if lib is np else \
-        torch.cat([luminance(images)[:, None], images], dim=1)  # (B, 4, H, W)
-    h, w = planes.shape[-2:]
-    avg, oct_sum, dc = _bin_matrices(h, w)
-    ph = power_half(planes)  # (B, 4, h*wr)
-    spec = _matmul(ph, avg)  # (B, 4, n_bins)
-    lum = spec[:, 0]
+    _check_planes(images)
+    h, w = images.shape[-2:]
+    avg, oct_sum, _ = _bin_matrices(h, w)
+    # the DFT is linear: the luminance spectrum is the luma mix of the channel spectra,
+    # so three FFTs serve four planes
+    f_rgb = _rfft2(images)  # (B, 3, H, W // 2 + 1) complex
+    f_lum = LUMA_REC601[0] * f_rgb[:, 0] + LUMA_REC601[1] * f_rgb[:, 1] \
+        + LUMA_REC601[2] * f_rgb[:, 2]  # (B, H, W // 2 + 1)
+    p_lum = _abs2(f_lum).reshape(f_lum.shape[0], -1)  # (B, h*wr)
+    p_rgb = _abs2(f_rgb).reshape(*f_rgb.shape[:2], -1)  # (B, 3, h*wr)
+    lum = _matmul(p_lum, avg)  # (B, n_bins)
     log_a, beta, res = power_law_fit(lum, p.fit_f_lo, p.fit_f_hi)
     lam_min, lam_max = schedule_bounds(lum, p.eps_lo, p.eps_hi, p.min_span)
     return {
         "lum_rapsd": lum,
-        "rgb_rapsd": spec[:, 1:],
-        "dc_power": _matmul(ph[:, 0], dc[:, None])[:, 0],
-        "octave_energy": _matmul(ph[:, 0], oct_sum),
+        "rgb_rapsd": _matmul(p_rgb, avg),
+        "dc_power": p_lum[:, 0],  # the (0, 0) frequency is the first rfft2 entry
+        "octave_energy": _matmul(p_lum, oct_sum),
         "log_A": log_a,
         "beta": beta,
         "fit_residual": res,

@@ -1,0 +1,124 @@
+"""Data-pipeline throughput: decode vs decode + per-image spectral statistics, and Ray scaling.
+
+    python benchmarks/spectra_throughput.py            # CIFAR-10 test + Tiny-ImageNet val
+    python benchmarks/spectra_throughput.py --smoke    # generated images, < 1 minute
+
+For each image size: (a) images/s of decoding the shards only, (b) images/s of decoding plus
+the full per-image statistics (``shard_statistics``), one process (= per core); then the Ray
+job (``run_spectra``) with 1 and 2 tasks in flight on the same shards, and the speed-up.
+Targets: (b) >= 0.8 (a); speed-up >= 1.7. Results as JSON in $OUT (default ./outputs/bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipelines.config import IngestConfig, SpectraJobConfig
+from pipelines.ingest import ingest
+from pipelines.shards import decode_rgb, iter_records, list_shards
+from pipelines.spectra_job import run_spectra, shard_statistics, spectra_params
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _generated(root: Path, n: int, size: int) -> str:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            root / f"{i}.jpg", quality=75)
+    return str(root)
+
+
+def _best_rate(fn, shards: list[str], repeats: int) -> float:
+    """Images per second of fn over all shards, best of ``repeats`` passes."""
+    best = 0.0
+    for _ in range(repeats):
+        t0, n = time.perf_counter(), 0
+        for s in shards:
+            n += fn(s)
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+def _decode_only(shard: str) -> int:
+    return sum(1 for r in iter_records(shard) if decode_rgb(r["data"]) is not None)
+
+
+def bench_size(name: str, src: str, work: Path, shard_size: int, repeats: int,
+               ray_runs: bool) -> dict:
+    shards_dir = work / f"{name}-shards"
+    t0 = time.perf_counter()
+    r = ingest(src, str(shards_dir), IngestConfig(shard_size=shard_size), log=lambda _: None)
+    ingest_s = time.perf_counter() - t0
+    shards = list_shards(str(shards_dir))
+    params = spectra_params(SpectraJobConfig())
+    decode = _best_rate(_decode_only, shards, repeats)
+    full = _best_rate(lambda s: shard_statistics(s, params).num_rows, shards, repeats)
+    out = {"images": r.written, "shards": len(shards), "ingest_wall_s": ingest_s,
+           "decode_images_per_s_per_core": decode, "full_images_per_s_per_core": full,
+           "full_over_decode": full / decode}
+    if ray_runs:
+        walls = {}
+        for workers in (1, 2):
+            res = run_spectra(str(shards_dir), str(work / f"{name}-stats-{workers}"),
+                              SpectraJobConfig(workers=workers), progress=False, summary=False)
+            walls[workers] = res["wall_s"]
+        out |= {"ray_wall_s_1": walls[1], "ray_wall_s_2": walls[2],
+                "ray_speedup_1_to_2": walls[1] / walls[2]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny generated corpus")
+    ap.add_argument("--no-ray", action="store_true", help="skip the Ray scaling runs")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    ray_runs = not args.no_ray
+    if ray_runs:
+        try:
+            import ray
+
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+            run_warm = ray.remote(lambda: 0)  # start the workers before timing
+            ray.get([run_warm.remote() for _ in range(4)])
+        except ImportError:
+            ray_runs = False
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="prism-bench-") as tmp:
+        work = Path(tmp)
+        if args.smoke:
+            cases = {"32x32": (_generated(work / "g32", 400, 32), 100),
+                     "64x64": (_generated(work / "g64", 200, 64), 50)}
+        else:
+            cases = {"32x32": (str(SHARED / "cifar10" / "test.tar"), 1250),
+                     "64x64": (str(SHARED / "tinyimagenet64" / "val.tar"), 1250)}
+        for size, (src, shard_size) in cases.items():
+            results[size] = bench_size(size.split("x")[0], src, work, shard_size,
+                                       1 if args.smoke else args.repeats, ray_runs)
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
+              "cpus": os.cpu_count(), "smoke": args.smoke, "results": results}
+    out_dir = Path(os.environ.get("OUT", "outputs/bench"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "spectra_throughput.json").write_text(json.dumps(report, indent=1))
+    print(f"{'size':>6} {'images':>7} {'decode/s/core':>14} {'full/s/core':>12} {'ratio':>6}"
+          f" {'ray 1->2':>8}")
+    for size, r in results.items():
+        print(f"{size:>6} {r['images']:>7} {r['decode_images_per_s_per_core']:>14.0f} "
+              f"{r['full_images_per_s_per_core']:>12.0f} {r['full_over_decode']:>6.2f} "
+              f"{r.get('ray_speedup_1_to_2', float('nan')):>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
