@@ -9,13 +9,15 @@ import base64
 import io
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import schemathesis
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from components.networks.registry import preset_kwargs
@@ -75,10 +77,12 @@ def service(ray_local, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("serve")
     model_dir = debug_model_dir(tmp / "model")
-    cfg = test_config(str(model_dir), _free_port(), f"sqlite:///{tmp / 'mlflow.db'}")
+    tracking = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = test_config(str(model_dir), _free_port(), tracking)
     url = start(cfg)
     wait_ready(url, timeout_s=120)
-    yield {"url": url, "cfg": cfg, "model_dir": model_dir, "serve": serve}
+    yield {"url": url, "cfg": cfg, "model_dir": model_dir, "serve": serve, "tmp": tmp,
+           "tracking": tracking}
     stop()
 
 
@@ -148,6 +152,38 @@ def test_upsample_guidance_and_cascade_return_2x(service):
         assert decode(r.json()["images"][0]["png_base64"]).shape == (32, 32, 3)
 
 
+@pytest.mark.slow  # about 60 s: training + MLflow store creation
+def test_registry_path_train_register_serve_by_alias(service, monkeypatch):
+    """Train the debug preset with MLflow tracking (real SQLite store), which registers it;
+    then the running service loads it by alias from the registry and samples it."""
+    import mlflow
+
+    from training.config import load_config
+    from training.loop import train
+    from training.tracking import MLflowLogger
+
+    tmp, uri = service["tmp"], service["tracking"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("prism-serve-test", artifact_location=str(tmp / "artifacts"))
+    cfg = load_config(Path("training/configs/debug.yaml"), [
+        f"run.output_dir={tmp / 'runs'}", "run.project=prism-serve-test", "sampling.num_images=0",
+        f"tracking.uri={uri}", "tracking.register_name=prism-debug", "tracking.alias=champion",
+        "tracking.system_metrics=false"])
+    logger = MLflowLogger()
+    train(cfg, callbacks=[logger])
+    assert logger.version == "1"
+    r = post(service["url"], model="prism-debug@champion", seeds=[5, 6], steps=STEPS,
+             class_labels=[0, 3])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "prism-debug" and body["model_version"] == "1"
+    assert decode(body["images"][0]["png_base64"]).shape == (16, 16, 3)
+    models = requests.get(f"{service['url']}/v1/models", timeout=10).json()["models"]
+    assert any(m["name"] == "prism-debug" and m["version"] == "1" for m in models)
+    assert post(service["url"], model="prism-debug@nosuch", steps=STEPS).status_code == 404
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -180,6 +216,7 @@ def test_malformed_json_unknown_model_and_caps(service):
     assert r.status_code == 413 and "image-steps" in r.text
 
 
+@pytest.mark.slow  # about 25 s: deploys a second application
 def test_model_still_loading_gives_503(service, tmp_path):
     from serving.launch import build_from_config
 
@@ -198,17 +235,51 @@ def test_model_still_loading_gives_503(service, tmp_path):
 # --------------------------------------------------------------------------- fuzz
 
 
-@pytest.fixture
-def api_schema(service):
-    return schemathesis.openapi.from_url(f"{service['url']}/openapi.json")
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_no_input_gives_a_server_error(service, mode):
+    """Property (schemathesis + hypothesis over the live OpenAPI schema): whatever the
+    schema-shaped (positive) or schema-violating (negative) input, the answer is never 5xx."""
+    url = service["url"]
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    ops = [r.ok() for r in schema.get_all_operations()]
+    assert {op.path for op in ops} >= {"/v1/generate", "/healthz", "/v1/models"}
+    for op in ops:
+        if mode == "negative" and op.method.upper() != "POST":
+            continue  # parameterless GETs have no invalid inputs
+        strategy = op.as_strategy(generation_mode=schemathesis.GenerationMode(mode))
+        examples = 40 if op.path == "/v1/generate" else 3
+
+        @given(case=strategy)
+        @settings(max_examples=examples, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def check(case):
+            r = case.call(base_url=url, timeout=120)
+            assert r.status_code < 500, (case.method, case.path, case.body, r.status_code,
+                                         r.text[:500])
+
+        check()
 
 
-fuzz_schema = schemathesis.pytest.from_fixture("api_schema")
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids,
+                                                              max_size=4), max_leaves=12)
+fields = st.sampled_from(["num_images", "seeds", "seed", "steps", "sampler", "eta", "schedule",
+                          "cfg_scale", "class_labels", "resolution", "upscale", "ug_theta",
+                          "ug_eta", "ug_order", "time_aware", "format", "model"])
 
 
-@fuzz_schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_input_gives_a_server_error(case, service):
-    """Property: whatever the schema-shaped (or malformed) input, the answer is never 5xx."""
-    r = case.call(base_url=service["url"], timeout=120)
-    assert r.status_code < 500, (case.method, case.path, case.body, r.status_code, r.text[:500])
+def test_arbitrary_json_bodies_never_give_5xx(service):
+    """Property: any JSON object over the request's field names (any types) or raw bytes."""
+    url = service["url"]
+
+    @given(body=st.dictionaries(fields, json_values, max_size=6) | st.binary(max_size=40))
+    @settings(max_examples=60, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    def check(body):
+        kw = {"data": body} if isinstance(body, bytes) else {"json": {"steps": 2, **body}}
+        r = requests.post(f"{url}/v1/generate", timeout=120,
+                          headers={"content-type": "application/json"}, **kw)
+        assert r.status_code < 500, (body, r.status_code, r.text[:500])
+
+    check()
