@@ -1,0 +1,253 @@
+"""Serving load test: the service against the offline sampler, and the cost of upsample guidance.
+
+    python benchmarks/serve_load.py                       # debug model, Serve in-process
+    python benchmarks/serve_load.py --model DIR_OR_URI    # a real model
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000   # a running service
+    python benchmarks/serve_load.py --smoke               # tiny, offline parts only (<1 min)
+
+1. Offline: ``generate`` throughput (images/s) at batch sizes 1, 8 and 32.
+2. Service (Ray Serve in this process, or ``--url``; skipped where ray is not installed):
+   requests/s and p50/p99 latency at concurrency 1, 8 and 32, one image per request, and the
+   ratio to offline throughput at the same batch size (target >= 0.8 at concurrency 32).
+3. Upsample guidance, eta = 0.5, m = 2, against plain sampling at the same output resolution
+   (2 x native): the paper's bound on the extra cost is eta / m^2 = 12.5% (target: within 2
+   points of it). The exact extra pixel fraction of the active steps is printed beside it.
+On GPU: CUDA, bf16 autocast and ``torch.compile`` of the backbone. Results: JSON in $OUT
+(default ./outputs/bench), a table printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from components.generate import GenerativeModel, generate  # noqa: E402
+from components.networks.registry import build_network, preset_kwargs  # noqa: E402
+from components.schedules import CosineSchedule  # noqa: E402
+
+
+def debug_model(directory: Path | None = None) -> tuple[GenerativeModel, str | None]:
+    """unet-debug with random weights (head re-drawn: zero heads make constant images);
+    saved as a model directory when ``directory`` is given (for the service)."""
+    torch.manual_seed(0)
+    net = build_network("unet-debug", num_classes=4).eval()
+    for p in net.parameters():
+        if p.ndim > 1 and not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    model = GenerativeModel(net=net, prediction="x0", n_cond=1, resolution=16, in_channels=3,
+                            num_classes=4, schedule=CosineSchedule())
+    if directory is None:
+        return model, None
+    from training.artifacts import save_model
+
+    save_model(directory, net, family="unet", net_kwargs=dict(preset_kwargs("unet-debug")[1],
+               num_classes=4), prediction="x0", n_cond=1, resolution=16, in_channels=3,
+               num_classes=4, schedule_name="cosine", schedule_kwargs={})
+    return model, str(directory)
+
+
+def timed(fn, repeats: int, cuda: bool) -> float:
+    """Median wall time (s) of ``fn()`` over ``repeats`` runs, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def offline(model: GenerativeModel, batches: list[int], steps: int, repeats: int, device: str,
+            autocast) -> dict[int, float]:
+    """images/s of ``generate`` at each batch size."""
+    out = {}
+    for b in batches:
+        def run(b: int = b) -> None:
+            with autocast():
+                generate(model, seeds=list(range(b)), steps=steps, device=device)
+        out[b] = b / timed(run, repeats, device == "cuda")
+    return out
+
+
+def ug_cost(model: GenerativeModel, batch: int, steps: int, repeats: int, device: str,
+            autocast, eta: float = 0.5, m: int = 2) -> dict[str, float]:
+    """Extra time of upsample guidance over plain sampling at m x native."""
+    res = model.resolution * m
+    kw = dict(seeds=list(range(batch)), steps=steps, resolution=res, device=device)
+
+    def plain() -> None:
+        with autocast():
+            generate(model, ug_theta=0.0, **kw)
+
+    def ug() -> None:
+        with autocast():
+            generate(model, ug_theta=1.3, ug_eta=eta, **kw)
+
+    t_plain, t_ug = timed(plain, repeats, device == "cuda"), timed(ug, repeats, device == "cuda")
+    # evaluations with UG active: grid points with lambda <= lambda(1 - eta) (+ final denoise)
+    from components.samplers import lambda_grid
+
+    lams = lambda_grid(model.schedule, steps)
+    lam_active = float(model.schedule.lambda_(torch.tensor(1.0 - eta)))
+    active = int((lams <= lam_active).sum())
+    pixel_frac = active / (steps + 1) / m**2
+    return {"plain_s": t_plain, "ug_s": t_ug, "extra": t_ug / t_plain - 1.0,
+            "bound": eta / m**2, "pixel_extra": pixel_frac, "eta": eta, "m": m}
+
+
+# --------------------------------------------------------------------------- service
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_service(model_uri: str, max_batch: int):
+    """Ray Serve in this process with the shipped config (one replica)."""
+    import ray
+
+    from serving.launch import apply_overrides, load_config, start, stop, wait_ready
+
+    cfg = load_config(model=model_uri, port=_free_port(), user_config={
+        "max_batch_size": max_batch, "batch_wait_timeout_s": 0.05,
+        "max_image_steps": 10**9})
+    cfg = apply_overrides(cfg)
+    for dep in cfg["applications"][0]["deployments"]:
+        if dep["name"] == "Sampler":
+            dep.pop("autoscaling_config", None)
+            dep["num_replicas"] = 1
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        url = start(cfg)
+        wait_ready(url, timeout_s=300)
+        yield url
+    finally:
+        stop()
+        ray.shutdown()
+
+
+def load(url: str, concurrency: int, n_requests: int, steps: int) -> dict[str, float]:
+    """Closed loop: ``concurrency`` clients, ``n_requests`` one-image requests in all."""
+    import requests
+
+    def one(i: int) -> tuple[float, int]:
+        t = time.perf_counter()
+        r = requests.post(f"{url}/v1/generate", timeout=600,
+                          json={"seeds": [10_000 + i], "steps": steps, "format": "json"})
+        r.raise_for_status()
+        return time.perf_counter() - t, r.json()["batch_images"]
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(concurrency)))  # warm-up
+        t = time.perf_counter()
+        res = list(pool.map(one, range(n_requests)))
+        wall = time.perf_counter() - t
+    lat = sorted(x for x, _ in res)
+    return {"requests_per_s": n_requests / wall, "p50_s": lat[len(lat) // 2],
+            "p99_s": lat[min(len(lat) - 1, math.ceil(0.99 * len(lat)) - 1)],
+            "mean_batch": statistics.mean(b for _, b in res)}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="model directory or models:/NAME@ALIAS (default: debug)")
+    ap.add_argument("--url", help="measure a running service instead of starting one")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--rounds", type=int, default=4, help="requests = rounds x concurrency")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="tiny offline-only run")
+    ap.add_argument("--no-service", action="store_true")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    if args.smoke:
+        args.steps, args.repeats, args.concurrency = 4, 1, "1,8"
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    tmp = tempfile.TemporaryDirectory()
+    if args.model:
+        from serving.loading import load_served_model, normalize_uri
+
+        uri = normalize_uri(args.model)
+        model, _ = load_served_model(uri, device)
+    else:
+        model, uri = debug_model(Path(tmp.name) / "model")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" \
+        else contextlib.nullcontext
+    if device == "cuda":
+        model.net = torch.compile(model.net)
+
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "device": device,
+                               "machine": platform.node(), "steps": args.steps,
+                               "model": args.model or "unet-debug (random weights)"}
+    results["offline_images_per_s"] = offline(model, levels, args.steps, args.repeats, device,
+                                              autocast)
+    results["ug"] = ug_cost(model, max(levels) if not args.smoke else 4, args.steps,
+                            args.repeats, device, autocast)
+    service: dict[int, dict[str, float]] = {}
+    want_service = not args.no_service and (args.url or not args.smoke)
+    if want_service:
+        try:
+            ctx = contextlib.nullcontext(args.url) if args.url else local_service(uri, max(levels))
+            with ctx as url:
+                for c in levels:
+                    service[c] = load(url, c, args.rounds * c, args.steps)
+                    service[c]["vs_offline"] = (service[c]["requests_per_s"]
+                                                / results["offline_images_per_s"][c])
+        except ImportError as exc:
+            results["service_skipped"] = f"ray not installed: {exc}"
+    results["service"] = service
+    out = Path(os.environ.get("OUT", "outputs/bench"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_load.json").write_text(json.dumps(results, indent=2))
+    print_table(results, levels)
+
+
+def print_table(r: dict[str, Any], levels: list[int]) -> None:
+    print(f"\nserve_load  device={r['device']}  steps={r['steps']}  model={r['model']}")
+    print(f"{'conc/batch':>10} {'offline img/s':>14} {'service req/s':>14} {'ratio':>6} "
+          f"{'p50 s':>7} {'p99 s':>7} {'batch':>6}")
+    for c in levels:
+        s = r["service"].get(c)
+        off = r["offline_images_per_s"][c]
+        if s:
+            print(f"{c:>10} {off:>14.2f} {s['requests_per_s']:>14.2f} {s['vs_offline']:>6.2f} "
+                  f"{s['p50_s']:>7.3f} {s['p99_s']:>7.3f} {s['mean_batch']:>6.1f}")
+        else:
+            print(f"{c:>10} {off:>14.2f} {'-':>14}")
+    u = r["ug"]
+    print(f"upsample guidance eta={u['eta']} m={u['m']}: +{100 * u['extra']:.1f}% time "
+          f"(bound eta/m^2 = {100 * u['bound']:.1f}%, active pixel fraction "
+          f"{100 * u['pixel_extra']:.1f}%); plain {u['plain_s']:.3f} s, UG {u['ug_s']:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
