@@ -13,10 +13,10 @@ from components.objectives import DiffusionObjective
 from components.samplers import SAMPLERS, generators_from_seeds, get_sampler, lambda_grid
 from components.schedules import build_schedule
 
-STEPS = 40
+STEPS = 30
 
 
-def _images(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def _images(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Smooth structured images in [-1, 1] (gradients + a class-dependent colour)."""
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 10, (n,), generator=gen)
@@ -28,7 +28,7 @@ def _images(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _train(net: nn.Module, objective) -> list[float]:
     images, labels = _images()
-    opt = torch.optim.AdamW(net.param_groups(0.01), lr=2e-3)
+    opt = torch.optim.AdamW(net.param_groups(0.01), lr=3e-3)
     losses = []
     for step in range(STEPS):
         torch.manual_seed(1000 + step)  # the loop seeds the global RNG per step
@@ -50,13 +50,13 @@ def test_debug_preset_trains_and_samples(preset: str) -> None:
     else:
         objective = DiffusionObjective(schedule=schedule, label_dropout=0.1)
     losses = _train(net, objective)
-    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
-    assert last < 0.8 * first, (first, last)
+    first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
+    assert last < 0.5 * first, (first, last)
 
     net.eval()
     denoiser = NetworkDenoiser(net, "eps")
     cond = Cond(torch.tensor([1, 5, -1]))
-    lambdas = lambda_grid(schedule, 8)
+    lambdas = lambda_grid(schedule, 5)
     for name in SAMPLERS:
         x_init = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(7))
         out = get_sampler(name)(denoiser, x_init, lambdas, cond, generators_from_seeds([1, 2, 3]))
