@@ -1,0 +1,86 @@
+"""``prism sample --local`` in-process, and ``prism serve --detach`` / ``sample --url`` /
+``serve --stop`` end to end (slow: starts its own Ray and Serve)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from components.networks.registry import build_network, preset_kwargs
+from prism_cli import app
+from training.artifacts import save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+
+def _model_dir(path: Path) -> Path:
+    torch.manual_seed(0)
+    net = build_network("unet-debug", num_classes=4)
+    for p in net.parameters():
+        if p.ndim > 1 and not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    return save_model(path, net, family="unet", net_kwargs=dict(
+        preset_kwargs("unet-debug")[1], num_classes=4), prediction="x0", n_cond=1,
+        resolution=16, in_channels=3, num_classes=4, schedule_name="cosine", schedule_kwargs={})
+
+
+def test_sample_local_writes_pngs(tmp_path):
+    model = _model_dir(tmp_path / "model")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["sample", "--local", "--model", str(model), "--n", "2",
+                                 "--seed", "5", "--steps", "3", "--class-label", "1",
+                                 "--resolution", "32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    pngs = sorted(out.glob("seed_*.png"))
+    assert [p.name for p in pngs] == ["seed_5.png", "seed_6.png"]
+    assert np.asarray(Image.open(pngs[0])).shape == (32, 32, 3)
+    assert json.loads((out / "meta.json").read_text())["seeds"] == [5, 6]
+
+
+@pytest.mark.parametrize("args,word", [
+    (["--local"], "--model"),
+    (["--local", "--model", "/nonexistent/model"], "does not exist"),
+    (["--local", "--model", "MODEL", "--steps", "-2"], "steps"),
+    (["--url", "http://127.0.0.1:9"], "cannot reach"),
+])
+def test_sample_bad_input_is_a_clear_error(tmp_path, args, word):
+    args = [str(_model_dir(tmp_path / "m")) if a == "MODEL" else a for a in args]
+    r = CliRunner().invoke(app, ["sample", "--out", str(tmp_path / "o"), *args])
+    assert r.exit_code == 2 and word in r.output, r.output
+
+
+@pytest.mark.slow
+def test_serve_detach_sample_stop(tmp_path):
+    model = _model_dir(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pidfile = tmp_path / "serve.pid"
+    cli = [sys.executable, "-m", "prism_cli"]
+    started = subprocess.run([*cli, "serve", "--model", str(model), "--port", str(port),
+                              "--detach", "--pidfile", str(pidfile)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=400)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        info = json.loads(started.stdout.strip().splitlines()[-1])
+        assert info["url"] == f"http://127.0.0.1:{port}"
+        out = tmp_path / "out"
+        got = subprocess.run([*cli, "sample", "--url", info["url"], "--n", "3", "--seed", "1",
+                              "--steps", "3", "--out", str(out)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert got.returncode == 0, got.stdout + got.stderr
+        assert len(list(out.glob("seed_*.png"))) == 3
+    finally:
+        stopped = subprocess.run([*cli, "serve", "--stop", "--pidfile", str(pidfile)], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0 and not pidfile.exists(), stopped.stdout + stopped.stderr
