@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import debug_config, losses, write_shards  # noqa: E402
+from train_helpers import debug_config, losses, one_thread, write_shards  # noqa: E402, F401
 
 from training.config import ConfigError, config_from_dict, load_config  # noqa: E402
 from training.launch import run_local  # noqa: E402
@@ -22,15 +22,6 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "train_debug_loss.json"
 def _golden_run(out: Path) -> list[float]:
     run_local(debug_config(out))
     return losses(out / "debug")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: faster on a shared 2-core machine, and the golden's setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,86 @@
+"""Tracking against a real ``mlflow server`` on loopback (SQLite backend, artifacts in tmp)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_helpers import DEBUG, one_thread  # noqa: E402, F401
+
+from training.artifacts import load_model  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.launch import run_local  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` as a separate process on 127.0.0.1, stopped after the module."""
+    root = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(exe), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"))  # noqa: SIM115
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=1).ok:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not start within 120 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_run_is_tracked_registered_and_loadable(tmp_path, mlflow_server, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    cfg = load_config(DEBUG, [f"run.output_dir={tmp_path}", "run.name=tracked",
+                              "run.project=prism-test", "train.total_images=32",
+                              "sampling.num_images=4", "sampling.steps=4",
+                              "sampling.every_images=16", "data.version=demo-v1"])
+    result = run_local(cfg)
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("prism-test")
+    [run] = client.search_runs([exp.experiment_id], "tags.`prism.run_name` = 'tracked'")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.001"
+    assert run.data.params["model.preset"] == "unet-debug"
+    assert run.data.tags["data_version"] == "demo-v1" and len(run.data.tags["git_commit"]) >= 7
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]
+    for key in ("lr", "images_per_second", "grad_norm", "memory_gib"):
+        assert client.get_metric_history(run.info.run_id, key)
+    samples = [f.path for f in client.list_artifacts(run.info.run_id, "samples")]
+    assert samples == ["samples/samples-00000002.png", "samples/samples-00000004.png"]
+    model_files = {f.path for f in client.list_artifacts(run.info.run_id, "model")}
+    assert model_files == {"model/model.safetensors", "model/config.json", "model/schedule.json"}
+    mv = client.get_model_version_by_alias("prism-test-tracked", "candidate")
+    assert mv.run_id == run.info.run_id
+    # the registered model loads back with the same weights
+    model = load_model("models:/prism-test-tracked@candidate")
+    local = load_file(str(Path(result["model_dir"]) / "model.safetensors"))
+    for k, v in model.net.state_dict().items():
+        torch.testing.assert_close(v, local[k], atol=0, rtol=0)
