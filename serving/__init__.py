@@ -1,0 +1,14 @@
+"""The served sampler: a Ray Serve application with a FastAPI ingress.
+
+    prism serve --model models:/prism-debug@champion        # or a model directory; Ctrl-C stops
+    prism serve --model DIR --detach && prism serve --stop  # for scripts
+    open http://127.0.0.1:8000/docs                          # the OpenAPI page
+    curl -s localhost:8000/v1/generate -H 'content-type: application/json' \\
+         -d '{"seed": 1, "steps": 32, "format": "png"}' -o one.png
+    prism sample --url http://127.0.0.1:8000 --n 4 --seed 0 --out samples/
+    prism sample --local --model DIR --n 4 --resolution 64 --out samples/   # no server
+
+Modules: ``schemas`` (request/response models), ``app`` (routes only), ``model`` (the
+batched ``Sampler`` deployment), ``loading`` (registry references), ``encode`` (PNG),
+``launch`` (start/stop from ``config.yaml``), ``cli`` (the two commands).
+"""
