@@ -48,7 +48,8 @@ class TransformerBranch(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor, labels: Tensor) -> list[Tensor]:
         tokens = self.net._tokens(c_noise, labels, x.shape[0])
-        eps, _ = self.net.branches[0](x, time_coordinate(c_noise), None, tokens, head=True)
+        eps, _ = self.net.branches[0](x, time_coordinate(c_noise), None, tokens, head=True,
+                                     cascade=False)
         return [eps]
 
 

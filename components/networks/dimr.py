@@ -144,9 +144,11 @@ class Branch(nn.Module):
         return h + pos
 
     def forward(
-        self, x: Tensor, c: Tensor, lowres: Tensor | None, tokens: Tensor | None, head: bool
-    ) -> tuple[Tensor | None, Tensor]:
-        """-> (eps at grid g (B, C, g, g) or None, cascade features (B, g, g, d (depth+1)))."""
+        self, x: Tensor, c: Tensor, lowres: Tensor | None, tokens: Tensor | None, head: bool,
+        cascade: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """-> (eps at grid g (B, C, g, g) if ``head``, cascade features
+        (B, g, g, d (depth+1)) if ``cascade``)."""
         h = self.embed(x)  # (B, g, g, d)
         if lowres is not None:
             h = h + lowres
@@ -158,11 +160,11 @@ class Branch(nn.Module):
             out, feats = self.stack(seq, c)
             t = 0 if tokens is None else tokens.shape[1]
             out = out[:, t:].reshape(B, g1, g2, d)
-            feats = [f[:, t:].reshape(B, g1, g2, d) for f in feats]
+            feats = [f[:, t:].reshape(B, g1, g2, d) for f in feats] if cascade else feats
         else:
             out, feats = self.stack(h, c)
         eps = self.head(self.head_norm(out, c).permute(0, 3, 1, 2)) if head else None
-        return eps, torch.cat(feats, dim=-1)
+        return eps, torch.cat(feats, dim=-1) if cascade else None
 
 
 class DiMR(nn.Module):
@@ -230,7 +232,7 @@ class DiMR(nn.Module):
         last = len(self.branches) - 1
         for i, branch in enumerate(self.branches):
             eps, feats = branch(x, c, lowres, tokens if i == 0 else None,
-                                head=return_all or i == last)
+                                head=return_all or i == last, cascade=i < last)
             outs.append(eps)
             if i < last:
                 lowres = self.cascades[i](feats, c)  # (B, g_{i+1}, g_{i+1}, d_{i+1})
