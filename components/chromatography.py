@@ -165,12 +165,13 @@ def plot_chromatogram(
     path: str | None = None,
     title: str | None = None,
     measured: dict[str, Tensor] | None = None,
+    m: int = 2,
 ):
-    """Draw a_k(t), c_k(t) and the band-pass p_k(t) of ``schedule`` (matplotlib, Agg).
-
-    With ``measured`` (from :func:`measured_chromatogram`) the measured band energy
-    fractions are drawn as markers on the cumulative panel. Saves to ``path`` if given;
-    returns the figure.
+    """Draw the chromatogram of ``schedule`` (matplotlib, Agg backend): a_k(t); the rates
+    c_k(t) with the dominant level k*(t); the band-pass p_k(t); and the time map tau(t) for
+    scale factor ``m``. With ``measured`` (from :func:`measured_chromatogram`) the measured
+    band energy fractions are drawn as markers on the first panel. Saves to ``path`` if
+    given; returns the figure.
     """
     import matplotlib
 
@@ -180,32 +181,42 @@ def plot_chromatogram(
     cum = chromatogram(schedule, levels, kind="cumulative")
     band = chromatogram(schedule, levels, kind="bandpass")
     t = cum["t"].numpy()
-    colors = plt.cm.viridis([k / max(levels - 1, 1) for k in range(levels)])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    colors = plt.cm.viridis([0.9 * k / max(levels - 1, 1) for k in range(levels)])
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), constrained_layout=True)
+    ax_a, ax_c, ax_b, ax_tau = axes.flatten()
     for k in range(levels):
         lbl = f"level {k} (1/{2 ** k} res)"
-        axes[0].plot(t, cum["a"][k].numpy(), color=colors[k], label=lbl)
-        axes[1].plot(t, cum["c"][k].numpy(), color=colors[k], label=lbl)
-        axes[2].plot(t, band["a"][k].numpy(), color=colors[k], label=lbl)
+        ax_a.plot(t, cum["a"][k].numpy(), color=colors[k], lw=2, label=lbl)
+        ax_c.plot(t, cum["c"][k].numpy(), color=colors[k], lw=2, label=lbl)
+        ax_b.plot(t, band["a"][k].numpy(), color=colors[k], lw=2, label=lbl)
         if measured is not None and k < measured["energy_fraction"].shape[0]:
-            axes[0].plot(measured["t"].numpy(), measured["energy_fraction"][k].numpy(), "o",
-                         color=colors[k], ms=4, label=f"measured band {k}")
-    axes[0].set(title="signal fraction $a_k(t)$ (cumulative)", xlabel="t (1 = noise)",
-                ylabel="$a_k$", ylim=(-0.02, 1.05))
-    axes[1].set(title="chromatogram $c_k(t) = -da_k/dt$", xlabel="t (1 = noise)",
-                ylabel="rate")
-    axes[2].set(title="band-pass $p_k = a_k - a_{k-1}$", xlabel="t (1 = noise)",
-                ylabel="$p_k$", ylim=(-0.02, 1.05))
-    ax2 = axes[1].twinx()
-    ax2.plot(t, cum["dominant"].numpy(), "k--", lw=1, label="dominant level $k^*$")
-    ax2.set_ylabel("dominant level $k^* = -\\lambda/\\ln 4$")
-    for ax in axes:
+            ax_a.plot(measured["t"].numpy(), measured["energy_fraction"][k].numpy(), "o",
+                      mfc="none", color=colors[k], ms=5,
+                      label=f"measured band {k} (x0-pred / clean energy)")
+    ax_b.plot(t, (1 - cum["a"][-1]).numpy(), color="0.6", ls=":", label="nothing resolved")
+    ax_a.set(title="signal fraction $a_k(t) = \\sigma(\\lambda(t) + k \\ln 4)$",
+             ylabel="$a_k$", ylim=(-0.02, 1.05))
+    ax_c.set(title="chromatogram $c_k(t) = -da_k/dt$", ylabel="signal generation rate")
+    ax_b.set(title="band-pass $p_k = a_k - a_{k-1}$ (finest resolved level)",
+             ylabel="$p_k$", ylim=(-0.02, 1.05))
+    twin = ax_c.twinx()
+    twin.plot(t, cum["dominant"].numpy(), "k--", lw=1, label="dominant level $k^*$")
+    twin.set_ylabel("dominant level $k^* = -\\lambda / \\ln 4$")
+    twin.set_ylim(0, max(levels, 1))
+    twin.legend(fontsize=8, loc="upper right")
+    tau_t = tau(schedule, cum["t"], m).numpy()
+    ax_tau.plot(t, tau_t, color="C3", lw=2, label=f"$\\tau(t)$, m = {m}")
+    ax_tau.plot(t, t, color="0.6", ls=":", label="identity")
+    ax_tau.set(title=f"time map: SNR($\\tau$) = {m}$^2$ SNR(t)", ylabel="$\\tau$",
+               xlim=(1.0, 0.0), ylim=(0.0, 1.0))
+    for ax in (ax_a, ax_c, ax_b, ax_tau):
         ax.grid(alpha=0.3)
-        ax.invert_xaxis()  # generation runs from t = 1 to t = 0
-    axes[0].legend(fontsize=7, loc="upper left")
-    ax2.legend(fontsize=7, loc="upper right")
+        ax.set_xlabel("t  (generation runs 1 \u2192 0)")
+        if ax is not ax_tau:
+            ax.set_xlim(1.0, 0.0)
+        ax.legend(fontsize=8, loc="center right" if ax is ax_c else "upper left")
     name = getattr(schedule, "name", type(schedule).__name__)
-    fig.suptitle(title or f"resolution chromatogram: {name}")
+    fig.suptitle(title or f"resolution chromatogram: {name}", fontsize=14)
     if path is not None:
         fig.savefig(path, dpi=130)
     return fig
