@@ -101,6 +101,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(64, ge=1)  # global images per optimizer step
     grad_accum: int = Field(1, ge=1)
     log_every_images: int = Field(1024, ge=1)
+    time_limit_s: float | None = Field(None, gt=0)  # stop (checkpoint, export) at a log step
 
 
 class CheckpointConfig(_Section):

@@ -80,7 +80,8 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
 
     # -- the loop
     loss_sum, n_logged = torch.zeros((), device=device), 0
-    window_t, window_images = time.perf_counter(), 0
+    start_t = window_t = time.perf_counter()
+    window_images = 0
     metrics: dict[str, float] = {}
     while step < cfg.total_steps:
         lr = parts.learning_rate(cfg, images_seen)
@@ -117,6 +118,11 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
                        "images_per_second": window_images / max(seconds, 1e-9),
                        "memory_gib": parts.peak_memory_gib(device)}
             cb.on_metrics(step, metrics)
+            limit = cfg.train.time_limit_s  # every rank takes rank 0's decision
+            if limit and float(parts.all_mean(torch.tensor(
+                    float(ctx.rank == 0 and time.perf_counter() - start_t > limit),
+                    device=device), ctx)) > 0:
+                last = True
             loss_sum.zero_()
             n_logged, window_t, window_images = 0, time.perf_counter(), 0
 
@@ -141,10 +147,13 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
                 path = save_checkpoint(checkpoint_dir, step, net, ema, opt, state,
                                        cfg.checkpoint.keep_last)
             cb.on_checkpoint(step, path, metrics)
+        if last:
+            break
 
     # -- the end: export the EMA model (rank 0)
     model_dir = None
     if ctx.rank == 0:
+        exported = generative_model(cfg, ema, spectral)
         model_dir = save_model(
             run_dir / "model", ema, family=family, net_kwargs=net_kwargs,
             prediction=cfg.objective.prediction, n_cond=n_cond_of(cfg),
@@ -152,8 +161,7 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
             num_classes=cfg.data.num_classes, schedule_name=cfg.objective.schedule,
             schedule_kwargs=dict(cfg.objective.schedule_kwargs), spectral=spectral,
             spectral_kind=cfg.objective.per_instance,
-            kind=generative_model(cfg, ema, None).kind,
-            extra=generative_model(cfg, ema, None).extra, training=cfg.model_dump(mode="json"))
+            kind=exported.kind, extra=exported.extra, training=cfg.model_dump(mode="json"))
     result = {**metrics, "step": step, "images_seen": images_seen,
               "model_dir": None if model_dir is None else str(model_dir)}
     cb.on_end(result, model_dir)
