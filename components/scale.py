@@ -71,6 +71,17 @@ def _as4d(x: Tensor, op: str) -> tuple[Tensor, torch.Size]:
     return x.reshape(-1, 1, *x.shape[-2:]), lead
 
 
+def _interp(x4: Tensor, h: int, w: int, antialias: bool) -> Tensor:
+    """Bilinear (N, 1, H, W) -> (N, 1, h, w). torch 2.13's anti-aliased CPU kernel is wrong
+    for an output width of 1 with height > 1, so that case runs transposed."""
+    if w == 1 and h > 1:
+        y = F.interpolate(x4.transpose(-1, -2), size=(1, h), mode="bilinear",
+                          align_corners=False, antialias=antialias)
+        return y.transpose(-1, -2)
+    return F.interpolate(x4, size=(h, w), mode="bilinear", align_corners=False,
+                         antialias=antialias)
+
+
 def resize(x: Tensor, size: int | tuple[int, int], antialias: bool = True) -> Tensor:
     """``R``: bilinear resize of (..., H, W) to (..., h, w), anti-aliased when shrinking.
 
@@ -81,9 +92,7 @@ def resize(x: Tensor, size: int | tuple[int, int], antialias: bool = True) -> Te
     x4, lead = _as4d(x, "resize")
     if x4.shape[-2:] == (h, w):
         return x.clone()
-    y = F.interpolate(x4, size=(h, w), mode="bilinear", align_corners=False,
-                      antialias=antialias)
-    return y.reshape(*lead, h, w)
+    return _interp(x4, h, w, antialias).reshape(*lead, h, w)
 
 
 def resize_transpose(y: Tensor, size: int | tuple[int, int], antialias: bool = True) -> Tensor:
@@ -100,8 +109,7 @@ def resize_transpose(y: Tensor, size: int | tuple[int, int], antialias: bool = T
     with torch.enable_grad():
         x = torch.zeros(y4.shape[0], 1, h_in, w_in, dtype=y.dtype, device=y.device,
                         requires_grad=True)
-        out = F.interpolate(x, size=tuple(y4.shape[-2:]), mode="bilinear",
-                            align_corners=False, antialias=antialias)
+        out = _interp(x, *y4.shape[-2:], antialias)
         (g,) = torch.autograd.grad(out, x, grad_outputs=y4.detach())
     return g.reshape(*lead, h_in, w_in)
 

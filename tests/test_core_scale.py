@@ -68,10 +68,19 @@ def test_resize_transpose_adjoint(size_in, size_out):
     assert abs(float(lhs32 - rhs32)) <= 1e-5 * float(x.abs().sum() * y.abs().max())
 
 
-def test_resize_is_separable_matrix_and_antialiased():
-    x = torch.randn(1, 1, 16, 12, dtype=torch.float64)
-    a_h, a_w = resize_matrix(16, 6), resize_matrix(12, 5)
-    assert torch.allclose(resize(x, (6, 5))[0, 0], a_h @ x[0, 0] @ a_w.T, atol=1e-12)
+@pytest.mark.parametrize("size_in,size_out", [((16, 12), (6, 5)), ((16, 8), (6, 1)),
+                                              ((16, 1), (6, 3)), ((1, 8), (3, 5)),
+                                              ((9, 9), (1, 1)), ((4, 4), (9, 1))])
+def test_resize_is_separable_matrix(size_in, size_out):
+    """R x = A_h x A_w^T, including width-1 outputs (a torch kernel bug is worked around)."""
+    x = torch.randn(1, 1, *size_in, dtype=torch.float64)
+    a_h, a_w = resize_matrix(size_in[0], size_out[0]), resize_matrix(size_in[1], size_out[1])
+    assert torch.allclose(resize(x, size_out)[0, 0], a_h @ x[0, 0] @ a_w.T, atol=1e-12)
+    y = torch.randn(1, 1, *size_out, dtype=torch.float64)
+    assert torch.allclose(resize_transpose(y, size_in)[0, 0], a_h.T @ y[0, 0] @ a_w, atol=1e-12)
+
+
+def test_resize_antialiased():
     # anti-aliased shrink: a checkerboard (Nyquist) is strongly attenuated
     checker = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 2.0 - 1.0
     small = resize(checker[None, None].double(), (4, 4))
