@@ -214,7 +214,7 @@ def test_cascaded_upscale_with_exact_models():
     den.pixels = 0
     out = cascaded_upscale(den, x_low, lams, Cond(), m=2, sampler="ddpm", generators=gens())
     assert out.shape == (n, 1, 8, 8)
-    assert den.pixels < 0.85 * 41 * n * 64, den.pixels  # the early steps ran at a quarter of the pixels
+    assert den.pixels < 0.85 * 41 * n * 64, den.pixels  # early steps: a quarter of the pixels
     err = gaussian_w2(*_moments(out), high.mu, high.cov)
     late = cascaded_upscale(den, x_low, lams, Cond(), m=2, sampler="ddpm", generators=gens(),
                             handoff=30)
