@@ -17,6 +17,7 @@ from pipelines.cli import data_app; app.add_typer(data_app, name="data")  # noqa
 from training.cli import train_command; app.command("train")(train_command)  # noqa: E402, E702, I001
 from serving.cli import serving_app; app.add_typer(serving_app)  # noqa: E402, E702, I001
 from pipelines.science_cli import science_app; app.add_typer(science_app, name="science")  # noqa: E402, E702, I001, E501
+from pipelines.eval_cli import eval_app; app.add_typer(eval_app, name="eval")  # noqa: E402, E702, I001
 
 
 def main() -> None:
