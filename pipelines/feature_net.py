@@ -131,7 +131,12 @@ def train_feature_net(train: ImageSet, test: ImageSet | None, recipe: FeatureNet
             f"({time.perf_counter() - t0:.1f} s)")
     train_s = time.perf_counter() - t0
     net.eval()
+    # unit mean-square features on (up to 5,000 of) the training images: KID's cubic kernel
+    # and FD then see features of the scale they were designed for
+    calib = train.subset(np.arange(min(len(train), 5000))).as_float()
+    scale = net.calibrate_feature_scale(calib)
     results: dict[str, Any] = {"train_seconds": train_s, "train_images": len(train),
+                               "feature_scale": scale,
                                "num_classes": num_classes, "resolution": res,
                                "device": str(device)}
     if test is not None and len(test):

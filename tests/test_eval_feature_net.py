@@ -48,6 +48,10 @@ def test_artifact_roundtrip_and_tamper_check(tmp_path) -> None:
     x = torch.rand(5, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(extract_features(loaded, x), extract_features(net.eval(), x))
     assert meta["sha256"] == side["sha256"] and extract_features(loaded, x).shape == (5, 32)
+    # features are calibrated to unit mean square on the training images (KID's kernel scale)
+    f_train = extract_features(loaded, train.as_float())
+    assert f_train.square().mean().item() == pytest.approx(1.0, rel=1e-4)
+    assert meta["feature_scale"] == pytest.approx(float(loaded.feature_scale))
     raw = bytearray((tmp_path / "feature_net.safetensors").read_bytes())
     raw[-1] ^= 1
     (tmp_path / "feature_net.safetensors").write_bytes(bytes(raw))

@@ -60,15 +60,32 @@ class FeatureNet(nn.Module):
         self.layer3 = nn.Sequential(conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w))
         self.fc = nn.Linear(8 * w, num_classes, bias=False)
         self.feature_dim = 8 * w
+        # features() multiplies by this; set after training so that the features have unit
+        # mean square on the training images (saved with the weights, covered by the hash)
+        self.register_buffer("feature_scale", torch.ones(()))
 
     def features(self, x: Tensor) -> Tensor:
-        """Penultimate features: (B, 3, H, W) in [-1, 1] -> (B, 8w)."""
+        """Penultimate features, scaled: (B, 3, H, W) in [-1, 1] -> (B, 8w)."""
+        return self._pooled(x) * self.feature_scale
+
+    def _pooled(self, x: Tensor) -> Tensor:
         x = self.stem_pool(self.prep(x))  # (B, w, 32, 32)
         x = self.layer3(self.layer2(self.layer1(x)))  # (B, 8w, 4, 4)
         return torch.amax(x, dim=(2, 3))  # global max pool, (B, 8w)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.features(x)) * 0.125  # logits (B, classes)
+        return self.fc(self._pooled(x)) * 0.125  # logits (B, classes)
+
+    @torch.no_grad()
+    def calibrate_feature_scale(self, images: Tensor, batch_size: int = 500) -> float:
+        """Set ``feature_scale`` so that features of ``images`` have mean square 1."""
+        dev = self.feature_scale.device
+        sq, n = 0.0, 0
+        for s in range(0, images.shape[0], batch_size):
+            f = self._pooled(images[s : s + batch_size].to(dev, torch.float32)).double()
+            sq, n = sq + float(f.square().sum()), n + f.numel()
+        self.feature_scale.fill_((n / max(sq, 1e-30)) ** 0.5)
+        return float(self.feature_scale)
 
 
 def sha256_bytes(data: bytes) -> str:
