@@ -64,7 +64,8 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.train:
         train = load_images(args.train)
-        test = load_images(args.test) if args.test else None
+        test = load_images(args.test, class_names=train.class_names or None) \
+            if args.test else None
     elif args.smoke:
         train, test = _smoke_sets()
     else:

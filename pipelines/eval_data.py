@@ -11,8 +11,10 @@ its shards give the same labels. No Ray, MLflow or WebDataset import: runs on a 
 
 from __future__ import annotations
 
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,13 +50,36 @@ def _decode(data: bytes | np.ndarray) -> np.ndarray:
     return decode_rgb(data)
 
 
+def _annotation_labels(src: str) -> dict[str, str]:
+    """File name -> class name from a ``*_annotations.txt`` inside a tar (Tiny-ImageNet val:
+    ``val_0.JPEG<TAB>n03444034<TAB>...``); empty when there is none."""
+    if not src.endswith((".tar", ".tar.gz")) or not Path(src).is_file():
+        return {}
+    with tarfile.open(src, "r:*") as tar:
+        for m in tar:
+            if m.isfile() and m.name.endswith("annotations.txt"):
+                text = tar.extractfile(m).read().decode()  # type: ignore[union-attr]
+                return {parts[0]: parts[1] for line in text.splitlines()
+                        if len(parts := line.split("\t")) >= 2}
+    return {}
+
+
 def load_images(src: str, *, limit: int | None = None, resolution: int | None = None,
-                workers: int = 8) -> ImageSet:
+                class_names: list[str] | None = None, workers: int = 8) -> ImageSet:
     """All (or the first ``limit``, in the source's sorted order) images of ``src``.
 
-    Raises ValueError when images differ in size or do not match ``resolution``.
+    ``class_names``: the label order to use (e.g. the training set's), needed for a tar whose
+    labels come from an annotations file (Tiny-ImageNet val). Raises ValueError when images
+    differ in size or do not match ``resolution``.
     """
     items, names = enumerate_source(src)
+    if not names and all(i.label is None for i in items):
+        notes = _annotation_labels(src)
+        if notes:
+            for it in items:
+                it.class_name = notes.get(it.source.rsplit("/", 1)[-1])
+            names = sorted({n for n in notes.values()})
+    names = class_names or names
     bad = [i for i in items if i.error]
     if bad:
         raise ValueError(f"{src}: {len(bad)} unreadable inputs, e.g. {bad[0].source}: "

@@ -139,6 +139,10 @@ def train_feature_net(train: ImageSet, test: ImageSet | None, recipe: FeatureNet
                                "feature_scale": scale,
                                "num_classes": num_classes, "resolution": res,
                                "device": str(device)}
+    if test is not None:
+        dropped = int((test.labels < 0).sum())  # classes unknown to the training set
+        test = test.subset(np.flatnonzero(test.labels >= 0))
+        results["test_unlabelled_dropped"] = dropped
     if test is not None and len(test):
         xt = test.as_float()
         results["test_images"] = len(test)
@@ -153,7 +157,7 @@ def run_feature_net_stage(train_src: str, test_src: str | None, out_dir: str | P
                           name: str = "feature_net", log: Any = print) -> dict[str, Any]:
     """Read the data, train, write ``<out>/<name>.safetensors`` + ``.json``; returns the sidecar."""
     train = load_images(train_src)
-    test = load_images(test_src) if test_src else None
+    test = load_images(test_src, class_names=train.class_names or None) if test_src else None
     if test is not None and test.class_names and train.class_names \
             and test.class_names != train.class_names:
         raise ValueError(f"class names differ between {train_src} and {test_src}")
