@@ -91,3 +91,30 @@ def test_fid_inception_builds_and_loads_a_state_dict(tmp_path) -> None:
         load_fid_inception(tmp_path / "broken.pth")
     with pytest.raises(FileNotFoundError):
         load_fid_inception(tmp_path / "absent.pth")
+
+
+def test_shards_and_folder_give_the_same_labelled_images(tmp_path) -> None:
+    """The GPU path reads gzip shards made by ingest; labels must match the class folders."""
+    from PIL import Image
+
+    from pipelines.config import IngestConfig
+    from pipelines.eval_data import load_images
+    from pipelines.ingest import ingest
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "ant", "bee"):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "src" / cls / f"{i}.png")
+    ingest(str(tmp_path / "src"), str(tmp_path / "shards"),
+           IngestConfig(gzip=True, shard_size=5), log=lambda *_: None)
+    folder = load_images(str(tmp_path / "src"))
+    shards = load_images(str(tmp_path / "shards"))
+    assert folder.class_names == ["ant", "bee", "cat"] and len(shards) == 12
+
+    def key(s: ImageSet) -> list:
+        return sorted((int(lab), img.tobytes()) for img, lab in zip(s.images, s.labels,
+                                                                    strict=True))
+
+    assert key(folder) == key(shards)
