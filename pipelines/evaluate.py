@@ -149,7 +149,10 @@ def run_evaluate(cfg: EvalConfig, log: Any = print) -> dict[str, Any]:
             t0 = time.perf_counter()
             gen = sample_images(model, cfg, schedule, steps)
             sample_s = time.perf_counter() - t0
-            m = compute_metrics(gen, real, settings=cfg.metrics, spaces=spaces, train=train)
+            # metrics on the sampling device (GPU sorts and distances when there is one)
+            m = compute_metrics(gen.to(cfg.device), real.to(cfg.device), settings=cfg.metrics,
+                                spaces=spaces, train=None if train is None
+                                else train.to(cfg.device))
             m.update(schedule=schedule, steps=steps, sampler=cfg.sampler,
                      sample_seconds=sample_s, images_per_second=len(gen) / sample_s)
             sub = out_dir / f"{schedule}-{steps}"

@@ -148,11 +148,12 @@ def load_feature_net(path: str | Path, device: str | torch.device = "cpu",
 
 @torch.no_grad()
 def extract_features(net: nn.Module, images: Tensor, *, batch_size: int = 500,
-                     device: str | torch.device | None = None) -> Tensor:
+                     device: str | torch.device | None = None, bf16: bool = False) -> Tensor:
     """Features of images (N, 3, H, W) float in [-1, 1], computed in batches.
 
     Uses ``net.features`` when it exists (FeatureNet), else ``net(x)`` (FIDInceptionV3).
-    Returns float64 (N, D) on the CPU. On CUDA the forward pass runs under bf16 autocast.
+    Returns float64 (N, D) on the CPU. The forward pass is float32 by default (metric values
+    should not move with the arithmetic); ``bf16`` runs it under CUDA bf16 autocast.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
@@ -161,7 +162,7 @@ def extract_features(net: nn.Module, images: Tensor, *, batch_size: int = 500,
     out = []
     for s in range(0, images.shape[0], batch_size):
         x = images[s : s + batch_size].to(dev, torch.float32)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and dev.type == "cuda"):
             out.append(fn(x).float().double().cpu())
     return torch.cat(out)
 
