@@ -278,7 +278,8 @@ def ssd_sample(net: nn.Module, process: SSDProcess, batch_size: int, generators:
         if j >= 0:
             rj = process.res(j)
             z = _standard_normal((batch_size, channels, rj, rj), generators, device)
-        x = process.posterior_step(x.float(), x0_hat, j, k, z)
+        with torch.autocast(device.type, enabled=False):  # posterior maths in float32
+            x = process.posterior_step(x.float(), x0_hat, j, k, z)
     return x
 
 
@@ -336,6 +337,16 @@ class SSDObjective:
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
 
+    @classmethod
+    def from_settings(cls, resolution: int, settings: dict[str, Any],
+                      min_snr_gamma: float = 5.0, label_dropout: float = 0.0) -> SSDObjective:
+        """From a base resolution and SSD settings (``flexi_unet.ssd_settings(preset)`` or a
+        saved ``GenerativeModel.extra``)."""
+        unknown = sorted(set(settings) - set(SSD_EXTRA_KEYS))
+        if unknown:
+            raise ValueError(f"unknown SSD settings {unknown}: expected {SSD_EXTRA_KEYS}")
+        return cls(process_from_extra(resolution, settings), min_snr_gamma, label_dropout)
+
     def sample_steps(self, n: int) -> Tensor:
         """(n,) long steps from one segment of equal resolution pair (global RNG)."""
         k0 = int(torch.randint(self.process.T, ()))
@@ -352,8 +363,9 @@ class SSDObjective:
         k_dev = k.to(x0.device)
         x0f = x0.float()
         eps = torch.randn(x0.shape[0], x0.shape[1], r_in, r_in, device=x0.device)
-        x_k = self.process.q_sample(x0f, k_dev, eps).to(x0.dtype)  # (B, C, r_in, r_in)
-        target = self.process.down(x0f, r_out)  # (B, C, r_out, r_out)
+        with torch.autocast(x0.device.type, enabled=False):  # resizes in float32
+            x_k = self.process.q_sample(x0f, k_dev, eps).to(x0.dtype)  # (B, C, r_in, r_in)
+            target = self.process.down(x0f, r_out)  # (B, C, r_out, r_out)
         labels = batch.get("labels")
         if labels is not None and self.label_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout

@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from components.networks import flexi_unet
-from components.networks.registry import build_network, list_presets
+from components.networks.registry import build_network, list_presets, preset_kwargs
 from components.ssd import SSDProcess
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many tiny ops: one intra-op thread avoids OpenMP oversubscription on a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _randomised(net: torch.nn.Module) -> torch.nn.Module:
@@ -28,6 +37,7 @@ def test_presets_are_registered_with_ssd_settings():
         SSDProcess(kw["resolution"], **s)
         baseline = flexi_unet.BASELINES[name]
         assert presets[baseline] == "unet"
+        assert preset_kwargs(baseline)[1] == kw  # the same UNet width and layout
     with pytest.raises(ValueError, match="unknown SSD preset"):
         flexi_unet.ssd_settings("nope")
 

@@ -9,6 +9,15 @@ from components.networks import unet
 from components.networks.registry import build_network
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: avoids OpenMP oversubscription when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_ddpm_cifar10_preset_has_35_7m_parameters():
     with torch.device("meta"):
         net = build_network("ddpm-cifar10")

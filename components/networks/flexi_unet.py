@@ -47,7 +47,7 @@ SSD_SETTINGS: dict[str, dict[str, Any]] = {
 # the DDPM-x0 baseline (a `unet` preset of the same width) of each SSD preset
 BASELINES: dict[str, str] = {
     "ssd-64-4l": "ddpm-x0-64", "ssd-64-2l": "ddpm-x0-64", "ssd-32-3l": "ddpm-x0-32",
-    "ssd-debug": "unet-debug",
+    "ssd-debug": "ddpm-x0-debug",
 }
 
 

@@ -49,6 +49,11 @@ PRESETS: dict[str, dict] = {
         resolution=32, model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
         attention_resolutions=(16,), dropout=0.1,
     ),
+    # The DDPM-x0 baseline of ssd-debug (same width).
+    "ddpm-x0-debug": dict(
+        resolution=16, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+        attention_resolutions=(4,), dropout=0.0,
+    ),
     # Tiny: trains 20 steps on CPU in seconds.
     "unet-debug": dict(
         resolution=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
