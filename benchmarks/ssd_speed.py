@@ -75,7 +75,6 @@ def time_sampling(net: nn.Module, process: SSDProcess, batch: int, steps: int,
             kw = {"out_resolution": r_out} if flexible else {}
             net(x, torch.zeros(batch, 1, device=device), None, **kw)
     gen = torch.Generator(device=device).manual_seed(0)
-    ssd_sample(net, process, batch, gen, None, steps=steps, device=device)  # warm caches
     sync(device)
     t0 = time.perf_counter()
     ssd_sample(net, process, batch, gen, None, steps=steps, device=device)
@@ -131,6 +130,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000, help="sampling steps (both chains)")
     ap.add_argument("--train-iters", type=int, default=50)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--part", choices=("all", "sample", "train"), default="all",
+                    help="time only sampling or only training (compiling both takes longest)")
     args = ap.parse_args()
     if args.smoke:
         args.preset, args.batch, args.steps, args.train_iters = "ssd-debug", 2, 20, 3
@@ -154,16 +155,22 @@ def main() -> None:
     for name, preset, process in (("ssd", args.preset, ssd), ("ddpm_x0", baseline, ddpm)):
         params, net = prepare(preset, device, compile_)
         results[f"{name}_params"] = sum(p.numel() for p in params.parameters())
-        results[f"{name}_sample_s"] = time_sampling(net.eval(), process, args.batch,
-                                                    args.steps, device)
-        results[f"{name}_train_images_per_s"] = time_training(
-            params.train(), net.train(), process, args.batch, args.train_iters, device)
+        t0 = time.perf_counter()
+        if args.part in ("all", "sample"):
+            results[f"{name}_sample_s"] = time_sampling(net.eval(), process, args.batch,
+                                                        args.steps, device)
+        if args.part in ("all", "train"):
+            results[f"{name}_train_images_per_s"] = time_training(
+                params.train(), net.train(), process, args.batch, args.train_iters, device)
+        results[f"{name}_wall_s"] = time.perf_counter() - t0  # incl. compiling
         del params, net
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    results["sampling_speedup"] = results["ddpm_x0_sample_s"] / results["ssd_sample_s"]
-    results["training_speedup"] = (results["ssd_train_images_per_s"]
-                                   / results["ddpm_x0_train_images_per_s"])
+    nan = float("nan")
+    for key, a, b in (("sampling_speedup", "ddpm_x0_sample_s", "ssd_sample_s"),
+                      ("training_speedup", "ssd_train_images_per_s",
+                       "ddpm_x0_train_images_per_s")):
+        results[key] = results.get(a, nan) / results.get(b, nan)
     g = results["gflops_per_step"]
     results["flops_ratio"] = g["chain_full_res"] / g["chain_ssd"]
 
@@ -173,10 +180,13 @@ def main() -> None:
     print("GFLOPs per step (batch 1): "
           + ", ".join(f"{k} {v:.2f}" for k, v in g.items() if "->" in k))
     print(f"\n{'':22}{'SSD (Flexi-UNet)':>18}{'DDPM-x0 full res':>18}{'ratio':>8}")
-    print(f"{'sampling s/batch':22}{results['ssd_sample_s']:18.3f}"
-          f"{results['ddpm_x0_sample_s']:18.3f}{results['sampling_speedup']:8.2f}")
-    print(f"{'train images/s':22}{results['ssd_train_images_per_s']:18.1f}"
-          f"{results['ddpm_x0_train_images_per_s']:18.1f}{results['training_speedup']:8.2f}")
+    r = {k: results.get(k, nan) for k in ("ssd_sample_s", "ddpm_x0_sample_s",
+                                          "ssd_train_images_per_s",
+                                          "ddpm_x0_train_images_per_s")}
+    print(f"{'sampling s/batch':22}{r['ssd_sample_s']:18.3f}"
+          f"{r['ddpm_x0_sample_s']:18.3f}{results['sampling_speedup']:8.2f}")
+    print(f"{'train images/s':22}{r['ssd_train_images_per_s']:18.1f}"
+          f"{r['ddpm_x0_train_images_per_s']:18.1f}{results['training_speedup']:8.2f}")
     print(f"{'GFLOPs per chain':22}{g['chain_ssd']:18.1f}{g['chain_full_res']:18.1f}"
           f"{results['flops_ratio']:8.2f}")
     print(f"({results['device']}, {args.preset} vs {baseline}, batch {args.batch}, "
