@@ -137,7 +137,8 @@ def bench_one(name: str, model: nn.Module, call_of: Callable, compile_: bool,
     with FlopCounterMode(display=False) as fc:
         make_step(model, call_of(model), opt, batch, device)()
     flops = fc.get_total_flops()
-    runner = torch.compile(model) if compile_ and args.compile else model
+    torch._dynamo.reset()
+    runner = torch.compile(model, dynamic=False) if compile_ and args.compile else model
     step = make_step(model, call_of(runner), opt, batch, device)
     for _ in range(args.warmup):
         step()
@@ -193,6 +194,7 @@ def main() -> None:
             results[name]["fraction_of_matmul"] = results[name]["tflops"] / mm
         except Exception as err:  # record and go on: one failing model must not hide the rest
             results[name] = {"error": f"{type(err).__name__}: {err}"}
+        print(name, json.dumps(results[name]), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -111,7 +111,10 @@ def time_model(model: nn.Module, ours: bool, res: int, batch: int, device: torch
         x0 = x0.contiguous(memory_format=torch.channels_last)
     flops = count_flops(forward, x0)
     opt.zero_grad(set_to_none=True)
-    runner = torch.compile(model) if compile_ else model
+    # dynamic=False and a reset per model: the same forward code at a second resolution must
+    # not fall back to a dynamic-shape recompile (slow to build, slower to run).
+    torch._dynamo.reset()
+    runner = torch.compile(model, dynamic=False) if compile_ else model
     _, step = step_fn(runner, ours, opt, device, bf16)
     for _ in range(warmup):
         step(x0)
@@ -169,6 +172,7 @@ def main() -> None:
             row["ratio"] = row["ours"]["images_per_second"] / \
                 row["diffusers"]["images_per_second"]
         rows.append(row)
+        print(json.dumps(row), flush=True)
     out = Path(os.environ.get("OUT", "outputs/bench"))
     out.mkdir(parents=True, exist_ok=True)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(device),

@@ -241,7 +241,7 @@ def _standard_normal(shape: tuple[int, ...], generators: Generators, device: tor
 def call_net(net: nn.Module, x: Tensor, lam: Tensor, labels: Tensor | None,
              out_resolution: int, flexible: bool) -> Tensor:
     """``net(x, c_noise, labels[, out_resolution])`` with ``c_noise = lambda / 15``."""
-    c_noise = (lam / LAMBDA_SCALE).reshape(-1, 1).to(x.device)
+    c_noise = (lam / LAMBDA_SCALE).reshape(-1, 1).to(x.device, torch.float32)
     if flexible:
         return net(x, c_noise, labels, out_resolution=out_resolution)
     if out_resolution != x.shape[-1]:
