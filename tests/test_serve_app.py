@@ -261,7 +261,8 @@ def test_no_input_gives_a_server_error(service, mode):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=12), kids,
                                                               max_size=4), max_leaves=12)
 fields = st.sampled_from(["num_images", "seeds", "seed", "steps", "sampler", "eta", "schedule",
