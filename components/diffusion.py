@@ -158,7 +158,9 @@ class NetworkDenoiser(nn.Module):
         return self.net(x, c_noise, cond.class_labels)
 
 
-def as_prediction(denoiser: Denoiser, x: Tensor, lam: Tensor, cond: Cond, target: Prediction) -> Tensor:
+def as_prediction(
+    denoiser: Denoiser, x: Tensor, lam: Tensor, cond: Cond, target: Prediction
+) -> Tensor:
     """Call ``denoiser`` and convert its output to ``target``."""
     lam = torch.as_tensor(lam, device=x.device)
     if lam.ndim == 0:

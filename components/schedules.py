@@ -194,13 +194,16 @@ class DiscreteSchedule:
 
     def index_of_t(self, t: Tensor) -> Tensor:
         """Nearest step index of continuous time t."""
-        return (torch.as_tensor(t, dtype=torch.float64) * self.T - 1).round().clamp(0, self.T - 1).long()
+        n = torch.as_tensor(t, dtype=torch.float64) * self.T - 1
+        return n.round().clamp(0, self.T - 1).long()
 
     def lambda_of_index(self, n: Tensor | int) -> Tensor:
         return self._lam[torch.as_tensor(n).long() + 1]
 
 
-def ddpm_linear(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteSchedule:
+def ddpm_linear(
+    T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> DiscreteSchedule:
     """DDPM's linear beta schedule (Ho et al. 2020)."""
     _check_betas(beta_start, beta_end, T)
     betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)

@@ -67,7 +67,8 @@ def test_cluster_launcher_yaml() -> None:
     types = doc["available_node_types"]
     assert doc["head_node_type"] in types
     gpu = [n for n, t in types.items() if n != doc["head_node_type"]]
-    assert gpu and types[gpu[0]]["max_workers"] > types[gpu[0]]["min_workers"], "GPU group autoscales"
+    group = types[gpu[0]]
+    assert group["max_workers"] > group["min_workers"], "the GPU group autoscales"
     assert doc["max_workers"] >= sum(types[n]["max_workers"] for n in gpu)
 
 
