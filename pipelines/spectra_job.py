@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.spectra import SpectraParams, image_statistics, uint8_to_unit
+from components.spectra import SpectraParams, uint8_statistics
 from pipelines import storage
 from pipelines.config import SpectraJobConfig
 from pipelines.shards import decode_rgb, iter_records, list_shards
@@ -65,11 +65,13 @@ def _lists(a: np.ndarray) -> pa.Array:
 
 def images_statistics_table(keys: list[str], labels: list[int], images: np.ndarray,
                             params: SpectraParams, batch_size: int = 1024) -> pa.Table:
-    """Statistics of same-size uint8 images (N, H, W, 3) as a table with ``STATS_SCHEMA``."""
-    parts = []
-    for s in range(0, len(images), batch_size):
-        st = image_statistics(uint8_to_unit(images[s : s + batch_size]), params)
-        parts.append(st)
+    """Statistics of same-size uint8 images (N, H, W, 3) as a table with ``STATS_SCHEMA``.
+
+    ``uint8_statistics`` works in cache-sized chunks itself; ``batch_size`` only bounds how
+    many images one call holds as float intermediates.
+    """
+    parts = [uint8_statistics(images[s : s + batch_size], params)
+             for s in range(0, len(images), batch_size)]
     st = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     n, h, w = len(images), images.shape[1], images.shape[2]
     cols = {
