@@ -48,13 +48,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def prepare(preset: str, device: torch.device, compile_: bool) -> tuple[nn.Module, nn.Module]:
+def prepare(preset: str, device: torch.device, compile_: bool, mode: str | None = None
+            ) -> tuple[nn.Module, nn.Module]:
     """(module with parameters, callable net): channels_last, compiled on CUDA."""
     torch.manual_seed(0)
     net = build_network(preset).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    fn = torch.compile(net, dynamic=False) if compile_ else net
+    fn = torch.compile(net, dynamic=False, mode=mode) if compile_ else net
     return net, Autocast(fn, device.type == "cuda")
 
 
@@ -129,6 +130,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000, help="sampling steps (both chains)")
     ap.add_argument("--train-iters", type=int, default=50)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--part", choices=("all", "sample", "train"), default="all",
                     help="time only sampling or only training (compiling both takes longest)")
     args = ap.parse_args()
@@ -149,10 +152,10 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                      "preset": args.preset, "baseline": baseline, "batch": args.batch,
                      "steps": args.steps, "bf16": device.type == "cuda", "compiled": compile_,
-                     "levels": ssd.levels, "resolution": res}
+                     "compile_mode": args.compile_mode, "levels": ssd.levels, "resolution": res}
     results["gflops_per_step"] = flops_table(args.preset, ssd)
     for name, preset, process in (("ssd", args.preset, ssd), ("ddpm_x0", baseline, ddpm)):
-        params, net = prepare(preset, device, compile_)
+        params, net = prepare(preset, device, compile_, args.compile_mode)
         results[f"{name}_params"] = sum(p.numel() for p in params.parameters())
         t0 = time.perf_counter()
         if args.part in ("all", "sample"):

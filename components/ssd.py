@@ -268,9 +268,11 @@ def ssd_sample(net: nn.Module, process: SSDProcess, batch_size: int, generators:
     x = _standard_normal((batch_size, channels, r, r), generators, device)
     if class_labels is not None:
         class_labels = class_labels.to(device)
+    # every step's log-SNR on the device once: no host-to-device copy (a sync) per step
+    lams = process.lambda_(torch.tensor(ks, dtype=torch.long)).to(device)
     for i in reversed(range(len(ks))):
         k, j = ks[i], ks[i - 1] if i > 0 else -1
-        lam = process.lambda_(torch.full((batch_size,), k, dtype=torch.long))
+        lam = lams[i].expand(batch_size)
         x0_hat = call_net(net, x, lam, class_labels, process.res(j), flexible).float()
         if clip:
             x0_hat = x0_hat.clamp(-1, 1)
