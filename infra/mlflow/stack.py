@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 
@@ -60,80 +61,130 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return cmd
 
 
-def up(root: Path) -> dict[str, str]:
-    root.mkdir(parents=True, exist_ok=True)
-    pg_dir, logs = root / "pg", root / "logs"
-    logs.mkdir(exist_ok=True)
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(logs, "postgres")
-    pg_port = _free_port()
-    # 1. PostgreSQL
-    subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(pg_dir), "-U", "mlflow",
-                                 "--auth=trust", "-E", "UTF8"]), check=True,
-                   stdout=subprocess.DEVNULL)
+def _health(url: str, timeout_s: float, log: Path) -> None:
+    """Wait until ``url/health`` answers 200 (the server has migrated its schema and serves)."""
+    import urllib.request
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    tail = log.read_text()[-2000:] if log.exists() else ""
+    raise RuntimeError(f"mlflow server at {url} not healthy within {timeout_s:.0f} s; "
+                       f"its log ends with:\n{tail}")
+
+
+def _start_postgres(root: Path, logs: Path) -> int:
+    """initdb (first time only), start on a free loopback port, create database ``mlflow``."""
+    pg_dir = root / "pg"
+    port = _free_port()
+    fresh = not (pg_dir / "PG_VERSION").exists()
+    if fresh:
+        subprocess.run(_as_postgres([_pg_bin("initdb"), "-D", str(pg_dir), "-U", "mlflow",
+                                     "--auth=trust", "-E", "UTF8"]), check=True,
+                       stdout=subprocess.DEVNULL)
     subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(pg_dir), "-l", str(logs / "pg.log"),
-                                 "-o", f"-p {pg_port} -k {root} -c listen_addresses=127.0.0.1",
+                                 "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
                                  "-w", "start"]), check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(_as_postgres([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(pg_port),
-                                 "-U", "mlflow", "mlflow"]), check=True)
-    # 2. S3
-    env = dict(os.environ)
-    s3 = os.environ.get("S3_ENDPOINT")
-    procs: dict[str, int] = {}
-    if not s3:
-        s3_port = _free_port()
-        moto = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
-                                stdout=open(logs / "s3.log", "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        procs["s3"] = moto.pid
-        _wait_port(s3_port, 30, "moto_server")
-        s3 = f"http://127.0.0.1:{s3_port}"
-        env.setdefault("AWS_ACCESS_KEY_ID", "testing")
-        env.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    env["MLFLOW_S3_ENDPOINT_URL"] = s3
-    env["AWS_ENDPOINT_URL"] = s3
+    if fresh:
+        subprocess.run(_as_postgres([_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port),
+                                     "-U", "mlflow", "mlflow"]), check=True)
+    return port
+
+
+def _start_s3(env: dict[str, str], logs: Path, procs: dict[str, int]) -> str:
+    """moto_server on a free loopback port (in-memory: its objects live until ``down``)."""
+    port = _free_port()
+    moto = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=open(logs / "s3.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    procs["s3"] = moto.pid
+    _wait_port(port, 30, "moto_server")
+    env.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    env.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    return f"http://127.0.0.1:{port}"
+
+
+def _ensure_bucket(s3: str, bucket: str, env: dict[str, str]) -> None:
     import boto3  # the stack script is platform code: boto3 is fine here
 
-    bucket = os.environ.get("MLFLOW_BUCKET", "prism-mlflow")
     client = boto3.client("s3", endpoint_url=s3, region_name=env["AWS_DEFAULT_REGION"],
                           aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
                           aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"))
     if bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
         client.create_bucket(Bucket=bucket)
-    # 3. MLflow tracking server
-    port = _free_port()
-    backend = f"postgresql+psycopg2://mlflow@127.0.0.1:{pg_port}/mlflow"
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", backend, "--artifacts-destination", f"s3://{bucket}/mlflow",
-         "--workers", "1"],
-        env=env, stdout=open(logs / "mlflow.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
-    procs["mlflow"] = server.pid
+
+
+def up(root: Path) -> dict[str, Any]:
+    """Start PostgreSQL, S3 (unless ``S3_ENDPOINT`` is set) and ``mlflow server`` under
+    ``root``; write and return ``root/stack.json`` (tracking URI, backend, artifact
+    destination, S3 endpoint, bucket, pids). Everything started is stopped again on failure."""
+    root = root.resolve()
+    if (root / "stack.json").exists():
+        raise RuntimeError(f"a stack is already up in {root} (stack.py down --dir {root} first)")
     try:
-        _wait_port(port, 120, "mlflow server")
-    except RuntimeError as err:
-        tail = (logs / "mlflow.log").read_text()[-2000:]
-        raise RuntimeError(f"{err}; its log ends with:\n{tail}") from None
-    info = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "backend_store_uri": backend,
-            "artifacts_destination": f"s3://{bucket}/mlflow", "s3_endpoint": s3,
-            "pg_dir": str(pg_dir), "pids": json.dumps(procs)}
-    (root / "stack.json").write_text(json.dumps(info, indent=2))
+        import psycopg2  # noqa: F401  (mlflow server needs it for postgresql+psycopg2)
+    except ImportError:
+        raise RuntimeError("psycopg2 is missing: pip install -e '.[prod]'") from None
+    root.mkdir(parents=True, exist_ok=True)
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+    if os.geteuid() == 0:  # PostgreSQL runs as `postgres`: it needs its socket dir and log
+        shutil.chown(root, "postgres")
+        shutil.chown(logs, "postgres")
+        if subprocess.run(_as_postgres(["test", "-w", str(root)])).returncode != 0:
+            raise RuntimeError(f"PostgreSQL runs as user postgres, which cannot reach {root}: "
+                               "use a directory whose parents it may enter (e.g. under /tmp)")
+    procs: dict[str, int] = {}
+    info: dict[str, Any] = {"pg_dir": str(root / "pg"), "pids": procs}
+    try:
+        pg_port = _start_postgres(root, logs)
+        info["pg_port"] = pg_port
+        env = dict(os.environ)
+        env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        s3 = os.environ.get("S3_ENDPOINT") or _start_s3(env, logs, procs)
+        env["MLFLOW_S3_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"] = s3
+        bucket = os.environ.get("MLFLOW_BUCKET", "prism-mlflow")
+        _ensure_bucket(s3, bucket, env)
+        port = _free_port()
+        backend = f"postgresql+psycopg2://mlflow@127.0.0.1:{pg_port}/mlflow"
+        server = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", backend, "--artifacts-destination", f"s3://{bucket}/mlflow",
+             "--workers", "1"],
+            env=env, stdout=open(logs / "mlflow.log", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        procs["mlflow"] = server.pid
+        url = f"http://127.0.0.1:{port}"
+        info.update(MLFLOW_TRACKING_URI=url, backend_store_uri=backend,
+                    artifacts_destination=f"s3://{bucket}/mlflow", s3_endpoint=s3,
+                    bucket=bucket)
+        (root / "stack.json").write_text(json.dumps(info, indent=2))
+        _health(url, 180, logs / "mlflow.log")
+    except BaseException:
+        (root / "stack.json").write_text(json.dumps(info, indent=2))
+        down(root)
+        raise
     return info
 
 
 def down(root: Path) -> None:
+    """Stop what :func:`up` started in ``root`` (the processes by their recorded ids, then
+    PostgreSQL); the PostgreSQL data directory stays, so a later ``up`` reuses it."""
     info_path = root / "stack.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
-        for pid in json.loads(info["pids"]).values():
+        for pid in info.get("pids", {}).values():
             try:
                 os.killpg(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    if (root / "pg").exists():
+        info_path.unlink()
+    if (root / "pg" / "postmaster.pid").exists():
         subprocess.run(_as_postgres([_pg_bin("pg_ctl"), "-D", str(root / "pg"), "-m", "fast",
                                      "-w", "stop"]), stdout=subprocess.DEVNULL)
 
@@ -143,12 +194,15 @@ def main() -> None:
     ap.add_argument("action", choices=["up", "down"])
     ap.add_argument("--dir", type=Path, required=True)
     args = ap.parse_args()
-    if args.action == "up":
-        info = up(args.dir)
-        print(f"export MLFLOW_TRACKING_URI={info['MLFLOW_TRACKING_URI']}")
-        print(json.dumps(info, indent=2), file=sys.stderr)
-    else:
-        down(args.dir)
+    try:
+        if args.action == "up":
+            info = up(args.dir)
+            print(f"export MLFLOW_TRACKING_URI={info['MLFLOW_TRACKING_URI']}")
+            print(json.dumps(info, indent=2), file=sys.stderr)
+        else:
+            down(args.dir)
+    except (RuntimeError, subprocess.CalledProcessError) as err:
+        sys.exit(f"stack.py {args.action}: {err}")
 
 
 if __name__ == "__main__":
