@@ -94,6 +94,34 @@ def bench_size(name: str, src: str, work: Path, shard_size: int, repeats: int,
     return out
 
 
+def _spin(n: int) -> int:
+    """Ray task: fixed pure-Python work (no I/O, no libraries)."""
+    x = 0
+    for i in range(n):
+        x += i & 7
+    return x
+
+
+def cpu_ceiling(repeats: int, tasks: int = 8, n: int = 3_000_000) -> float:
+    """The speed-up that 2 Ray workers get over 1 on a fixed CPU-bound task set on this
+    machine right now: about 2 on an idle 2-core machine, less when other processes load it.
+    The job's own speed-up is to be read against this ceiling."""
+    import ray
+
+    spin = ray.remote(num_cpus=1)(_spin)
+    walls = {1: float("inf"), 2: float("inf")}
+    for _ in range(repeats):
+        for workers in (1, 2):
+            t0, pending, left = time.perf_counter(), [], tasks
+            while left or pending:
+                while left and len(pending) < workers:
+                    pending.append(spin.remote(n))
+                    left -= 1
+                _, pending = ray.wait(pending, num_returns=1)
+            walls[workers] = min(walls[workers], time.perf_counter() - t0)
+    return walls[1] / walls[2]
+
+
 def _warm(sleep_s: float) -> int:
     """Ray task: import the job's modules in this worker (and hold it so both start)."""
     import pipelines.spectra_job  # noqa: F401
@@ -132,8 +160,11 @@ def main() -> None:
         for size, (src, shard_size) in cases.items():
             results[size] = bench_size(size.split("x")[0], src, work, shard_size,
                                        1 if args.smoke else args.repeats, ray_runs)
+    ceiling = cpu_ceiling(1 if args.smoke else args.repeats) if ray_runs else None
+    load = os.getloadavg()
     report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.platform(),
-              "cpus": os.cpu_count(), "smoke": args.smoke, "results": results}
+              "cpus": os.cpu_count(), "load_avg_1_5_15": load, "smoke": args.smoke,
+              "ray_cpu_ceiling_1_to_2": ceiling, "results": results}
     out_dir = Path(os.environ.get("OUT", "outputs/bench"))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "spectra_throughput.json").write_text(json.dumps(report, indent=1))
@@ -143,6 +174,9 @@ def main() -> None:
         print(f"{size:>6} {r['images']:>7} {r['decode_images_per_s_per_core']:>14.0f} "
               f"{r['full_images_per_s_per_core']:>12.0f} {r['full_over_decode']:>6.2f} "
               f"{r.get('ray_speedup_1_to_2', float('nan')):>8.2f}")
+    if ceiling is not None:
+        print(f"Ray 1->2 ceiling of this machine now (pure CPU tasks): {ceiling:.2f}; "
+              f"load average {load[0]:.1f}")
 
 
 if __name__ == "__main__":
