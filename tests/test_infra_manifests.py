@@ -1,4 +1,7 @@
-"""infra/: every manifest parses and carries the fields KubeRay and the Ray launcher require."""
+"""infra/: every manifest parses and carries the fields KubeRay and the Ray launcher require;
+the launcher YAML passes Ray's own schema; the RayJob runs a valid `prism train`; the
+RayService's Serve config passes Serve's schema and builds prism's sampler app; the job upload
+leaves out everything heavy."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-INFRA = Path(__file__).resolve().parents[1] / "infra"
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
 KUBE = sorted((INFRA / "k8s").glob("*.yaml"))
 
 
@@ -72,6 +76,84 @@ def test_cluster_launcher_yaml() -> None:
     assert doc["max_workers"] >= sum(types[n]["max_workers"] for n in gpu)
 
 
-def test_runtime_env_excludes_heavy_paths() -> None:
+def test_cluster_launcher_passes_rays_schema() -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    doc = _load(INFRA / "ray" / "cluster-aws.yaml")
+    validate_config(prepare_config(doc))  # raises on unknown or missing fields
+
+
+def test_images_and_ray_version_agree() -> None:
+    import ray
+
+    images = set()
+    for path in KUBE:
+        doc = _load(path)
+        spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") \
+            or doc["spec"]
+        assert spec["rayVersion"] == ray.__version__, path.name
+        groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+        images |= {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+    images.add(_load(INFRA / "ray" / "cluster-aws.yaml")["docker"]["image"])
+    assert len(images) == 1, f"one project image everywhere, got {images}"
+    assert "docker build -f infra/Dockerfile -t " + images.pop() in \
+        (INFRA / "Dockerfile").read_text()
+
+
+def test_rayjob_entrypoint_is_a_valid_train_command() -> None:
+    import shlex
+
+    import typer
+
+    from prism_cli import app
+    from training.config import load_config
+
+    doc = next(_load(p) for p in KUBE if _load(p)["kind"] == "RayJob")
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[:4] == ["python", "-m", "prism_cli", "train"], argv
+    train = typer.main.get_command(app).commands["train"]
+    ctx = train.make_context("train", argv[4:])  # unknown options fail here
+    assert ctx.params["ray"] and ctx.params["gpu"] and ctx.params["workers"] >= 1
+    assert ctx.params["storage"].startswith("s3://"), "cluster checkpoints need shared storage"
+    cfg = load_config(ROOT / ctx.params["config"], ctx.params["set_"])  # overrides validate
+    assert cfg.data.url.startswith("s3://")
+
+
+def test_rayservice_builds_prisms_sampler_app() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import AppArgs, build_app
+
+    doc = next(_load(p) for p in KUBE if _load(p)["kind"] == "RayService")
+    serve = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    local = ServeDeploySchema.model_validate(_load(ROOT / "serving" / "config.yaml"))
+    (app,), (local_app,) = serve.applications, local.applications
+    assert app.import_path == local_app.import_path == "serving.app:build_app"
+    module, attr = app.import_path.split(":")
+    assert callable(getattr(__import__(module, fromlist=[attr]), attr)) and build_app
+    AppArgs.model_validate(app.args)
+    assert app.args["model_uri"].startswith("models:/")
+    names = {d.name for d in app.deployments}
+    assert names == {d.name for d in local_app.deployments} == {"Sampler", "Ingress"}
+    sampler = next(d for d in app.deployments if d.name == "Sampler")
+    local_sampler = next(d for d in local_app.deployments if d.name == "Sampler")
+    assert set(sampler.user_config) == set(local_sampler.user_config)
+    assert sampler.ray_actor_options.num_gpus == 1
+    assert sampler.max_ongoing_requests >= sampler.user_config["max_batch_size"]
+
+
+def test_runtime_env_upload_leaves_out_heavy_paths() -> None:
+    """Ray's own packaging walk over this checkout, with the excludes alone (no .gitignore)."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
     env = _load(INFRA / "ray" / "runtime_env.yaml")
-    assert ".venv/" in env["excludes"] and ".git/" in env["excludes"]
+    assert env["working_dir"] == "."
+    for must in ("/.venv", "/.git", "/.dvc/cache", "/data", "/outputs", "/runs", "/mlruns"):
+        assert must in env["excludes"], must
+    files: list[Path] = []
+    _dir_travel(ROOT, [_get_excludes(ROOT, env["excludes"])],
+                lambda p: files.append(p) if p.is_file() else None, include_gitignore=False)
+    rel = {p.relative_to(ROOT).parts[0] for p in files}
+    assert {"prism_cli.py", "training", "components", "infra"} <= rel
+    assert not rel & {".venv", ".git", "runs", "outputs", "mlruns", "data"}
+    assert sum(p.stat().st_size for p in files) < 50 * 2**20
