@@ -198,7 +198,13 @@ def sampling_grid(model: GenerativeModel, opts: GenerateOptions, seeds: list[int
     from components.samplers import lambda_grid
 
     if opts.schedule == "model":
-        return lambda_grid(model.schedule, opts.steps), None
+        lambdas = lambda_grid(model.schedule, opts.steps)
+        if model.n_cond != 3:
+            return lambdas, None
+        # a network conditioned on (lambda(t), lambda(0), lambda(1)) sampled on the global
+        # schedule: every image's end points are that schedule's
+        ends = model.schedule.lambda_(torch.tensor([0.0, 1.0], dtype=torch.float64)).float()
+        return lambdas, ends.expand(len(seeds), 2).clone()
     from components.spectral_schedules import (
         ScheduleModel,
         lambda_bounds,

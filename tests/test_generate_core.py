@@ -99,6 +99,10 @@ def test_spectral_schedule_per_image():
     batch = generate(model, seeds=[5, 6, 7], steps=STEPS, schedule="spectral")
     alone = generate(model, seeds=[6], steps=STEPS, schedule="spectral")
     torch.testing.assert_close(batch[1], alone[0], atol=1e-4, rtol=0)
+    # the same spectrally conditioned network also samples on its global schedule (a sweep
+    # over schedules compares both), with the global end points as its (lambda(0), lambda(1))
+    on_global = generate(model, seeds=[5, 6, 7], steps=STEPS, schedule="model")
+    assert on_global.shape == batch.shape and not torch.allclose(on_global, batch)
     with pytest.raises(ValueError, match="spectral"):
         generate(debug_model(), seeds=[0], steps=STEPS, schedule="spectral")
 
