@@ -1,4 +1,4 @@
-"""``prism train CONFIG [--set key=value ...] [--ray --workers N [--gpu]]``."""
+"""``prism train CONFIG [--section a.b] [--set key=value ...] [--ray --workers N [--gpu]]``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from training.config import ConfigError, load_config
 def train_command(
     config: Path = typer.Argument(..., help="training config YAML (see training/configs/)"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set optim.lr=1e-4"),
+    section: str = typer.Option(None, "--section",
+                                help="dotted sub-mapping of CONFIG holding the sections, e.g. "
+                                     "models.demo-eps of params.yaml"),
     ray: bool = typer.Option(False, "--ray", help="run on Ray Train (RAY_ADDRESS or local)"),
     workers: int = typer.Option(1, "--workers", min=1, help="Ray Train workers"),
     gpu: bool = typer.Option(False, "--gpu", help="one GPU per Ray Train worker"),
@@ -24,7 +27,7 @@ def train_command(
     """Train a model. One process (or each process of torchrun) by default; the same loop on
     Ray Train with --ray. The same run name resumes from its latest checkpoint."""
     try:
-        cfg = load_config(config, set_)
+        cfg = load_config(config, set_, section=section)
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None

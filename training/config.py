@@ -216,12 +216,33 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply ``key=value`` overrides, validate."""
+def select_section(raw: dict[str, Any], section: str, source: str) -> dict[str, Any]:
+    """The sub-mapping at dotted ``section`` (e.g. ``models.demo-eps`` of params.yaml); its
+    ``run.name`` defaults to the last key."""
+    node: Any = raw
+    for i, key in enumerate(section.split(".")):
+        if not isinstance(node, dict) or key not in node:
+            where = ".".join(section.split(".")[:i]) or "the top level"
+            have = sorted(node) if isinstance(node, dict) else []
+            raise ConfigError(f"{source}: no section {section!r} ({key!r} not in {where}; "
+                              f"found {have})")
+        node = node[key]
+    if not isinstance(node, dict):
+        raise ConfigError(f"{source}: section {section!r} must be a mapping of sections")
+    run = node.get("run") or {}
+    return {**node, "run": {"name": section.split(".")[-1], **run}}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                section: str | None = None) -> Config:
+    """Read a YAML config (or its dotted ``section``), apply ``key=value`` overrides, validate."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return config_from_dict(_merge(raw, parse_overrides(overrides or [])), str(path))
+    source = str(path)
+    if section:
+        raw, source = select_section(raw, section, source), f"{path} [{section}]"
+    return config_from_dict(_merge(raw, parse_overrides(overrides or [])), source)

@@ -15,7 +15,9 @@ each batch carries the position after it, so the trainer knows where every strea
 
 from __future__ import annotations
 
+import glob
 import io
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +59,13 @@ def load_spectral_params(path: str) -> dict[str, np.ndarray]:
             else [path]
         table = pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(f)),
                                                 columns=columns) for f in files])
+    elif os.path.isdir(path):  # the spectra stage's folder also holds summary.json and PNGs
+        import pyarrow as pa
+
+        files = sorted(glob.glob(os.path.join(path, "*.parquet")))
+        if not files:
+            raise FileNotFoundError(f"no .parquet files in {path}")
+        table = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
     else:
         table = pq.read_table(path, columns=columns)
     keys = table.column("key").to_pylist()

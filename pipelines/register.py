@@ -1,0 +1,176 @@
+"""The register stage: promote the best evaluated model to the MLflow alias ``champion``.
+
+For every model of ``params.yaml``'s ``models:`` the evaluate stage wrote
+``<eval_dir>/<name>/metrics_table.json``. The stage reads the configured metric at the
+configured (schedule, steps) row, picks the best model (``mode`` min or max), and, when that
+value passes ``threshold`` (``<=`` for min, ``>=`` for max), sets the alias on the registered
+model version whose ``model.safetensors`` is byte-identical to the DVC-tracked
+``<train_dir>/<name>/model`` (training registers ``<project>-<name>`` with alias
+``candidate``; a version is found by that alias first, then among all versions; if none
+matches, e.g. after ``dvc pull`` into a fresh MLflow, the directory is registered anew).
+Each model's evaluate table is also logged to its MLflow run (``eval/...``).
+``register.json`` records the decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class RegisterConfig(BaseModel):
+    """The ``register:`` section of params.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = "swd_x1e3"  # a column of metrics_table.json
+    mode: Literal["min", "max"] = "min"
+    schedule: str = "model"  # the evaluate row: schedule and steps
+    steps: int = Field(16, ge=1)
+    threshold: float | None = None  # None: always promote the best
+    alias: str = Field("champion", pattern=r"^[A-Za-z0-9_-]+$")
+
+
+def load_register_config(params: str | Path) -> tuple[RegisterConfig, list[str]]:
+    """(register section, model names) of a params.yaml; bad fields are named."""
+    path = Path(params)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file {path} not found")
+    doc = yaml.safe_load(path.read_text()) or {}
+    models = doc.get("models")
+    if not isinstance(models, dict) or not models:
+        raise ValueError(f"{path}: 'models' must be a non-empty mapping of training configs")
+    try:
+        cfg = RegisterConfig.model_validate(doc.get("register") or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise ValueError(f"{path}: register.{field}: {err['msg']}") from None
+    return cfg, list(models)
+
+
+def read_score(eval_dir: Path, name: str, cfg: RegisterConfig) -> float:
+    """The configured metric of model ``name`` at (schedule, steps)."""
+    path = eval_dir / name / "metrics_table.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the evaluate stage for {name!r}")
+    rows = json.loads(path.read_text())
+    for r in rows:
+        if r.get("schedule") == cfg.schedule and r.get("steps") == cfg.steps:
+            if cfg.metric not in r:
+                raise ValueError(f"{path}: no metric {cfg.metric!r} (have "
+                                 f"{sorted(k for k in r if k not in ('schedule', 'steps'))})")
+            return float(r[cfg.metric])
+    have = [(r.get("schedule"), r.get("steps")) for r in rows]
+    raise ValueError(f"{path}: no row for schedule={cfg.schedule!r}, steps={cfg.steps} "
+                     f"(register.schedule/steps; evaluated: {have})")
+
+
+def passes(value: float, cfg: RegisterConfig) -> bool:
+    if cfg.threshold is None:
+        return True
+    return value <= cfg.threshold if cfg.mode == "min" else value >= cfg.threshold
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _version_sha(client: Any, mv: Any) -> str | None:
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="prism-register-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{mv.source}/model.safetensors", dst_path=tmp)
+        except Exception:  # noqa: BLE001 - an unreadable version simply does not match
+            return None
+        return _sha256(Path(local))
+
+
+def find_version(model_dir: Path) -> tuple[str, Any]:
+    """(registered name, model version) holding exactly ``model_dir``'s weights; registers
+    the directory (new run + version, alias candidate) when no version matches."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from training.config import config_from_dict
+    from training.tracking import model_name, register_model, tracking_uri
+
+    meta = json.loads((model_dir / "config.json").read_text())
+    tcfg = config_from_dict(meta["training"], f"{model_dir}/config.json")
+    mlflow.set_tracking_uri(tracking_uri(tcfg))
+    client, name = mlflow.MlflowClient(), model_name(tcfg)
+    want = _sha256(model_dir / "model.safetensors")
+    candidates = []
+    try:
+        candidates.append(client.get_model_version_by_alias(name, tcfg.tracking.alias))
+    except MlflowException:
+        pass
+    try:
+        candidates += client.search_model_versions(f"name='{name}'",
+                                                   order_by=["version_number DESC"])
+    except MlflowException:
+        pass
+    for mv in candidates:
+        if _version_sha(client, mv) == want:
+            return name, mv
+    mlflow.set_experiment(tcfg.run.project)
+    with mlflow.start_run(run_name=f"{tcfg.run.name}-import") as run:
+        mlflow.set_tag("prism.imported_from", str(model_dir))
+        version = register_model(tcfg, run.info.run_id, model_dir)
+    return name, client.get_model_version(name, version)
+
+
+def promote(params: str | Path, eval_dir: str | Path, train_dir: str | Path,
+            out: str | Path, log: Any = print) -> dict[str, Any]:
+    """Run the register stage (see the module doc); writes and returns register.json."""
+    from pipelines.evaluate import log_to_mlflow
+
+    cfg, names = load_register_config(params)
+    eval_dir, train_dir = Path(eval_dir), Path(train_dir)
+    scores = {n: read_score(eval_dir, n, cfg) for n in names}
+    best = (min if cfg.mode == "min" else max)(scores, key=scores.__getitem__)
+    ok = passes(scores[best], cfg)
+    versions: dict[str, dict[str, str]] = {}
+    for n in names:
+        model_dir = train_dir / n / "model"
+        if not (model_dir / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{model_dir}/model.safetensors not found: run the train "
+                                    f"stage for {n!r}")
+        reg_name, mv = find_version(model_dir)
+        versions[n] = {"registered_model": reg_name, "version": str(mv.version),
+                       "run_id": mv.run_id}
+        rows = json.loads((eval_dir / n / "metrics_table.json").read_text())
+        log_to_mlflow(mv.run_id, rows, eval_dir / n)
+    result: dict[str, Any] = {
+        "metric": cfg.metric, "mode": cfg.mode, "setting": f"{cfg.schedule}-{cfg.steps}",
+        "threshold": cfg.threshold, "scores": scores, "best": best, "value": scores[best],
+        "passed": ok, "alias": cfg.alias, "promoted": None,
+        "versions": {n: f"{v['registered_model']}/{v['version']}" for n, v in versions.items()},
+    }
+    if ok:
+        import mlflow
+
+        v = versions[best]
+        mlflow.MlflowClient().set_registered_model_alias(v["registered_model"], cfg.alias,
+                                                         v["version"])
+        result["promoted"] = f"models:/{v['registered_model']}@{cfg.alias}"
+        log(f"promoted {best} ({cfg.metric} = {scores[best]:.4g}) -> "
+            f"{v['registered_model']} version {v['version']} @{cfg.alias}")
+    else:
+        log(f"not promoted: best {best} has {cfg.metric} = {scores[best]:.4g}, threshold "
+            f"{cfg.threshold} ({cfg.mode})")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    return result
