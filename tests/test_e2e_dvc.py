@@ -9,8 +9,7 @@ import json
 import re
 
 import pytest
-
-from tests.e2e_clone import demo_clone
+from e2e_clone import demo_clone  # tests/ is on sys.path (rootdir insertion)
 
 pytestmark = pytest.mark.slow
 

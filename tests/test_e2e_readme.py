@@ -9,9 +9,8 @@ import os
 import re
 
 import pytest
+from e2e_clone import demo_clone  # tests/ is on sys.path (rootdir insertion)
 from PIL import Image
-
-from tests.e2e_clone import demo_clone
 
 pytestmark = pytest.mark.slow
 
