@@ -3,12 +3,14 @@ a server, a real ``mlflow server`` on loopback, and stopping process groups we s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -86,3 +88,24 @@ def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
         stop_group(proc)
         raise
     return proc, url
+
+
+@contextlib.contextmanager
+def mlflow_tracking(url: str) -> Iterator[None]:
+    """Point this process's MLflow client at ``url`` and restore the previous setting after.
+
+    ``mlflow.set_tracking_uri`` (called by the training loop's logger too) is process-global
+    and also writes MLFLOW_TRACKING_URI; without the restore, a later test would talk to a
+    server that is gone."""
+    from mlflow.tracking._tracking_service import utils
+
+    old_uri, old_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    utils.set_tracking_uri(url)
+    try:
+        yield
+    finally:
+        utils.set_tracking_uri(old_uri)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from infra_helpers import ROOT  # noqa: E402
+from infra_helpers import ROOT, mlflow_tracking  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STACK = ROOT / "infra" / "mlflow" / "stack.py"
@@ -63,19 +63,19 @@ def test_training_run_logs_and_registers_in_postgres_and_s3(stack, tmp_path, mon
     # the client has no S3 settings at all: the server proxies the artifacts
     for k in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"):
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    cfg = load_config(ROOT / "training" / "configs" / "debug.yaml",
-                      [f"run.output_dir={tmp_path}", "run.name=prod", "sampling.num_images=4"])
-    run_local(cfg)
+    with mlflow_tracking(url):  # through MLFLOW_TRACKING_URI, as a user would
+        cfg = load_config(ROOT / "training" / "configs" / "debug.yaml",
+                          [f"run.output_dir={tmp_path}", "run.name=prod", "sampling.num_images=4"])
+        assert cfg.tracking.uri is None
+        run_local(cfg)
+        # the registry alias gives back exactly the exported EMA weights
+        model = load_model("models:/prism-prod@candidate")
 
     client = mlflow.MlflowClient(url)
     mv = client.get_model_version_by_alias("prism-prod", "candidate")
     run = client.get_run(mv.run_id)
     assert run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 20
-
-    # the registry alias gives back exactly the exported EMA weights
-    model = load_model("models:/prism-prod@candidate")
     local = load_file(str(tmp_path / "prod" / "model" / "model.safetensors"))
     state = model.net.state_dict()
     assert set(state) == set(local)

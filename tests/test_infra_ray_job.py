@@ -23,7 +23,14 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from infra_helpers import ROOT, free_ports, start_group, start_mlflow_server, stop_group  # noqa: E402, I001
+from infra_helpers import (  # noqa: E402
+    ROOT,
+    free_ports,
+    mlflow_tracking,
+    start_group,
+    start_mlflow_server,
+    stop_group,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -81,7 +88,7 @@ def _job_package(temp_dir: Path) -> Path:
     return pkgs[0]
 
 
-def test_submit_train_runs_on_the_cluster_and_registers(ray_head, tmp_path, monkeypatch):
+def test_submit_train_runs_on_the_cluster_and_registers(ray_head, tmp_path):
     import mlflow
 
     mlflow_proc, mlflow_url = start_mlflow_server(tmp_path / "mlflow")
@@ -121,8 +128,8 @@ def test_submit_train_runs_on_the_cluster_and_registers(ray_head, tmp_path, monk
         # the registered weights are the ones the job's rank 0 exported
         from training.artifacts import load_model
 
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_url)
-        model = load_model("models:/prism-rayjob@candidate")
+        with mlflow_tracking(mlflow_url):
+            model = load_model("models:/prism-rayjob@candidate")
         trained = load_file(str(pkg / "runs" / "rayjob" / "model" / "model.safetensors"))
         state = model.net.state_dict()
         assert set(state) == set(trained)
