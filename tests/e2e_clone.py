@@ -7,6 +7,7 @@ and puts the clone first on PYTHONPATH (the venv's editable install points at th
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shutil
@@ -52,6 +53,8 @@ def demo_clone() -> DemoClone:
     if shutil.which("git") is None:
         raise RuntimeError("git is needed for the end-to-end tests")
     base = Path(tempfile.mkdtemp(prefix="prism-e2e-"))
+    if not os.environ.get("PRISM_E2E_KEEP"):  # set it to keep the clone for a post-mortem
+        atexit.register(shutil.rmtree, base, True)
     path = base / "prism"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(path)], check=True, timeout=300)
     (path / ".venv").symlink_to(ROOT / ".venv")
