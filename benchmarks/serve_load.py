@@ -46,7 +46,7 @@ def debug_model(directory: Path | None = None) -> tuple[GenerativeModel, str | N
     """unet-debug with random weights (head re-drawn: zero heads make constant images);
     saved as a model directory when ``directory`` is given (for the service)."""
     torch.manual_seed(0)
-    net = build_network("unet-debug", num_classes=4).eval()
+    net = build_network("unet-debug", num_classes=4).train(False)
     for p in net.parameters():
         if p.ndim > 1 and not p.any():
             torch.nn.init.normal_(p, std=0.05)

@@ -159,7 +159,7 @@ def main() -> None:
         results[f"{name}_params"] = sum(p.numel() for p in params.parameters())
         t0 = time.perf_counter()
         if args.part in ("all", "sample"):
-            results[f"{name}_sample_s"] = time_sampling(net.eval(), process, args.batch,
+            results[f"{name}_sample_s"] = time_sampling(net.train(False), process, args.batch,
                                                         args.steps, device)
         if args.part in ("all", "train"):
             results[f"{name}_train_images_per_s"] = time_training(

@@ -104,7 +104,7 @@ def main() -> None:
         preset, batch, steps, repeats = "unet-debug", 2, 4, 1
     m = 2
     torch.manual_seed(0)
-    net = build_network(preset).to(device).eval()
+    net = build_network(preset).to(device).train(False)
     r = {"unet-debug": 16, "ddpm-cifar10": 32}[preset]  # the preset's trained resolution
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)

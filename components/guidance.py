@@ -302,7 +302,7 @@ class DiffusersUNetDenoiser:
             from diffusers import UNet2DModel
         except ImportError as e:  # pragma: no cover - depends on the optional extra
             raise ImportError("DiffusersUNetDenoiser needs the optional 'diffusers' package") from e
-        return cls(UNet2DModel.from_pretrained(path, **kw).eval(), schedule, prediction)
+        return cls(UNet2DModel.from_pretrained(path, **kw).train(False), schedule, prediction)
 
     def __call__(self, x: Tensor, lam: Tensor, cond: Cond) -> Tensor:
         lam = _per_image(lam, x).to(torch.float64)

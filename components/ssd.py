@@ -311,7 +311,7 @@ def ssd_generate(model: Any, seeds: list[int], steps: int | None,
             raise ValueError(f"class_labels has {len(class_labels)} entries for "
                              f"{len(seeds)} seeds")
         labels = torch.tensor(class_labels, dtype=torch.long)
-    model.net.eval()
+    model.net.train(False)
     return ssd_sample(model.net, process, len(seeds), gens, labels, steps,
                       model.in_channels, device)
 

@@ -130,7 +130,7 @@ def train_feature_net(train: ImageSet, test: ImageSet | None, recipe: FeatureNet
         log(f"epoch {epoch + 1}/{recipe.epochs} loss {float(total) / max(seen, 1):.4f} "
             f"({time.perf_counter() - t0:.1f} s)")
     train_s = time.perf_counter() - t0
-    net.eval()
+    net.train(False)
     # unit mean-square features on (up to 5,000 of) the training images: KID's cubic kernel
     # and FD then see features of the scale they were designed for
     calib = train.subset(np.arange(min(len(train), 5000))).as_float()

@@ -86,7 +86,7 @@ def load_served_model(uri: str, device: str) -> tuple[GenerativeModel, dict[str,
             raise ModelNotFound(f"model directory {uri} does not exist")
         name, version = path.name, "local"
     model = load_model(load_uri, device)
-    model.net.eval()
+    model.net.train(False)
     info = {
         "name": name, "uri": uri, "version": version, "aliases": aliases or [uri, name],
         "kind": model.kind, "resolution": model.resolution, "in_channels": model.in_channels,

@@ -102,7 +102,7 @@ def _load_dir(d: Path, device: str | torch.device) -> GenerativeModel:
     schedule = json.loads((d / "schedule.json").read_text())
     net = build_family(config["family"], **config["net_kwargs"])
     net.load_state_dict(load_file(str(d / "model.safetensors"), device="cpu"))
-    net.to(device).eval()
+    net.to(device).train(False)
     extra = dict(config.get("extra", {}))
     if schedule.get("spectral_kind"):
         extra.setdefault("spectral_kind", schedule["spectral_kind"])

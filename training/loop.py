@@ -53,7 +53,7 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
     net.to(device)
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    ema = copy.deepcopy(net).train(False).requires_grad_(False)
     opt = parts.make_optimizer(cfg, param_groups(net, cfg.optim.weight_decay), device)
     objective = build_objective(cfg)
 

@@ -52,7 +52,7 @@ def sample_grid(cfg: Config, model: GenerativeModel, device: torch.device) -> np
     seeds = [cfg.sampling.seed + i for i in range(n)]
     labels = [i % model.num_classes for i in range(n)] if model.num_classes else None
     was_training = model.net.training
-    model.net.eval()
+    model.net.train(False)
     x = generate(model, seeds=seeds, steps=cfg.sampling.steps, sampler=cfg.sampling.sampler,
                  class_labels=labels, device=device,
                  schedule="spectral" if cfg.objective.per_instance else "model")

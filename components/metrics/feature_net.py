@@ -143,7 +143,7 @@ def load_feature_net(path: str | Path, device: str | torch.device = "cpu",
     net = FeatureNet(**meta["arch"])
     net.load_state_dict(load(data))
     meta["sha256"], meta["metric_name"] = digest, metric_name(digest)
-    return net.to(device).eval(), meta
+    return net.to(device).train(False), meta
 
 
 @torch.no_grad()
@@ -172,7 +172,7 @@ def accuracy(net: FeatureNet, images: Tensor, labels: Tensor, batch_size: int = 
     """Top-1 accuracy on images (N, 3, H, W) in [-1, 1] (optionally averaging a flip)."""
     dev = next(net.parameters()).device
     correct = 0
-    net.eval()
+    net.train(False)
     with torch.no_grad():
         for s in range(0, images.shape[0], batch_size):
             x = images[s : s + batch_size].to(dev, torch.float32)

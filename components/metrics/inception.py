@@ -216,4 +216,4 @@ def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> 
         raise ValueError(f"{p} is not the FID InceptionV3 state dict: missing {missing[:5]} "
                          f"({len(missing)}), unexpected {extra[:5]} ({len(extra)})")
     net.load_state_dict(state, strict=False)
-    return net.to(device).eval()
+    return net.to(device).train(False)
