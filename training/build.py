@@ -4,6 +4,11 @@ The objective registry imports family objectives lazily by name, so that ``train
 depend on every model family: ``diffusion`` (``components.objectives``), ``ssd``
 (``components.ssd.SSDObjective``), ``dimr_multiscale``
 (``components.multiscale.MultiScaleObjective``).
+
+The family objectives take the config's own fields where they apply (``ssd``: the Flexi-UNet
+preset's process settings, ``min_snr_gamma``, ``label_dropout``; ``dimr_multiscale``: the
+schedule, ``label_dropout``, ``per_instance``); ``options`` adds the rest (SSD settings, loss
+coefficients). A setting the family objective cannot honour fails at build, naming the field.
 """
 
 from __future__ import annotations
@@ -65,14 +70,69 @@ def build_objective(cfg: Config) -> Callable:
     except (ImportError, AttributeError) as err:
         raise ValueError(f"objective.name {o.name!r}: {module}.{cls_name} is not available "
                          f"({err})") from err
-    if o.name != "diffusion":
-        return cls(**dict(o.options))
+    check_family_objective(cfg)
+    if o.name == "ssd":
+        return cls.from_settings(cfg.data.resolution, ssd_settings_of(cfg),
+                                 min_snr_gamma=o.min_snr_gamma, label_dropout=o.label_dropout)
+    if o.name == "dimr_multiscale":
+        return cls(schedule=None if o.per_instance else schedule_of(cfg),
+                   label_dropout=o.label_dropout, n_cond=n_cond_of(cfg),
+                   per_instance=o.per_instance, **dict(o.options))
     return cls(
         schedule=None if o.per_instance else schedule_of(cfg),
         prediction=o.prediction, weighting=o.weighting, min_snr_gamma=o.min_snr_gamma,
         sigmoid_bias=o.sigmoid_bias, n_cond=n_cond_of(cfg), label_dropout=o.label_dropout,
         per_instance=o.per_instance, **dict(o.options),
     )
+
+
+# config fields a family objective takes itself: not allowed again in ``objective.options``
+_FROM_CONFIG = {"ssd": ("min_snr_gamma", "label_dropout"),
+                "dimr_multiscale": ("schedule", "schedule_kwargs", "label_dropout", "n_cond",
+                                    "per_instance")}
+
+
+def check_family_objective(cfg: Config) -> None:
+    """Refuse settings that ``ssd`` / ``dimr_multiscale`` would silently ignore."""
+    o = cfg.objective
+    bad: list[str] = [f"objective.options.{k}: set objective.{k} instead"
+                      for k in _FROM_CONFIG.get(o.name, ()) if k in o.options]
+    if o.name == "ssd":
+        # SCIENCE.md section 6: x0 at r(t-1), weight min(SNR, gamma), DDPM linear betas
+        if o.prediction != "x0":
+            bad.append(f"objective.prediction: the SSD objective predicts x0, got "
+                       f"{o.prediction!r}")
+        if o.weighting != "min_snr":
+            bad.append(f"objective.weighting: the SSD objective weights by min(SNR, "
+                       f"min_snr_gamma); set min_snr, got {o.weighting!r}")
+        if o.schedule != "ddpm_linear":
+            bad.append(f"objective.schedule: the SSD process uses DDPM's linear betas; set "
+                       f"ddpm_linear, got {o.schedule!r}")
+        if o.per_instance:
+            bad.append("objective.per_instance: not supported by the SSD objective")
+    if o.name == "dimr_multiscale":
+        if o.prediction != "eps":
+            bad.append(f"objective.prediction: the DiMR multi-scale loss predicts eps, got "
+                       f"{o.prediction!r}")
+        if o.weighting != "uniform":
+            bad.append(f"objective.weighting: the DiMR multi-scale loss is unweighted; set "
+                       f"uniform, got {o.weighting!r}")
+    if bad:
+        raise ValueError(f"objective.name {o.name!r}: " + "; ".join(bad))
+
+
+def ssd_settings_of(cfg: Config) -> dict[str, Any]:
+    """The ``components.ssd.SSDProcess`` settings of an ``ssd`` run (saved in the model's
+    ``extra``): the Flexi-UNet preset's (``flexi_unet.SSD_SETTINGS``), DDPM's ``T``,
+    ``beta_start``, ``beta_end`` from ``objective.schedule_kwargs``, then ``objective.options``."""
+    from components.networks.flexi_unet import SSD_SETTINGS
+
+    settings: dict[str, Any] = dict(SSD_SETTINGS.get(cfg.model.preset, {}))
+    kw = cfg.objective.schedule_kwargs
+    settings.update({k: int(kw[k]) if k == "T" else float(kw[k])
+                     for k in ("T", "beta_start", "beta_end") if k in kw})
+    settings.update(cfg.objective.options)
+    return settings
 
 
 def param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -64,7 +64,8 @@ class ModelConfig(_Section):
 
 class ObjectiveConfig(_Section):
     """The loss. ``name: diffusion`` is ``components.objectives.DiffusionObjective``;
-    ``ssd`` and ``dimr_multiscale`` are the family objectives, built with ``options``."""
+    ``ssd`` and ``dimr_multiscale`` are the family objectives, built from these fields and
+    ``options`` (see ``training.build.build_objective``)."""
 
     name: Literal["diffusion", "ssd", "dimr_multiscale"] = "diffusion"
     prediction: Literal["eps", "x0", "v"] = "eps"

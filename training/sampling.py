@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from components.generate import GenerativeModel, generate, image_grid, to_uint8
-from training.build import n_cond_of, schedule_of
+from training.build import n_cond_of, schedule_of, ssd_settings_of
 from training.config import Config
 
 
@@ -17,7 +17,7 @@ def generative_model(cfg: Config, net: torch.nn.Module, spectral: dict[str, Any]
                      ) -> GenerativeModel:
     """The GenerativeModel of a network being trained (for sampling and export)."""
     kind = "ssd" if cfg.objective.name == "ssd" else "standard"
-    extra: dict[str, Any] = dict(cfg.objective.options) if kind == "ssd" else {}
+    extra: dict[str, Any] = ssd_settings_of(cfg) if kind == "ssd" else {}  # process settings
     if cfg.objective.per_instance:
         extra["spectral_kind"] = cfg.objective.per_instance
     return GenerativeModel(
