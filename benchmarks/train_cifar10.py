@@ -50,15 +50,22 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=8, help="data loader workers")
     ap.add_argument("--smoke", action="store_true", help="CPU, generated 16x16 data, 6 steps")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override")
+    ap.add_argument("--config", default=None,
+                    help="training config (default training/configs/cifar10-ddpm-eps.yaml)")
+    ap.add_argument("--tag", default="train_cifar10",
+                    help="name of the outputs: TAG.json, TAG_samples.png, TAG_run/")
+    ap.add_argument("--run-root", default=None, help="where the run directory goes "
+                    "(default $OUT/TAG_run)")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "outputs/bench"))
     out.mkdir(parents=True, exist_ok=True)
-    run_root = out / "train_cifar10_run"
+    run_root = Path(args.run_root) if args.run_root else out / f"{args.tag}_run"
     if args.smoke:
         path = ROOT / "training" / "configs" / "debug.yaml"
         sets = ["train.total_images=48", "sampling.num_images=4", "sampling.steps=4"]
     else:
-        path = ROOT / "training" / "configs" / "cifar10-ddpm-eps.yaml"
+        path = Path(args.config) if args.config else (
+            ROOT / "training" / "configs" / "cifar10-ddpm-eps.yaml")
         sets = [f"data.url={args.shards}", f"data.num_workers={args.workers}",
                 f"train.time_limit_s={args.minutes * 60}", "train.total_images=100000000",
                 "optim.warmup_images=128000", "train.log_every_images=25600",
@@ -74,7 +81,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
     grids = sorted((run_root / "cifar10" / "samples").glob("*.png"))
     if grids:
-        shutil.copy(grids[-1], out / "train_cifar10_samples.png")
+        shutil.copy(grids[-1], out / f"{args.tag}_samples.png")
     steady = [r["images_per_second"] for r in curve.rows[2:]] or \
         [r["images_per_second"] for r in curve.rows]
     summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
@@ -82,7 +89,7 @@ def main() -> None:
                "final_loss": result.get("loss"),
                "median_images_per_second": sorted(steady)[len(steady) // 2] if steady else None,
                "config": cfg.model_dump(mode="json"), "curve": curve.rows}
-    (out / "train_cifar10.json").write_text(json.dumps(summary, indent=1))
+    (out / f"{args.tag}.json").write_text(json.dumps(summary, indent=1))
     print(f"\n{'steps':>8} {'images':>10} {'wall s':>8} {'img/s':>8} {'loss first':>10} "
           f"{'loss last':>10}")
     first = curve.rows[0]["loss"] if curve.rows else float("nan")

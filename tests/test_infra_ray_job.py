@@ -108,7 +108,7 @@ def test_submit_train_runs_on_the_cluster_and_registers(ray_head, tmp_path):
         # the upload: the code, nothing heavy or machine-local
         pkg = _job_package(ray_head["temp_dir"])
         assert (pkg / "prism_cli.py").is_file() and (pkg / "training" / "loop.py").is_file()
-        for heavy in (".venv", ".git", "mlruns", ".whl", ".gpudata"):
+        for heavy in (".venv", ".git", "mlruns", ".whl", ".whlray", ".gpudata"):
             assert not (pkg / heavy).exists(), f"{heavy} was uploaded with the job"
         code_files = [p for p in pkg.rglob("*") if p.is_file() and "runs" not in p.parts]
         assert sum(p.stat().st_size for p in code_files) < 20 * 2**20

@@ -73,7 +73,10 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
     ddp = DistributedDataParallel(net) if ctx.world > 1 else None
     fwd = ddp or net
     if parts.switch(cfg.run.compile, device):
-        fwd = torch.compile(fwd)
+        # one static graph per input shape: SSD trains on several resolution pairs, and
+        # automatic dynamic shapes would turn its int arguments symbolic (slow, recompiling)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        fwd = torch.compile(fwd, dynamic=False)
     cb.on_start(cfg, {"rank": ctx.rank, "world": ctx.world, "device": str(device),
                       "start_step": step, "total_steps": cfg.total_steps, "family": family,
                       "parameters": sum(p.numel() for p in net.parameters())})
