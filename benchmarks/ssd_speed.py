@@ -165,6 +165,8 @@ def main() -> None:
             results[f"{name}_train_images_per_s"] = time_training(
                 params.train(), net.train(), process, args.batch, args.train_iters, device)
         results[f"{name}_wall_s"] = time.perf_counter() - t0  # incl. compiling
+        print(name, json.dumps({k: v for k, v in results.items() if k.startswith(name)}),
+              flush=True)  # partial results survive a timeout
         del params, net
         if device.type == "cuda":
             torch.cuda.empty_cache()

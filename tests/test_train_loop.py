@@ -85,6 +85,14 @@ def test_config_consistency_errors_are_clear():
         load_config("/nonexistent.yaml")
 
 
+def test_switches_read_yaml_booleans_as_on_off(tmp_path):
+    # YAML 1.1 reads `off`/`on` as booleans: `--set run.compile=off` must still mean "off"
+    cfg = debug_config(tmp_path, "run.compile=off", "run.channels_last=on", "optim.fused=no")
+    assert (cfg.run.compile, cfg.run.channels_last, cfg.optim.fused) == ("off", "on", "off")
+    with pytest.raises(ConfigError, match=r"run\.compile"):
+        debug_config(tmp_path, "run.compile=sometimes")
+
+
 def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1] / "training" / "configs"
     names = sorted(p.name for p in root.glob("*.yaml"))

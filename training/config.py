@@ -10,10 +10,19 @@ overrides and validates; a bad value fails at load with a message naming the fie
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+
+def _switch_value(value: Any) -> Any:
+    """YAML 1.1 reads ``on``/``off`` (and ``yes``/``no``) as booleans: take them back."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
+# "auto" | "on" | "off"; a YAML boolean (``compile: off``) is read as the switch it spells
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch_value)]
 
 
 class _Section(BaseModel):
@@ -29,8 +38,8 @@ class RunConfig(_Section):
     seed: int = Field(0, ge=0, lt=2**31)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA only
-    compile: Literal["auto", "on", "off"] = "auto"  # auto: torch.compile on CUDA only
-    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: Switch = "auto"  # auto: torch.compile on CUDA only
+    channels_last: Switch = "auto"
 
 
 class DataConfig(_Section):
@@ -92,7 +101,7 @@ class OptimConfig(_Section):
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_warmup: bool = True  # decay_k = min(ema_decay, (1 + k) / (10 + k))
-    fused: Literal["auto", "on", "off"] = "auto"
+    fused: Switch = "auto"
 
 
 class TrainConfig(_Section):
