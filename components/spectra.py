@@ -271,18 +271,38 @@ def image_statistics(images: Array, params: SpectraParams | None = None) -> dict
 
 
 def _chunk_size(h: int, w: int) -> int:
-    """Images per chunk of the uint8 path: about 2^18 pixels a plane set, so that the float
-    planes, their spectra and powers stay in the CPU cache (much faster than one big batch)."""
-    return max(1, (1 << 18) // (h * w))
+    """Images per chunk of the uint8 path: about 2^16 pixels (64 images at 32x32, 16 at
+    64x64), so that a chunk's float planes and spectra (~1 MiB) stay in a core's L2 cache."""
+    return max(1, (1 << 16) // (h * w))
+
+
+@lru_cache(maxsize=32)
+def _pool_matrices(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooling matrices for the interleaved squares of an unnormalised rfft2 of 255/2 x.
+
+    Returns (lum (2 K, n_bins + n_oct), rgb (2 K, n_bins)) float32, K = h * (w // 2 + 1).
+    A row pair (re^2, im^2) of one frequency shares the ``_bin_matrices`` row, so
+    ``squares @ M`` sums re^2 + im^2 = |X|^2 inside the product. The factor
+    (2/255)^2 / (h w) turns the power of ``rfft2(u8 - 127.5)`` into that of the orthonormal
+    transform of ``x = u8 * 2/255 - 1`` (the two planes differ by the factor 2/255 only).
+    """
+    avg, oct_sum, _ = _bin_matrices(h, w)
+    scale = (2.0 / 255.0) ** 2 / (h * w)
+    lum = np.repeat(np.concatenate([avg, oct_sum], axis=1) * scale, 2, axis=0)
+    rgb = np.repeat(avg * scale, 2, axis=0)
+    return (torch.from_numpy(lum.astype(np.float32)), torch.from_numpy(rgb.astype(np.float32)))
 
 
 def uint8_statistics(images: np.ndarray, params: SpectraParams | None = None) -> dict[str, Array]:
     """``image_statistics(uint8_to_unit(images))`` for uint8 (B, H, W, 3), fast and equal.
 
-    The same float32 planes, transformed over cache-sized chunks; the four power planes of a
-    chunk (luminance, R, G, B) are pooled by one matrix product, (4 n, H*wr) @ (H*wr, n_bins).
-    No per-image Python. Results equal ``image_statistics`` to float32 rounding (the FFT is
-    torch's). Runs in the caller's thread settings: limit BLAS/torch threads to one per
+    Per cache-sized chunk: the planes ``u8 - 127.5`` (exact in float32; = 255/2 x), three
+    real FFTs (torch/MKL), the luminance spectrum by linearity (F(Y) = sum_c l_c F(X_c)),
+    the squares of the spectra in place, and the pooling of all radial bins (and the
+    luminance octaves) by a matrix product over the interleaved (re^2, im^2) half plane,
+    with the half-plane multiplicities and the normalisation folded into the matrix.
+    No per-image Python, no float64. Results equal ``image_statistics`` to float32
+    rounding. Runs in the caller's thread settings: limit BLAS/torch threads to one per
     process when several run in parallel (``pipelines/spectra_job.py`` does).
     """
     p = params or SpectraParams()
@@ -291,32 +311,34 @@ def uint8_statistics(images: np.ndarray, params: SpectraParams | None = None) ->
     n_img, h, w = images.shape[:3]
     if min(h, w) < 4:
         raise ValueError(f"RAPSD needs planes of at least 4x4 pixels, got {h}x{w}")
-    avg, oct_sum, _ = (m.astype(np.float32) for m in _bin_matrices(h, w))
-    k, n_bins, step = avg.shape[0], avg.shape[1], _chunk_size(h, w)
-    pooled = np.empty((n_img, 4, n_bins), np.float32)  # luminance, R, G, B
-    octave = np.empty((n_img, oct_sum.shape[1]), np.float32)
-    dc = np.empty(n_img, np.float32)
+    m_lum, m_rgb = _pool_matrices(h, w)
+    n_bins, k2, step = m_rgb.shape[1], m_rgb.shape[0], _chunk_size(h, w)  # k2 = 2 H (W//2+1)
+    lum_out = torch.empty((n_img, m_lum.shape[1]))  # luminance bins, then octaves
+    rgb_out = torch.empty((n_img, 3, n_bins))
+    dc = torch.empty(n_img)
+    x = np.empty((min(step, n_img), h, w, 3), np.float32)  # reused NHWC float buffer
+    f_lum = torch.empty((len(x), h, w // 2 + 1), dtype=torch.complex64)
     for s in range(0, n_img, step):
         u8 = images[s : s + step]
         n = len(u8)
-        # x = u8 * 2/255 - 1 in float32, NCHW: the same values as uint8_to_unit
-        x = np.multiply(u8.transpose(0, 3, 1, 2), np.float32(2.0 / 255.0), dtype=np.float32)
-        x -= np.float32(1.0)
-        # torch's CPU FFT (MKL) is 2-3x faster than pocketfft on small planes; same float32
-        f = torch.fft.rfft2(torch.from_numpy(x), norm="ortho").numpy()  # (n, 3, H, wr)
-        f_lum = LUMA_REC601[0] * f[:, 0] + LUMA_REC601[1] * f[:, 1] + LUMA_REC601[2] * f[:, 2]
-        pw = np.empty((n, 4, k), np.float32)  # |X|^2 of the four planes, (n, 4, H*wr)
-        pw[:, 0] = _abs2(f_lum).reshape(n, k)
-        pw[:, 1:] = _abs2(f).reshape(n, 3, k)
-        pooled[s : s + n] = (pw.reshape(n * 4, k) @ avg).reshape(n, 4, n_bins)
-        octave[s : s + n] = pw[:, 0] @ oct_sum
-        dc[s : s + n] = pw[:, 0, 0]
-    lum = pooled[:, 0]
+        np.subtract(u8, np.float32(127.5), out=x[:n], dtype=np.float32)  # 255/2 x, exact
+        # (n, 3, H, W//2+1); torch packs the NHWC view into planes for MKL
+        f = torch.fft.rfft2(torch.from_numpy(x[:n]).permute(0, 3, 1, 2))
+        fl = f_lum[:n]
+        torch.mul(f[:, 0], LUMA_REC601[0], out=fl)
+        fl.add_(f[:, 1], alpha=LUMA_REC601[1]).add_(f[:, 2], alpha=LUMA_REC601[2])
+        sq_lum = torch.view_as_real(fl).square_().reshape(n, k2)  # (re^2, im^2) interleaved
+        sq_rgb = torch.view_as_real(f).square_().reshape(3 * n, k2)
+        torch.matmul(sq_lum, m_lum, out=lum_out[s : s + n])
+        torch.matmul(sq_rgb, m_rgb, out=rgb_out[s : s + n].view(3 * n, n_bins))
+        dc[s : s + n] = sq_lum[:, 0] + sq_lum[:, 1]  # (0, 0) frequency, unnormalised
+    dc *= (2.0 / 255.0) ** 2 / (h * w)
+    lum = lum_out.numpy()[:, :n_bins]
     log_a, beta, res = power_law_fit(lum, p.fit_f_lo, p.fit_f_hi)
     lam_min, lam_max = schedule_bounds(lum, p.eps_lo, p.eps_hi, p.min_span)
-    return {"lum_rapsd": lum, "rgb_rapsd": pooled[:, 1:], "dc_power": dc,
-            "octave_energy": octave, "log_A": log_a, "beta": beta, "fit_residual": res,
-            "lambda_min": lam_min, "lambda_max": lam_max}
+    return {"lum_rapsd": lum, "rgb_rapsd": rgb_out.numpy(), "dc_power": dc.numpy(),
+            "octave_energy": lum_out.numpy()[:, n_bins:], "log_A": log_a, "beta": beta,
+            "fit_residual": res, "lambda_min": lam_min, "lambda_max": lam_max}
 
 
 def gaussian_random_field(
