@@ -4,7 +4,7 @@ format the response. Build the application with :func:`build_app` (the Serve con
 """
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
@@ -110,11 +110,13 @@ class AppArgs(BaseModel):
     load_delay_s: float = Field(0.0, ge=0.0, description="Wait before loading (tests, rollouts)")
     max_models: int = Field(2, ge=1)
     allow_other_models: bool = True
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast of the network on CUDA, fp32 on CPU")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The application: ``Ingress -> Sampler``."""
     a = AppArgs.model_validate(args)
     sampler = Sampler.bind(a.model_uri, a.device, a.load_delay_s, a.max_models,
-                           a.allow_other_models)
+                           a.allow_other_models, a.precision)
     return Ingress.bind(sampler)

@@ -16,6 +16,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from ray import serve
 
 from components.generate import (
@@ -85,9 +86,13 @@ class Sampler:
     """Holds the default model (loaded in the background) and a small cache of others."""
 
     def __init__(self, model_uri: str, device: str = "auto", load_delay_s: float = 0.0,
-                 max_models: int = 2, allow_other_models: bool = True) -> None:
+                 max_models: int = 2, allow_other_models: bool = True,
+                 precision: str = "auto") -> None:
         self.default_uri = normalize_uri(model_uri)
         self.device = default_device() if device == "auto" else device
+        # bf16 autocast of the network on CUDA ("auto"), or fp32 everywhere
+        self.bf16 = precision == "bf16" or (precision == "auto"
+                                            and str(self.device).startswith("cuda"))
         self.max_models, self.allow_other = max_models, allow_other_models
         self.models: OrderedDict[str, Loaded] = OrderedDict()
         self.loading: set[str] = {self.default_uri}
@@ -237,6 +242,13 @@ class Sampler:
             n += k
         return chunks + [cur]
 
+    def _generate(self, model: Any, **kwargs: Any) -> Any:
+        """``generate`` in the worker thread (autocast is per thread), bf16 when set."""
+        if not self.bf16:
+            return generate(model, **kwargs)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return generate(model, **kwargs)
+
     async def _run_group(self, jobs: list[Job], chunk: list[int],
                          results: list[dict[str, Any]]) -> None:
         first = jobs[chunk[0]]
@@ -246,7 +258,7 @@ class Sampler:
         start = time.perf_counter()
         o = first.opts
         images = await asyncio.to_thread(
-            generate, loaded.model, seeds=seeds, steps=o.steps, sampler=o.sampler, eta=o.eta,
+            self._generate, loaded.model, seeds=seeds, steps=o.steps, sampler=o.sampler, eta=o.eta,
             class_labels=labels, cfg_scale=o.cfg_scale, resolution=o.resolution,
             upscale=o.upscale, ug_theta=o.ug_theta, ug_eta=o.ug_eta, ug_order=o.ug_order,
             schedule=o.schedule, time_aware=o.time_aware, device=self.device)
