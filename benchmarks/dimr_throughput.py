@@ -167,6 +167,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the debug presets")
+    p.add_argument("--models", default=None,
+                   help="comma list of models to time (default all): dimr, dimr_tbranch, dit, "
+                        "diffusers_eager, diffusers")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
@@ -188,7 +191,10 @@ def main() -> None:
     mm = matmul_tflops(device, 8192 if device.type == "cuda" else 256,
                        50 if device.type == "cuda" else 3)
     results: dict[str, Any] = {}
+    keep = set(args.models.split(",")) if args.models else set(models)
     for name, (model, call_of, compile_) in models.items():
+        if name not in keep:
+            continue
         try:
             results[name] = bench_one(name, model, call_of, compile_, batch, args, device)
             results[name]["fraction_of_matmul"] = results[name]["tflops"] / mm

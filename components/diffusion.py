@@ -155,7 +155,8 @@ class NetworkDenoiser(nn.Module):
         if lam.ndim == 0:
             lam = lam.expand(x.shape[0])
         c_noise = noise_conditioning(lam, cond, self.n_cond)
-        return self.net(x, c_noise, cond.class_labels)
+        # the sampler's state keeps its dtype: a bf16 output under autocast comes back as x's
+        return self.net(x, c_noise, cond.class_labels).to(x.dtype)
 
 
 def as_prediction(

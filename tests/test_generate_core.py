@@ -20,13 +20,14 @@ STEPS = 4
 torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads make convs 100x slower
 
 
-def debug_model(num_classes: int = 4, n_cond: int = 1, spectral=None, seed: int = 0):
+def debug_model(num_classes: int = 4, n_cond: int = 1, spectral=None, seed: int = 0,
+                prediction: str = "x0"):
     torch.manual_seed(seed)
     net = build_network("unet-debug", num_classes=num_classes, n_cond=n_cond).eval()
     for p in net.parameters():  # the zero-initialised head would predict x0 = 0 everywhere
         if p.ndim > 1 and not p.any():
             torch.nn.init.normal_(p, std=0.05)
-    return GenerativeModel(net=net, prediction="x0", n_cond=n_cond, resolution=16,
+    return GenerativeModel(net=net, prediction=prediction, n_cond=n_cond, resolution=16,
                            in_channels=3, num_classes=num_classes, schedule=CosineSchedule(),
                            spectral=spectral)
 
@@ -63,6 +64,19 @@ def test_upsample_guidance_doubles_resolution_and_is_batch_independent(model):
     torch.testing.assert_close(x[1], alone[0], atol=1e-4, rtol=0)
     plain = generate(model, seeds=[4, 9], steps=STEPS, resolution=32, ug_theta=0.0)
     assert not torch.allclose(x, plain, atol=1e-3)  # the guidance term changes the result
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_bf16_autocast_keeps_the_sampler_state_float32(prediction):
+    """Under bf16 autocast (the service on CUDA) the network's bf16 output must not leak into
+    the sampler's float32 state: upsample guidance and CFG once failed mixing the two."""
+    m = debug_model(prediction=prediction)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = generate(m, seeds=[4, 9], steps=STEPS, resolution=32, ug_theta=1.3, ug_eta=0.5,
+                     class_labels=[0, 1], cfg_scale=2.0)
+        y = generate(m, seeds=[4], steps=STEPS, sampler="dpmpp_2m")
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
 
 
 def test_cascade_upscaling(model):
