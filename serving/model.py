@@ -28,6 +28,7 @@ from components.generate import (
     to_uint8,
 )
 from serving.loading import ModelNotFound, default_device, load_served_model, normalize_uri
+from serving.merging import DeviceMerger
 from serving.schemas import GenerateRequest
 
 log = logging.getLogger("ray.serve")
@@ -100,6 +101,7 @@ class Sampler:
         self.memory_cap_bytes = 8 * 2**30
         self.max_image_steps = 64 * 1000 * 4
         self.batches: Counter[int] = Counter()  # images per generate call -> count
+        self._merger: DeviceMerger[Job, dict[str, Any]] = DeviceMerger(self._execute, 32)
         self._lock = threading.Lock()
         threading.Thread(target=self._load_default, args=(load_delay_s,), daemon=True).start()
 
@@ -109,6 +111,7 @@ class Sampler:
         max_image_steps."""
         if "max_batch_size" in config:
             self._run_batch.set_max_batch_size(int(config["max_batch_size"]))
+            self._merger.max_jobs = int(config["max_batch_size"])
         if "batch_wait_timeout_s" in config:
             self._run_batch.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
         self.memory_cap_bytes = int(config.get("memory_cap_bytes", self.memory_cap_bytes))
@@ -208,8 +211,13 @@ class Sampler:
                     "resolution": res})
 
     # ------------------------------------------------------------------ batching
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05, max_concurrent_batches=8)
     async def _run_batch(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        # batches formed while the device is busy are merged into its next call (merging.py)
+        return await self._merger.submit(jobs)
+
+    async def _execute(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        """One device turn: compatible jobs grouped, each group split under the caps."""
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(job.key, []).append(i)

@@ -1,0 +1,73 @@
+"""DeviceMerger: batches that queue while the device is busy go into its next call together."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serving.merging import DeviceMerger
+
+
+def test_batches_waiting_on_a_busy_device_are_merged_in_order():
+    calls: list[list[int]] = []
+
+    async def execute(jobs: list[int]) -> list[int]:
+        calls.append(list(jobs))
+        await asyncio.sleep(0.05)  # the device is busy
+        return [10 * j for j in jobs]
+
+    async def main():
+        m = DeviceMerger(execute, max_jobs=32)
+        first = asyncio.create_task(m.submit([1, 2]))
+        await asyncio.sleep(0.01)  # first holds the device; three batches queue meanwhile
+        rest = [asyncio.create_task(m.submit(b)) for b in ([3], [4, 5, 6], [7])]
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = asyncio.run(main())
+    assert calls == [[1, 2], [3, 4, 5, 6, 7]]  # 4 batches, 2 device calls
+    assert first == [10, 20] and rest == [[30], [40, 50, 60], [70]]
+
+
+def test_the_cap_splits_merges_and_every_caller_gets_its_own_results():
+    calls: list[list[int]] = []
+
+    async def execute(jobs: list[int]) -> list[int]:
+        calls.append(list(jobs))
+        await asyncio.sleep(0.02)
+        return [-j for j in jobs]
+
+    async def main():
+        m = DeviceMerger(execute, max_jobs=3)
+        first = asyncio.create_task(m.submit([0]))
+        await asyncio.sleep(0.005)
+        rest = [asyncio.create_task(m.submit(b)) for b in ([1, 2], [3], [4, 5], [6, 7, 8, 9])]
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = asyncio.run(main())
+    assert calls == [[0], [1, 2, 3], [4, 5], [6, 7, 8, 9]]  # an entry over the cap runs alone
+    assert rest == [[-1, -2], [-3], [-4, -5], [-6, -7, -8, -9]]
+
+
+def test_a_failed_call_fails_every_merged_caller_and_the_next_calls_run():
+    async def execute(jobs: list[int]) -> list[int]:
+        await asyncio.sleep(0.02)
+        if 13 in jobs:
+            raise RuntimeError("device error")
+        return jobs
+
+    async def main():
+        m = DeviceMerger(execute, max_jobs=8)
+        first = asyncio.create_task(m.submit([1]))
+        await asyncio.sleep(0.005)
+        bad = [asyncio.create_task(m.submit(b)) for b in ([13], [2])]
+        results = await asyncio.gather(first, *bad, return_exceptions=True)
+        after = await m.submit([5])
+        return results, after
+
+    results, after = asyncio.run(main())
+    assert results[0] == [1]
+    assert all(isinstance(r, RuntimeError) for r in results[1:])  # merged with the bad job
+    assert after == [5]
+    with pytest.raises(ValueError, match="max_jobs"):
+        DeviceMerger(lambda jobs: None, 0)
