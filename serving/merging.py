@@ -3,15 +3,18 @@
 ``serve.batch`` gathers the requests that arrive within ``batch_wait_timeout_s`` of each other,
 but it forms the next batch while the current one still runs: under a steady load the clients
 split into groups that return at different times and never meet again (32 closed-loop clients
-were served in batches of about 11). ``DeviceMerger`` sits behind ``serve.batch`` (with
-``max_concurrent_batches > 1``): each batch registers its jobs, one call at a time holds the
-device, and the holder takes every registered job (up to ``max_jobs``) into one call.
-Plain asyncio; no Ray.
+were served in batches of about 11). ``DeviceMerger`` sits behind ``serve.batch`` (small
+batches, ``max_concurrent_batches > 1``): each batch registers its jobs, one call at a time
+holds the device, and the holder takes every registered job (up to ``max_jobs``) into one call.
+Before it does, it waits until ``max_jobs`` are there or ``wait_s`` has passed since the oldest
+waiting job arrived or the device came free, whichever is later: the clients of the call that
+just ended come back within milliseconds and join. Plain asyncio; no Ray.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -23,24 +26,48 @@ class DeviceMerger(Generic[J, R]):
     """``await merger.submit(jobs)`` -> results, in order; ``execute(jobs) -> results`` runs the
     merged jobs of every batch waiting at that moment (first come first served)."""
 
-    def __init__(self, execute: Callable[[list[J]], Awaitable[list[R]]], max_jobs: int) -> None:
+    def __init__(self, execute: Callable[[list[J]], Awaitable[list[R]]], max_jobs: int,
+                 wait_s: float = 0.0) -> None:
         if max_jobs < 1:
             raise ValueError(f"max_jobs must be >= 1, got {max_jobs}")
-        self.execute, self.max_jobs = execute, max_jobs
-        self._pending: list[tuple[list[J], asyncio.Future]] = []
+        if wait_s < 0:
+            raise ValueError(f"wait_s must be >= 0, got {wait_s}")
+        self.execute, self.max_jobs, self.wait_s = execute, max_jobs, wait_s
+        self._pending: list[tuple[list[J], asyncio.Future, float]] = []  # jobs, future, arrival
         self._lock: asyncio.Lock | None = None  # created in the serving event loop
+        self._arrived: asyncio.Event | None = None
+        self._last_end = -math.inf  # when the device last came free (loop time)
 
     async def submit(self, jobs: list[J]) -> list[R]:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending.append((jobs, fut))
+        if self._lock is None or self._arrived is None:
+            self._lock, self._arrived = asyncio.Lock(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        self._pending.append((jobs, fut, loop.time()))
+        self._arrived.set()
         async with self._lock:
             while not fut.done():  # not taken by an earlier holder: run it with all that waits
+                await self._fill()
                 await self._run(self._take())
         return fut.result()
 
-    def _take(self) -> list[tuple[list[J], asyncio.Future]]:
+    async def _fill(self) -> None:
+        """Wait for ``max_jobs`` waiting jobs, at most ``wait_s`` after the later of the
+        oldest arrival and the device coming free."""
+        assert self._arrived is not None
+        loop = asyncio.get_running_loop()
+        start = max(self._pending[0][2], self._last_end)
+        while sum(len(jobs) for jobs, _, _ in self._pending) < self.max_jobs:
+            remaining = start + self.wait_s - loop.time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self) -> list[tuple[list[J], asyncio.Future, float]]:
         """Pending entries in arrival order while their jobs fit ``max_jobs`` (at least one)."""
         taken, n = [], 0
         while self._pending and (not taken or n + len(self._pending[0][0]) <= self.max_jobs):
@@ -49,15 +76,17 @@ class DeviceMerger(Generic[J, R]):
             n += len(entry[0])
         return taken
 
-    async def _run(self, taken: list[tuple[list[J], asyncio.Future]]) -> None:
-        merged = [job for jobs, _ in taken for job in jobs]
+    async def _run(self, taken: list[tuple[list[J], asyncio.Future, float]]) -> None:
+        merged = [job for jobs, _, _ in taken for job in jobs]
         try:
             results = await self.execute(merged)
         except Exception as exc:  # every caller of the merged call sees the failure
-            for _, fut in taken:
+            for _, fut, _ in taken:
                 fut.set_exception(exc)
             return
+        finally:
+            self._last_end = asyncio.get_running_loop().time()
         pos = 0
-        for jobs, fut in taken:
+        for jobs, fut, _ in taken:
             fut.set_result(results[pos:pos + len(jobs)])
             pos += len(jobs)

@@ -101,7 +101,7 @@ class Sampler:
         self.memory_cap_bytes = 8 * 2**30
         self.max_image_steps = 64 * 1000 * 4
         self.batches: Counter[int] = Counter()  # images per generate call -> count
-        self._merger: DeviceMerger[Job, dict[str, Any]] = DeviceMerger(self._execute, 32)
+        self._merger: DeviceMerger[Job, dict[str, Any]] = DeviceMerger(self._execute, 32, 0.05)
         self._lock = threading.Lock()
         threading.Thread(target=self._load_default, args=(load_delay_s,), daemon=True).start()
 
@@ -109,11 +109,10 @@ class Sampler:
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config: max_batch_size, batch_wait_timeout_s, memory_cap_bytes,
         max_image_steps."""
-        if "max_batch_size" in config:
-            self._run_batch.set_max_batch_size(int(config["max_batch_size"]))
-            self._merger.max_jobs = int(config["max_batch_size"])
-        if "batch_wait_timeout_s" in config:
-            self._run_batch.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+        if "max_batch_size" in config or "batch_wait_timeout_s" in config:
+            self._merger = DeviceMerger(  # validates: max_batch_size >= 1, wait >= 0
+                self._execute, int(config.get("max_batch_size", self._merger.max_jobs)),
+                float(config.get("batch_wait_timeout_s", self._merger.wait_s)))
         self.memory_cap_bytes = int(config.get("memory_cap_bytes", self.memory_cap_bytes))
         self.max_image_steps = int(config.get("max_image_steps", self.max_image_steps))
 
@@ -211,9 +210,12 @@ class Sampler:
                     "resolution": res})
 
     # ------------------------------------------------------------------ batching
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05, max_concurrent_batches=8)
+    # serve.batch gathers what arrives together (a few ms); the merger behind it makes the
+    # device calls: everything waiting when the device comes free, up to max_batch_size,
+    # after at most batch_wait_timeout_s (serve.batch alone splits a steady load into groups
+    # that never meet again: see merging.py). 4 x 64 = max_ongoing_requests in config.yaml.
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.002, max_concurrent_batches=64)
     async def _run_batch(self, jobs: list[Job]) -> list[dict[str, Any]]:
-        # batches formed while the device is busy are merged into its next call (merging.py)
         return await self._merger.submit(jobs)
 
     async def _execute(self, jobs: list[Job]) -> list[dict[str, Any]]:

@@ -71,3 +71,37 @@ def test_a_failed_call_fails_every_merged_caller_and_the_next_calls_run():
     assert after == [5]
     with pytest.raises(ValueError, match="max_jobs"):
         DeviceMerger(lambda jobs: None, 0)
+
+
+def _closed_loop(wait_s: float) -> list[list[int]]:
+    """4 clients, each resubmitting 5 ms after its answer (the network), started out of step;
+    the device takes 50 ms a call. Returns the jobs of every device call."""
+    calls: list[list[int]] = []
+
+    async def execute(jobs: list[int]) -> list[int]:
+        calls.append(list(jobs))
+        await asyncio.sleep(0.05)
+        return jobs
+
+    async def client(m: DeviceMerger, job: int) -> None:
+        for _ in range(5):
+            await m.submit([job])
+            await asyncio.sleep(0.005)
+
+    async def main() -> None:
+        m = DeviceMerger(execute, max_jobs=4, wait_s=wait_s)
+        tasks = []
+        for j in range(4):
+            tasks.append(asyncio.create_task(client(m, j)))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    return calls
+
+
+def test_a_free_device_waits_briefly_for_the_clients_of_the_call_that_just_ended():
+    split = _closed_loop(wait_s=0.0)  # the first client ran alone and stays out of step
+    assert len(split) == 10 and [0] in split
+    merged = _closed_loop(wait_s=0.03)  # its group comes back within the wait and joins
+    assert len(merged) <= 6 and sum(len(c) == 4 for c in merged) >= 4
