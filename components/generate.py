@@ -71,6 +71,7 @@ class GenerateOptions:
     ug_order: Literal["ug_of_cfg", "cfg_of_ug", "cfg_high_only"] = "ug_of_cfg"
     schedule: Literal["model", "spectral"] = "model"
     time_aware: tuple[int, float | str] | None = None
+    clip_denoised: bool = True  # x0 estimates clamped to the data range [-1, 1] each step
 
 
 # --------------------------------------------------------------------------- checks
@@ -165,6 +166,7 @@ def generate(
     ug_order: Literal["ug_of_cfg", "cfg_of_ug", "cfg_high_only"] = "ug_of_cfg",
     schedule: Literal["model", "spectral"] = "model",
     time_aware: tuple[int, float | str] | None = None,
+    clip_denoised: bool = True,
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """One image per seed -> (N, C, H, W) in [-1, 1], H = W = ``resolution`` (default native).
@@ -174,12 +176,15 @@ def generate(
     guidance) or cascaded upscaling (``"cascade"``, section 2). ``time_aware`` is
     ``(second_class, switch_t)`` with ``switch_t`` in (0, 1) or ``"auto"`` (chromatogram).
     ``kind == "ssd"`` models use their own sampler (``components.ssd.ssd_generate``).
+    ``clip_denoised`` clamps every step's x0 estimate to [-1, 1] (as DDPM's sampler does): an
+    eps- or v-network's x0 at high noise is its error divided by alpha, and an unclamped one
+    derails multistep solvers on young models.
     """
     seeds = [int(s) for s in seeds]
     opts = GenerateOptions(steps=steps, sampler=sampler, eta=eta, cfg_scale=cfg_scale,
                            resolution=resolution, upscale=upscale, ug_theta=ug_theta,
                            ug_eta=ug_eta, ug_order=ug_order, schedule=schedule,
-                           time_aware=time_aware)
+                           time_aware=time_aware, clip_denoised=clip_denoised)
     device = torch.device(device)
     m = check_request(model, opts, seeds, class_labels)
     if model.kind == "ssd":
@@ -231,7 +236,9 @@ def _sample(model: GenerativeModel, opts: GenerateOptions, seeds: list[int],
     lambdas, bounds = sampling_grid(model, opts, seeds, class_labels)
     cond = Cond(labels_tensor(class_labels, device), None if bounds is None else bounds.to(device))
     gens = per_image_generators(seeds)
-    kw = {"eta": opts.eta} if opts.sampler == "ddim" else {}
+    kw: dict = {"clip_denoised": opts.clip_denoised}
+    if opts.sampler == "ddim":
+        kw["eta"] = opts.eta
     res = model.resolution * (1 if opts.upscale == "cascade" else m)
     x = initial_noise(gens, (model.in_channels, res, res), device)  # x_T, (N, C, res, res)
     den = _guided(model, opts, cond, m if opts.upscale == "ug" else 1)

@@ -70,6 +70,7 @@ def _options(req: GenerateRequest) -> GenerateOptions:
         steps=req.steps, sampler=req.sampler, eta=req.eta, cfg_scale=req.cfg_scale,
         resolution=req.resolution, upscale=req.upscale, ug_theta=req.ug_theta,
         ug_eta=req.ug_eta, ug_order=req.ug_order, schedule=req.schedule, time_aware=ta,
+        clip_denoised=req.clip_denoised,
     )
 
 

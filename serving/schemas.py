@@ -65,6 +65,8 @@ class GenerateRequest(BaseModel):
     ug_eta: float = Field(1.0, ge=0.0, le=1.0)
     ug_order: Literal["ug_of_cfg", "cfg_of_ug", "cfg_high_only"] = "ug_of_cfg"
     time_aware: TimeAware | TimeAwareAuto | None = None
+    clip_denoised: bool = Field(
+        True, description="Clamp each step's x0 estimate to the data range [-1, 1].")
     format: Literal["png", "grid", "json"] = "json"
 
     @field_validator("sampler")

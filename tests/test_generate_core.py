@@ -79,6 +79,21 @@ def test_bf16_autocast_keeps_the_sampler_state_float32(prediction):
     assert y.dtype == torch.float32 and torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp_2m"])
+def test_clip_denoised_bounds_the_x0_estimates(sampler):
+    """On by default; off gives the unclamped chain (an eps-network's x0 at high noise is
+    its error over alpha: far outside [-1, 1] for a random network)."""
+    m = debug_model(prediction="eps")
+    clipped = generate(m, seeds=[1, 2], steps=STEPS, sampler=sampler)
+    assert torch.equal(clipped, generate(m, seeds=[1, 2], steps=STEPS, sampler=sampler,
+                                         clip_denoised=True))
+    free = generate(m, seeds=[1, 2], steps=STEPS, sampler=sampler, clip_denoised=False)
+    assert not torch.allclose(clipped, free, atol=1e-3)
+    up = generate(m, seeds=[1], steps=STEPS, sampler=sampler, resolution=32, upscale="cascade",
+                  clip_denoised=False)
+    assert up.shape == (1, 3, 32, 32)
+
+
 def test_cascade_upscaling(model):
     x = generate(model, seeds=[1, 2], steps=STEPS, resolution=32, upscale="cascade")
     assert x.shape == (2, 3, 32, 32)
