@@ -132,8 +132,7 @@ def local_service(model_uri: str, max_batch: int):
     from serving.launch import apply_overrides, load_config, start, stop, wait_ready
 
     cfg = load_config(model=model_uri, port=_free_port(), user_config={
-        "max_batch_size": max_batch, "batch_wait_timeout_s": 0.05,
-        "max_image_steps": 10**9})
+        "max_batch_size": max_batch, "max_image_steps": 10**9})
     cfg = apply_overrides(cfg)
     for dep in cfg["applications"][0]["deployments"]:
         if dep["name"] == "Sampler":

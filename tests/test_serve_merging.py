@@ -105,3 +105,18 @@ def test_a_free_device_waits_briefly_for_the_clients_of_the_call_that_just_ended
     assert len(split) == 10 and [0] in split
     merged = _closed_loop(wait_s=0.03)  # its group comes back within the wait and joins
     assert len(merged) <= 6 and sum(len(c) == 4 for c in merged) >= 4
+
+
+def test_a_lone_client_never_waits_for_company():
+    async def execute(jobs: list[int]) -> list[int]:
+        return jobs
+
+    async def main() -> float:
+        m = DeviceMerger(execute, max_jobs=32, wait_s=1.0)  # a long wait, never taken
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        for j in range(5):
+            assert await m.submit([j]) == [j]
+        return loop.time() - t
+
+    assert asyncio.run(main()) < 0.5  # 5 calls; one wait alone would take 1 s
