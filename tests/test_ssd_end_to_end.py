@@ -11,6 +11,8 @@ from components.networks.registry import build_network
 from components.schedules import ddpm_linear
 from components.ssd import SSDObjective, SSDProcess, ssd_generate, ssd_sample
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _images(n: int) -> torch.Tensor:
     """Smooth 16 px test images in [-1, 1] (a colour gradient with a random phase)."""
@@ -19,14 +21,6 @@ def _images(n: int) -> torch.Tensor:
     phase = torch.rand(n, 3, 1, 1, generator=g) * 6
     return torch.sin(xx + yy + phase)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny ops: one intra-op thread avoids OpenMP oversubscription on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import ROOT, one_thread  # noqa: E402, F401
+from train_helpers import ROOT  # noqa: E402, F401
 
 from components.generate import generate  # noqa: E402
 from components.samplers import SAMPLERS  # noqa: E402
@@ -40,6 +40,8 @@ FAMILIES = {
     "dimr": ("dimr-32-2r.yaml", "dimr-debug"),
     "dit": ("dit-b2-32.yaml", "dit-debug"),
 }
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_shipped_config_builds_its_network_and_objective():

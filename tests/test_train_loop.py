@@ -11,12 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import debug_config, losses, one_thread, write_shards  # noqa: E402, F401
+from train_helpers import debug_config, losses, write_shards  # noqa: E402, F401
 
 from training.config import ConfigError, config_from_dict, load_config  # noqa: E402
 from training.launch import run_local  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "train_debug_loss.json"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _golden_run(out: Path) -> list[float]:

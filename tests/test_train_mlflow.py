@@ -14,11 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import DEBUG, one_thread  # noqa: E402, F401
+from train_helpers import DEBUG  # noqa: E402, F401
 
 from training.artifacts import load_model  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.launch import run_local  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_helpers import debug_config, one_thread, write_shards  # noqa: E402, F401
+from train_helpers import debug_config, write_shards  # noqa: E402, F401
 
 from components.diffusion import convert  # noqa: E402
 from components.objectives import DiffusionObjective, loss_weight  # noqa: E402
 from components.schedules import CosineSchedule  # noqa: E402
 from training.streams import iter_stream, list_shard_urls  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(n: int, seed: int = 0) -> torch.Tensor:

@@ -9,14 +9,7 @@ from components.networks import flexi_unet
 from components.networks.registry import build_network, list_presets, preset_kwargs
 from components.ssd import SSDProcess
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny ops: one intra-op thread avoids OpenMP oversubscription on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomised(net: torch.nn.Module) -> torch.nn.Module:

@@ -8,14 +8,7 @@ import torch
 from components.networks import unet
 from components.networks.registry import build_network
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: avoids OpenMP oversubscription when the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ddpm_cifar10_preset_has_35_7m_parameters():

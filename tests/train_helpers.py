@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 from training.config import Config, load_config
@@ -48,11 +46,3 @@ def write_shards(root: Path, sizes: list[int], resolution: int = 16, seed: int =
         w.close()
     return keys
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: faster on a shared 2-core machine, and the golden's setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
