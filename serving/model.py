@@ -257,7 +257,7 @@ class Sampler:
         """``generate`` in the worker thread (autocast is per thread), bf16 when set."""
         if not self.bf16:
             return generate(model, **kwargs)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16):
             return generate(model, **kwargs)
 
     async def _run_group(self, jobs: list[Job], chunk: list[int],
@@ -272,7 +272,8 @@ class Sampler:
             self._generate, loaded.model, seeds=seeds, steps=o.steps, sampler=o.sampler, eta=o.eta,
             class_labels=labels, cfg_scale=o.cfg_scale, resolution=o.resolution,
             upscale=o.upscale, ug_theta=o.ug_theta, ug_eta=o.ug_eta, ug_order=o.ug_order,
-            schedule=o.schedule, time_aware=o.time_aware, device=self.device)
+            schedule=o.schedule, time_aware=o.time_aware, clip_denoised=o.clip_denoised,
+            device=self.device)
         done = time.perf_counter()
         arr = to_uint8(images).numpy()  # (N, H, W, C)
         self.batches[len(seeds)] += 1

@@ -143,6 +143,15 @@ def test_concurrent_requests_are_batched_and_seeds_reproducible(service):
     assert any(int(k) > 1 for k in stats)
 
 
+def test_clip_denoised_is_a_request_setting(service):
+    url = service["url"]
+    for value in (True, False):
+        r = post(url, num_images=1, seed=3, steps=STEPS, clip_denoised=value)
+        assert r.status_code == 200, r.text
+    bad = post(url, num_images=1, seed=3, steps=STEPS, clip_denoised="sometimes")
+    assert bad.status_code == 422 and "clip_denoised" in bad.text
+
+
 def test_upsample_guidance_and_cascade_return_2x(service):
     url = service["url"]
     for upscale in ("ug", "cascade"):
