@@ -18,8 +18,11 @@ Conventions
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from types import ModuleType
 
 import numpy as np
 import scipy.fft
@@ -304,13 +307,49 @@ def uint8_statistics(images: np.ndarray, params: SpectraParams | None = None) ->
     No per-image Python, no float64. Results equal ``image_statistics`` to float32
     rounding. Runs in the caller's thread settings: limit BLAS/torch threads to one per
     process when several run in parallel (``pipelines/spectra_job.py`` does).
+
+    Where numba imports, the post-FFT work is one fused compiled pass instead
+    (``components/_spectra_kernel.py``; same results to float32 rounding, ~1/3 less time at
+    64x64); ``PRISM_SPECTRA_NUMBA=0`` in the environment forces the torch path.
     """
     p = params or SpectraParams()
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 (B, H, W, 3), got {images.dtype} {images.shape}")
-    n_img, h, w = images.shape[:3]
+    h, w = images.shape[1:3]
     if min(h, w) < 4:
         raise ValueError(f"RAPSD needs planes of at least 4x4 pixels, got {h}x{w}")
+    kernel = _spectra_kernel()
+    pool = _pool_torch if kernel is None else kernel.pool_uint8
+    lum, rgb, octave, dc = pool(images)
+    log_a, beta, res = power_law_fit(lum, p.fit_f_lo, p.fit_f_hi)
+    lam_min, lam_max = schedule_bounds(lum, p.eps_lo, p.eps_hi, p.min_span)
+    return {"lum_rapsd": lum, "rgb_rapsd": rgb, "dc_power": dc, "octave_energy": octave,
+            "log_A": log_a, "beta": beta, "fit_residual": res, "lambda_min": lam_min,
+            "lambda_max": lam_max}
+
+
+@lru_cache(maxsize=1)
+def _load_kernel() -> ModuleType | None:
+    try:
+        from components import _spectra_kernel
+    except ImportError:  # numba absent: the torch path
+        return None
+    except RuntimeError as err:  # numba present but unusable (e.g. no writable cache dir)
+        warnings.warn(f"numba kernel unavailable, using the torch path: {err}", stacklevel=3)
+        return None
+    return _spectra_kernel
+
+
+def _spectra_kernel() -> ModuleType | None:
+    """The numba kernel module, or None (not installed, or ``PRISM_SPECTRA_NUMBA=0``)."""
+    if os.environ.get("PRISM_SPECTRA_NUMBA", "1").strip() == "0":
+        return None
+    return _load_kernel()
+
+
+def _pool_torch(images: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(lum (B, n_bins), rgb (B, 3, n_bins), octaves (B, n_oct), dc (B,)) float32, torch."""
+    n_img, h, w = images.shape[:3]
     m_lum, m_rgb = _pool_matrices(h, w)
     n_bins, k2, step = m_rgb.shape[1], m_rgb.shape[0], _chunk_size(h, w)  # k2 = 2 H (W//2+1)
     lum_out = torch.empty((n_img, m_lum.shape[1]))  # luminance bins, then octaves
@@ -333,12 +372,8 @@ def uint8_statistics(images: np.ndarray, params: SpectraParams | None = None) ->
         torch.matmul(sq_rgb, m_rgb, out=rgb_out[s : s + n].view(3 * n, n_bins))
         dc[s : s + n] = sq_lum[:, 0] + sq_lum[:, 1]  # (0, 0) frequency, unnormalised
     dc *= (2.0 / 255.0) ** 2 / (h * w)
-    lum = lum_out.numpy()[:, :n_bins]
-    log_a, beta, res = power_law_fit(lum, p.fit_f_lo, p.fit_f_hi)
-    lam_min, lam_max = schedule_bounds(lum, p.eps_lo, p.eps_hi, p.min_span)
-    return {"lum_rapsd": lum, "rgb_rapsd": rgb_out.numpy(), "dc_power": dc.numpy(),
-            "octave_energy": lum_out.numpy()[:, n_bins:], "log_A": log_a, "beta": beta,
-            "fit_residual": res, "lambda_min": lam_min, "lambda_max": lam_max}
+    lum = lum_out.numpy()
+    return lum[:, :n_bins], rgb_out.numpy(), lum[:, n_bins:], dc.numpy()
 
 
 def gaussian_random_field(
