@@ -92,31 +92,26 @@ _FROM_CONFIG = {"ssd": ("min_snr_gamma", "label_dropout"),
                                     "per_instance")}
 
 
+# settings a family objective fixes (SCIENCE.md sections 5 and 6): field -> (value, reason)
+_FAMILY_FIXED = {
+    "ssd": {"prediction": ("x0", "the SSD objective predicts x0 at r(t-1)"),
+            "weighting": ("min_snr", "the SSD objective weights by min(SNR, min_snr_gamma)"),
+            "schedule": ("ddpm_linear", "the SSD process uses DDPM's linear betas")},
+    "dimr_multiscale": {"prediction": ("eps", "the DiMR multi-scale loss predicts eps"),
+                        "weighting": ("uniform", "the DiMR multi-scale loss is unweighted")},
+}
+
+
 def check_family_objective(cfg: Config) -> None:
     """Refuse settings that ``ssd`` / ``dimr_multiscale`` would silently ignore."""
     o = cfg.objective
     bad: list[str] = [f"objective.options.{k}: set objective.{k} instead"
                       for k in _FROM_CONFIG.get(o.name, ()) if k in o.options]
-    if o.name == "ssd":
-        # SCIENCE.md section 6: x0 at r(t-1), weight min(SNR, gamma), DDPM linear betas
-        if o.prediction != "x0":
-            bad.append(f"objective.prediction: the SSD objective predicts x0, got "
-                       f"{o.prediction!r}")
-        if o.weighting != "min_snr":
-            bad.append(f"objective.weighting: the SSD objective weights by min(SNR, "
-                       f"min_snr_gamma); set min_snr, got {o.weighting!r}")
-        if o.schedule != "ddpm_linear":
-            bad.append(f"objective.schedule: the SSD process uses DDPM's linear betas; set "
-                       f"ddpm_linear, got {o.schedule!r}")
-        if o.per_instance:
-            bad.append("objective.per_instance: not supported by the SSD objective")
-    if o.name == "dimr_multiscale":
-        if o.prediction != "eps":
-            bad.append(f"objective.prediction: the DiMR multi-scale loss predicts eps, got "
-                       f"{o.prediction!r}")
-        if o.weighting != "uniform":
-            bad.append(f"objective.weighting: the DiMR multi-scale loss is unweighted; set "
-                       f"uniform, got {o.weighting!r}")
+    for field, (want, why) in _FAMILY_FIXED.get(o.name, {}).items():
+        if getattr(o, field) != want:
+            bad.append(f"objective.{field}: {why}; set {want}, got {getattr(o, field)!r}")
+    if o.name == "ssd" and o.per_instance:
+        bad.append("objective.per_instance: not supported by the SSD objective")
     if bad:
         raise ValueError(f"objective.name {o.name!r}: " + "; ".join(bad))
 
