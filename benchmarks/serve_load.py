@@ -125,14 +125,16 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_service(model_uri: str, max_batch: int):
+def local_service(model_uri: str, max_batch: int, batch_wait_s: float | None = None):
     """Ray Serve in this process with the shipped config (one replica)."""
     import ray
 
     from serving.launch import apply_overrides, load_config, start, stop, wait_ready
 
-    cfg = load_config(model=model_uri, port=_free_port(), user_config={
-        "max_batch_size": max_batch, "max_image_steps": 10**9})
+    user = {"max_batch_size": max_batch, "max_image_steps": 10**9}
+    if batch_wait_s is not None:
+        user["batch_wait_timeout_s"] = batch_wait_s
+    cfg = load_config(model=model_uri, port=_free_port(), user_config=user)
     cfg = apply_overrides(cfg)
     for dep in cfg["applications"][0]["deployments"]:
         if dep["name"] == "Sampler":
@@ -149,25 +151,39 @@ def local_service(model_uri: str, max_batch: int):
 
 
 def load(url: str, concurrency: int, n_requests: int, steps: int) -> dict[str, float]:
-    """Closed loop: ``concurrency`` clients, ``n_requests`` one-image requests in all."""
+    """Closed loop: ``concurrency`` clients, ``n_requests`` one-image requests in all; each
+    client thread keeps its connection open (HTTP keep-alive, as any real client would)."""
+    import threading
+
     import requests
 
-    def one(i: int) -> tuple[float, int]:
+    local = threading.local()
+
+    def one(i: int) -> tuple[float, int, dict[str, float]]:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
         t = time.perf_counter()
-        r = requests.post(f"{url}/v1/generate", timeout=600,
+        r = local.session.post(f"{url}/v1/generate", timeout=600,
                           json={"seeds": [10_000 + i], "steps": steps, "format": "json"})
         r.raise_for_status()
-        return time.perf_counter() - t, r.json()["batch_images"]
+        body = r.json()
+        return time.perf_counter() - t, body["batch_images"], body["timings"]
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(concurrency)))  # warm-up
         t = time.perf_counter()
         res = list(pool.map(one, range(n_requests)))
         wall = time.perf_counter() - t
-    lat = sorted(x for x, _ in res)
+    lat = sorted(x for x, _, _ in res)
+    # where the time goes, seen from the replica: waiting for a device call, the call itself;
+    # the rest of the latency is HTTP, proxy, ingress, the handle call and PNG encoding
+    queue = statistics.median(t["queue_s"] for _, _, t in res)
+    gen = statistics.median(t["generate_s"] for _, _, t in res)
     return {"requests_per_s": n_requests / wall, "p50_s": lat[len(lat) // 2],
             "p99_s": lat[min(len(lat) - 1, math.ceil(0.99 * len(lat)) - 1)],
-            "mean_batch": statistics.mean(b for _, b in res)}
+            "mean_batch": statistics.mean(b for _, b, _ in res),
+            "replica_queue_p50_s": queue, "replica_generate_p50_s": gen,
+            "outside_p50_s": statistics.median(x - t["total_s"] for x, _, t in res)}
 
 
 # --------------------------------------------------------------------------- main
@@ -178,11 +194,14 @@ def main() -> None:
     ap.add_argument("--model", help="model directory or models:/NAME@ALIAS (default: debug)")
     ap.add_argument("--url", help="measure a running service instead of starting one")
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--batch-wait", type=float, default=None,
+                    help="the Sampler's batch_wait_timeout_s (default: serving/config.yaml's)")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--rounds", type=int, default=4, help="requests = rounds x concurrency")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny offline-only run")
     ap.add_argument("--no-service", action="store_true")
+    ap.add_argument("--no-ug", action="store_true", help="skip the upsample-guidance cost")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -209,18 +228,27 @@ def main() -> None:
                                "model": args.model or "unet-debug (random weights)"}
     results["offline_images_per_s"] = offline(model, levels, args.steps, args.repeats, device,
                                               autocast)
-    results["ug"] = ug_cost(model, max(levels) if not args.smoke else 4, args.steps,
-                            args.repeats, device, autocast)
+    if not args.no_ug:
+        results["ug"] = ug_cost(model, max(levels) if not args.smoke else 4, args.steps,
+                                args.repeats, device, autocast)
     service: dict[int, dict[str, float]] = {}
     want_service = not args.no_service and (args.url or not args.smoke)
     if want_service:
         try:
-            ctx = contextlib.nullcontext(args.url) if args.url else local_service(uri, max(levels))
+            ctx = contextlib.nullcontext(args.url) if args.url \
+                else local_service(uri, max(levels), args.batch_wait)
             with ctx as url:
                 for c in levels:
                     service[c] = load(url, c, args.rounds * c, args.steps)
-                    service[c]["vs_offline"] = (service[c]["requests_per_s"]
-                                                / results["offline_images_per_s"][c])
+            # offline again: launch-bound GPU timings drift by tens of percent over minutes on
+            # a shared host; the ratio is taken against the mean of before and after
+            before = results["offline_images_per_s"]
+            after = offline(model, levels, args.steps, args.repeats, device, autocast)
+            results["offline_before"], results["offline_after"] = before, after
+            results["offline_images_per_s"] = {c: (before[c] + after[c]) / 2 for c in levels}
+            for c in levels:
+                service[c]["vs_offline"] = (service[c]["requests_per_s"]
+                                            / results["offline_images_per_s"][c])
         except ImportError as exc:
             results["service_skipped"] = f"ray not installed: {exc}"
     results["service"] = service
@@ -233,16 +261,23 @@ def main() -> None:
 def print_table(r: dict[str, Any], levels: list[int]) -> None:
     print(f"\nserve_load  device={r['device']}  steps={r['steps']}  model={r['model']}")
     print(f"{'conc/batch':>10} {'offline img/s':>14} {'service req/s':>14} {'ratio':>6} "
-          f"{'p50 s':>7} {'p99 s':>7} {'batch':>6}")
+          f"{'p50 s':>7} {'p99 s':>7} {'batch':>6} {'queue s':>8} {'gen s':>7} {'other s':>8}")
     for c in levels:
         s = r["service"].get(c)
         off = r["offline_images_per_s"][c]
         if s:
             print(f"{c:>10} {off:>14.2f} {s['requests_per_s']:>14.2f} {s['vs_offline']:>6.2f} "
-                  f"{s['p50_s']:>7.3f} {s['p99_s']:>7.3f} {s['mean_batch']:>6.1f}")
+                  f"{s['p50_s']:>7.3f} {s['p99_s']:>7.3f} {s['mean_batch']:>6.1f} "
+                  f"{s['replica_queue_p50_s']:>8.3f} {s['replica_generate_p50_s']:>7.3f} "
+                  f"{s['outside_p50_s']:>8.3f}")
         else:
             print(f"{c:>10} {off:>14.2f} {'-':>14}")
-    u = r["ug"]
+    if "offline_after" in r:
+        print("offline img/s before / after the service: " + ", ".join(
+            f"{c}: {r['offline_before'][c]:.1f} / {r['offline_after'][c]:.1f}" for c in levels))
+    u = r.get("ug")
+    if not u:
+        return
     print(f"upsample guidance eta={u['eta']} m={u['m']}: +{100 * u['extra']:.1f}% time "
           f"(bound eta/m^2 = {100 * u['bound']:.1f}%, active pixel fraction "
           f"{100 * u['pixel_extra']:.1f}%); plain {u['plain_s']:.3f} s, UG {u['ug_s']:.3f} s")

@@ -6,10 +6,12 @@ split into groups that return at different times and never meet again (32 closed
 were served in batches of about 11). ``DeviceMerger`` sits behind ``serve.batch`` (small
 batches, ``max_concurrent_batches > 1``): each batch registers its jobs, one call at a time
 holds the device, and the holder takes every registered job (up to ``max_jobs``) into one call.
-Before it does, it waits until as many jobs wait as the last call had (capped by ``max_jobs``)
-or ``wait_s`` has passed since the oldest waiting job arrived or the device came free,
-whichever is later: the clients of the call that just ended come back within milliseconds and
-join, and a lone client (last call: one job) never waits. Plain asyncio; no Ray.
+Before it does, it waits until the jobs it expects are there, or ``wait_s`` has passed since the
+oldest waiting job arrived or the device came free, whichever is later. It expects the jobs that
+were waiting when the device came free plus those the call that just ended answered (their
+clients come back within milliseconds): two groups that took turns on the device (one queued
+while the other ran) are merged into one call, and a lone client (one job answered, none
+waiting) never waits. Plain asyncio; no Ray.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class DeviceMerger(Generic[J, R]):
         self._lock: asyncio.Lock | None = None  # created in the serving event loop
         self._arrived: asyncio.Event | None = None
         self._last_end = -math.inf  # when the device last came free (loop time)
-        self._last_jobs = 1  # jobs in the last device call: the clients expected back
+        self._expected = 1  # jobs waiting when the device came free + jobs it just answered
 
     async def submit(self, jobs: list[J]) -> list[R]:
         if self._lock is None or self._arrived is None:
@@ -54,12 +56,12 @@ class DeviceMerger(Generic[J, R]):
         return fut.result()
 
     async def _fill(self) -> None:
-        """Wait for as many waiting jobs as the last call had (at most ``max_jobs``), at most
-        ``wait_s`` after the later of the oldest arrival and the device coming free."""
+        """Wait for the expected jobs (at most ``max_jobs``), at most ``wait_s`` after the later
+        of the oldest arrival and the device coming free."""
         assert self._arrived is not None
         loop = asyncio.get_running_loop()
         start = max(self._pending[0][2], self._last_end)
-        target = min(self.max_jobs, self._last_jobs)
+        target = min(self.max_jobs, self._expected)
         while sum(len(jobs) for jobs, _, _ in self._pending) < target:
             remaining = start + self.wait_s - loop.time()
             if remaining <= 0:
@@ -81,7 +83,6 @@ class DeviceMerger(Generic[J, R]):
 
     async def _run(self, taken: list[tuple[list[J], asyncio.Future, float]]) -> None:
         merged = [job for jobs, _, _ in taken for job in jobs]
-        self._last_jobs = len(merged)
         try:
             results = await self.execute(merged)
         except Exception as exc:  # every caller of the merged call sees the failure
@@ -90,6 +91,7 @@ class DeviceMerger(Generic[J, R]):
             return
         finally:
             self._last_end = asyncio.get_running_loop().time()
+            self._expected = len(merged) + sum(len(jobs) for jobs, _, _ in self._pending)
         pos = 0
         for jobs, fut, _ in taken:
             fut.set_result(results[pos:pos + len(jobs)])

@@ -102,7 +102,7 @@ class Sampler:
         self.memory_cap_bytes = 8 * 2**30
         self.max_image_steps = 64 * 1000 * 4
         self.batches: Counter[int] = Counter()  # images per generate call -> count
-        self._merger: DeviceMerger[Job, dict[str, Any]] = DeviceMerger(self._execute, 32, 0.1)
+        self._merger: DeviceMerger[Job, dict[str, Any]] = DeviceMerger(self._execute, 32, 0.2)
         self._lock = threading.Lock()
         threading.Thread(target=self._load_default, args=(load_delay_s,), daemon=True).start()
 

@@ -120,3 +120,33 @@ def test_a_lone_client_never_waits_for_company():
         return loop.time() - t
 
     assert asyncio.run(main()) < 0.5  # 5 calls; one wait alone would take 1 s
+
+
+def test_two_groups_that_take_turns_on_the_device_are_merged():
+    """Group A (3 clients) runs; group B (3) queues meanwhile. Waiting only for as many as the
+    last call had would run B at once and keep the groups apart for ever (calls of 3); counting
+    A's clients as coming back merges them (calls of 6)."""
+    calls: list[list[int]] = []
+
+    async def execute(jobs: list[int]) -> list[int]:
+        calls.append(sorted(jobs))
+        await asyncio.sleep(0.05)
+        return jobs
+
+    async def client(m: DeviceMerger, job: int) -> None:
+        for _ in range(6):
+            await m.submit([job])
+            await asyncio.sleep(0.005)
+
+    async def main() -> None:
+        m = DeviceMerger(execute, max_jobs=8, wait_s=0.03)
+        await m.submit([-1, -2, -3])  # a call of three: the first turn of A waits for all three
+        calls.clear()
+        group_a = [asyncio.create_task(client(m, j)) for j in range(3)]
+        await asyncio.sleep(0.02)  # A holds the device; B queues
+        group_b = [asyncio.create_task(client(m, j)) for j in range(3, 6)]
+        await asyncio.gather(*group_a, *group_b)
+
+    asyncio.run(main())
+    assert calls[0] == [0, 1, 2]  # B arrives while A runs
+    assert sum(len(c) == 6 for c in calls) >= 4, calls  # then one call for all six (not 3s)

@@ -1,0 +1,128 @@
+"""Where a served request's time goes on this machine (a diagnostic, not a target).
+
+    python benchmarks/serve_profile.py --model DIR_OR_URI [--steps 16]
+
+Offline ``generate`` at batch 1 and 32 in the main thread and in a worker thread with one
+torch thread (as the replica runs it), then the service under concurrency 1 and 32 with the
+replica's server-side timings, and, when py-spy is installed, a sampled profile of the replica
+process (raw stacks in $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve_load import local_service  # noqa: E402
+
+from components.generate import generate  # noqa: E402
+from serving.loading import load_served_model, normalize_uri  # noqa: E402
+
+
+def pid_of(word: str) -> int | None:
+    """The first process whose command line contains ``word`` (Ray names its actors' processes
+    ``ray::ServeReplica:APP:DEPLOYMENT``, ``ray::ProxyActor``)."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if word.encode() in cmd:
+                return int(d.name)
+    return None
+
+
+def med(fn, n: int = 7) -> float:
+    fn()
+    ts = []
+    for _ in range(n):
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--batch-wait", type=float, default=None)
+    args = ap.parse_args()
+    out = Path(os.environ.get("OUT", "outputs/bench"))
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    uri = normalize_uri(args.model)
+    model, _ = load_served_model(uri, device)
+    ac = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" \
+        else contextlib.nullcontext
+    res: dict = {"offline": {}}
+
+    def gen(b: int) -> None:
+        with ac():
+            generate(model, seeds=list(range(b)), steps=args.steps, device=device)
+
+    pool = ThreadPoolExecutor(1)
+    for b in (1, 32):
+        res["offline"][f"main_b{b}"] = med(lambda b=b: gen(b))
+        res["offline"][f"thread_b{b}"] = med(lambda b=b: pool.submit(gen, b).result())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the replica (num_cpus: 1)
+    for b in (1, 32):
+        res["offline"][f"main_1thread_b{b}"] = med(lambda b=b: gen(b))
+    torch.set_num_threads(threads)
+    print(json.dumps(res["offline"], indent=1), flush=True)
+    import requests
+
+    spy = shutil.which("py-spy")
+    with local_service(uri, 32, args.batch_wait) as url:
+        pids = {k: pid_of(w) for k, w in (("sampler", "ServeReplica:prism:Sampler"),
+                                          ("ingress", "ServeReplica:prism:Ingress"),
+                                          ("proxy", "ProxyActor"))}
+
+        def one(i: int) -> dict:
+            t = time.perf_counter()
+            r = requests.post(f"{url}/v1/generate", timeout=600,
+                              json={"seeds": [i], "steps": args.steps, "format": "json"})
+            r.raise_for_status()
+            return dict(r.json()["timings"], client_s=time.perf_counter() - t,
+                        batch=r.json()["batch_images"])
+
+        for c in (1, 32):
+            with ThreadPoolExecutor(c) as cp:
+                list(cp.map(one, range(2 * c)))
+                procs = [subprocess.Popen(
+                    [spy, "record", "-p", str(pid), "-d", "8", "-r", "250", "-f", "raw",
+                     "-o", str(out / f"spy_{name}_c{c}.txt"), "--threads", "--idle",
+                     "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                    for name, pid in pids.items() if spy and pid]
+                t0, rows = time.time(), []
+                while time.time() - t0 < 9:
+                    rows += list(cp.map(one, range(c)))
+                for proc in procs:
+                    proc.wait()
+            res[f"c{c}"] = {k: statistics.median(r[k] for r in rows)
+                            for k in ("queue_s", "generate_s", "total_s", "client_s", "batch")}
+            res[f"c{c}"]["requests"] = len(rows)
+            print(c, res[f"c{c}"], flush=True)
+    (out / "serve_profile.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
