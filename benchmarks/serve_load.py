@@ -150,6 +150,12 @@ def local_service(model_uri: str, max_batch: int, batch_wait_s: float | None = N
         ray.shutdown()
 
 
+def _calls(url: str) -> dict[str, int]:
+    import requests
+
+    return requests.get(f"{url}/v1/stats", timeout=30).json()["images_per_batch"]
+
+
 def load(url: str, concurrency: int, n_requests: int, steps: int) -> dict[str, float]:
     """Closed loop: ``concurrency`` clients, ``n_requests`` one-image requests in all; each
     client thread keeps its connection open (HTTP keep-alive, as any real client would)."""
@@ -239,7 +245,13 @@ def main() -> None:
                 else local_service(uri, max(levels), args.batch_wait)
             with ctx as url:
                 for c in levels:
+                    before_calls = _calls(url)
                     service[c] = load(url, c, args.rounds * c, args.steps)
+                    # images per device call during this level (the replica's /v1/stats)
+                    after_calls = _calls(url)
+                    service[c]["device_calls"] = {k: after_calls[k] - before_calls.get(k, 0)
+                                                  for k in sorted(after_calls, key=int)
+                                                  if after_calls[k] > before_calls.get(k, 0)}
             # offline again: launch-bound GPU timings drift by tens of percent over minutes on
             # a shared host; the ratio is taken against the mean of before and after
             before = results["offline_images_per_s"]
