@@ -101,9 +101,14 @@ def train_feature_net(train: ImageSet, test: ImageSet | None, recipe: FeatureNet
                            {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr_max,
                           momentum=recipe.momentum, nesterov=True)
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
+    # a warm-up of exactly one step (pct_start x steps == 1) makes OneCycleLR divide by zero;
+    # a hair more keeps the same schedule (initial lr at step 0, the peak from step 1 on)
+    pct = recipe.pct_start
+    if pct * recipe.epochs * steps_per_epoch == 1.0:
+        pct *= 1.0 + 1e-6
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=recipe.lr_max, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,
-        pct_start=recipe.pct_start, anneal_strategy="cos", cycle_momentum=False)
+        pct_start=pct, anneal_strategy="cos", cycle_momentum=False)
     gen = torch.Generator().manual_seed(recipe.seed)
     x_all, y_all = _to_device(train, device)
     t0 = time.perf_counter()

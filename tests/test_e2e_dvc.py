@@ -23,13 +23,15 @@ def clone():
 
 def test_repro_completes_with_every_stage(clone):
     ran = set(re.findall(r"Running stage '([^']+)'", clone.output))
-    for stage in ("data_demo", "data_ingest", "data_spectra", "data_schedules", "train@demo-v",
+    for stage in ("data_demo", "data_ingest", "data_spectra", "data_schedules", "feature_net",
+                  "train@demo-v",
                   "train@demo-v-sd", "evaluate@demo-v", "evaluate@demo-v-sd",
                   "chromatogram@demo-v", "schedules_compared", "corpus_rapsd", "register"):
         assert stage in ran, f"stage {stage} did not run: {sorted(ran)}"
     lock = (clone.path / "dvc.lock").read_text()
     assert "train@demo-v:" in lock and "register:" in lock
     for f in ("outputs/train/demo-v/model/model.safetensors", "outputs/eval/demo-v/metrics.json",
+              "outputs/feature_net/feature_net.safetensors",
               "outputs/data/schedule.json", "outputs/register.json",
               "outputs/plots/loss/demo-v.json", "outputs/plots/chromatogram/demo-v-sd.json",
               "outputs/plots/rapsd.json", "outputs/plots/schedules.json"):
@@ -52,6 +54,7 @@ def test_metrics_and_plots_render(clone, tmp_path):
     doc = json.loads(shown.stdout[shown.stdout.index("{"):])
     data = json.dumps(doc)
     assert "swd_x1e3" in data and "passed" in data
+    assert "FD-prism-" in data  # the evaluate stages use the feature_net stage's network
     reg = json.loads((clone.path / "outputs/register.json").read_text())
     assert reg["best"] in ("demo-v", "demo-v-sd") and reg["value"] == min(reg["scores"].values())
     plots = clone.run("dvc", "plots", "show", "-o", str(tmp_path / "plots"))

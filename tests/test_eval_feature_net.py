@@ -118,3 +118,11 @@ def test_shards_and_folder_give_the_same_labelled_images(tmp_path) -> None:
                                                                     strict=True))
 
     assert key(folder) == key(shards)
+
+
+def test_a_one_step_warm_up_trains() -> None:
+    # pct_start 0.25 x 4 steps = a one-step warm-up, on which OneCycleLR divides by zero (the
+    # debug recipe at its 128-image cap with batches of 32 crashed so)
+    recipe = DEBUG_RECIPE.model_copy(update={"batch_size": 32})  # 128 / 32 = 4 steps
+    net, res = train_feature_net(_toy_set(160), None, recipe, "cpu", log=lambda *_: None)
+    assert res["train_images"] == 128 and all(torch.isfinite(p).all() for p in net.parameters())
