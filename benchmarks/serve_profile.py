@@ -107,19 +107,24 @@ def main() -> None:
         for c in (1, 32):
             with ThreadPoolExecutor(c) as cp:
                 list(cp.map(one, range(2 * c)))
-                procs = [subprocess.Popen(
-                    [spy, "record", "-p", str(pid), "-d", "8", "-r", "250", "-f", "raw",
-                     "-o", str(out / f"spy_{name}_c{c}.txt"), "--threads", "--idle",
-                     "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-                    for name, pid in pids.items() if spy and pid]
-                t0, rows = time.time(), []
-                while time.time() - t0 < 9:
-                    rows += list(cp.map(one, range(c)))
-                for proc in procs:
-                    proc.wait()
+                rows: list[dict] = []
+                # the replica: every sample (--idle), then only samples holding the GIL
+                for mode in ("idle", "gil"):
+                    procs = [subprocess.Popen(
+                        [spy, "record", "-p", str(pid), "-d", "6", "-r", "250", "-f", "raw",
+                         "-o", str(out / f"spy_{name}_c{c}_{mode}.txt"), "--threads",
+                         f"--{mode}", "--nonblocking"], stdout=subprocess.DEVNULL,
+                        stderr=subprocess.STDOUT)
+                        for name, pid in pids.items() if spy and pid and name == "sampler"]
+                    t0 = time.time()
+                    while time.time() - t0 < 7:
+                        rows += list(cp.map(one, range(c)))
+                    for proc in procs:
+                        proc.wait()
             res[f"c{c}"] = {k: statistics.median(r[k] for r in rows)
                             for k in ("queue_s", "generate_s", "total_s", "client_s", "batch")}
             res[f"c{c}"]["requests"] = len(rows)
+            res[f"c{c}_calls"] = sorted({(round(r["generate_s"], 4), r["batch"]) for r in rows})
             print(c, res[f"c{c}"], flush=True)
     (out / "serve_profile.json").write_text(json.dumps(res, indent=1))
 
