@@ -104,6 +104,13 @@ def main() -> None:
             return dict(r.json()["timings"], client_s=time.perf_counter() - t,
                         batch=r.json()["batch_images"])
 
+        from ray import serve
+
+        handle = serve.get_deployment_handle("Sampler", app_name="prism")
+        for b in (1, 32):  # the same call inside the replica, then offline again
+            res[f"replica_b{b}"] = handle.time_generate.remote(b, args.steps, 5).result()
+            res["offline"][f"again_main_b{b}"] = med(lambda b=b: gen(b))
+            print(b, res[f"replica_b{b}"], res["offline"][f"again_main_b{b}"], flush=True)
         for c in (1, 32):
             with ThreadPoolExecutor(c) as cp:
                 list(cp.map(one, range(2 * c)))

@@ -173,6 +173,30 @@ class Sampler:
                            "loaded": False})
         return out
 
+    async def time_generate(self, batch: int = 32, steps: int = 16, repeats: int = 3
+                            ) -> dict[str, float]:
+        """Diagnostic (handle only, not routed over HTTP): median seconds of one ``generate``
+        call of the default model in this replica, run as the service runs it (a worker
+        thread) and directly in the event-loop thread, for comparison with an offline call."""
+        model = self.models[self.default_uri].model
+        kw = dict(seeds=list(range(batch)), steps=steps, device=self.device)
+
+        def timed(run: Any) -> float:
+            run()
+            out = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                run()
+                if str(self.device).startswith("cuda"):
+                    torch.cuda.synchronize()
+                out.append(time.perf_counter() - t)
+            return sorted(out)[len(out) // 2]
+
+        in_thread = await asyncio.to_thread(timed, lambda: self._generate(model, **kw))
+        in_loop = timed(lambda: self._generate(model, **kw))
+        return {"worker_thread_s": in_thread, "event_loop_thread_s": in_loop,
+                "torch_threads": float(torch.get_num_threads())}
+
     async def stats(self) -> dict[str, int]:
         return {str(k): v for k, v in sorted(self.batches.items())}
 

@@ -293,3 +293,14 @@ def test_arbitrary_json_bodies_never_give_5xx(service):
         assert r.status_code < 500, (body, r.status_code, r.text[:500])
 
     check()
+
+
+def test_the_replica_times_its_own_generate_call(service):
+    """The handle-only diagnostic behind benchmarks/serve_profile.py (not an HTTP route)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Sampler", app_name="prism")
+    t = handle.time_generate.remote(2, 2, 1).result()
+    assert t["worker_thread_s"] > 0 and t["event_loop_thread_s"] > 0 and t["torch_threads"] >= 1
+    assert requests.post(f"{service['url']}/v1/time_generate", json={}, timeout=10).status_code \
+        in (404, 405)
