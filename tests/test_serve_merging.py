@@ -73,31 +73,38 @@ def test_a_failed_call_fails_every_merged_caller_and_the_next_calls_run():
         DeviceMerger(lambda jobs: None, 0)
 
 
-def _closed_loop(wait_s: float) -> list[list[int]]:
-    """4 clients, each resubmitting 5 ms after its answer (the network), started out of step;
-    the device takes 50 ms a call. Returns the jobs of every device call."""
+def _simulate(max_jobs: int, wait_s: float, groups: list[tuple[float, list[int]]], rounds: int,
+              prime: list[int] | None = None) -> list[list[int]]:
+    """Closed-loop clients on a merger whose device takes 50 ms a call; each client resubmits
+    5 ms after its answer (the network). ``groups``: (start delay in s, client ids); ``prime``:
+    the jobs of a first call (what the merger then expects). Returns every call's jobs, sorted."""
     calls: list[list[int]] = []
 
     async def execute(jobs: list[int]) -> list[int]:
-        calls.append(list(jobs))
+        calls.append(sorted(jobs))
         await asyncio.sleep(0.05)
         return jobs
 
-    async def client(m: DeviceMerger, job: int) -> None:
-        for _ in range(5):
+    async def client(m: DeviceMerger, job: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        for _ in range(rounds):
             await m.submit([job])
             await asyncio.sleep(0.005)
 
     async def main() -> None:
-        m = DeviceMerger(execute, max_jobs=4, wait_s=wait_s)
-        tasks = []
-        for j in range(4):
-            tasks.append(asyncio.create_task(client(m, j)))
-            await asyncio.sleep(0.01)
-        await asyncio.gather(*tasks)
+        m = DeviceMerger(execute, max_jobs=max_jobs, wait_s=wait_s)
+        if prime:
+            await m.submit(prime)
+            calls.clear()
+        await asyncio.gather(*(client(m, j, d) for d, ids in groups for j in ids))
 
     asyncio.run(main())
     return calls
+
+
+def _closed_loop(wait_s: float) -> list[list[int]]:
+    """4 clients started 10 ms apart (out of step), 5 requests each."""
+    return _simulate(4, wait_s, [(0.01 * j, [j]) for j in range(4)], rounds=5)
 
 
 def test_a_free_device_waits_briefly_for_the_clients_of_the_call_that_just_ended():
@@ -125,28 +132,9 @@ def test_a_lone_client_never_waits_for_company():
 def test_two_groups_that_take_turns_on_the_device_are_merged():
     """Group A (3 clients) runs; group B (3) queues meanwhile. Waiting only for as many as the
     last call had would run B at once and keep the groups apart for ever (calls of 3); counting
-    A's clients as coming back merges them (calls of 6)."""
-    calls: list[list[int]] = []
-
-    async def execute(jobs: list[int]) -> list[int]:
-        calls.append(sorted(jobs))
-        await asyncio.sleep(0.05)
-        return jobs
-
-    async def client(m: DeviceMerger, job: int) -> None:
-        for _ in range(6):
-            await m.submit([job])
-            await asyncio.sleep(0.005)
-
-    async def main() -> None:
-        m = DeviceMerger(execute, max_jobs=8, wait_s=0.03)
-        await m.submit([-1, -2, -3])  # a call of three: the first turn of A waits for all three
-        calls.clear()
-        group_a = [asyncio.create_task(client(m, j)) for j in range(3)]
-        await asyncio.sleep(0.02)  # A holds the device; B queues
-        group_b = [asyncio.create_task(client(m, j)) for j in range(3, 6)]
-        await asyncio.gather(*group_a, *group_b)
-
-    asyncio.run(main())
+    A's clients as coming back merges them (calls of 6). A first call of three makes A's first
+    turn wait for all three."""
+    calls = _simulate(8, 0.03, [(0.0, [0, 1, 2]), (0.02, [3, 4, 5])], rounds=6,
+                      prime=[-1, -2, -3])
     assert calls[0] == [0, 1, 2]  # B arrives while A runs
     assert sum(len(c) == 6 for c in calls) >= 4, calls  # then one call for all six (not 3s)
