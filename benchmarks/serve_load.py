@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -156,40 +155,25 @@ def _calls(url: str) -> dict[str, int]:
     return requests.get(f"{url}/v1/stats", timeout=30).json()["images_per_batch"]
 
 
-def load(url: str, concurrency: int, n_requests: int, steps: int) -> dict[str, float]:
-    """Closed loop: ``concurrency`` clients, ``n_requests`` one-image requests in all; each
-    client thread keeps its connection open (HTTP keep-alive, as any real client would)."""
-    import threading
+def load(url: str, concurrency: int, n_requests: int, steps: int,
+         processes: int = 1) -> dict[str, float]:
+    """Closed loop: ``concurrency`` clients, ``n_requests`` one-image requests in all, spread
+    over ``processes`` client processes (``benchmarks/http_load.py``); each client keeps its
+    connection open (HTTP keep-alive, as any real client would)."""
+    from http_load import run
 
-    import requests
-
-    local = threading.local()
-
-    def one(i: int) -> tuple[float, int, dict[str, float]]:
-        if not hasattr(local, "session"):
-            local.session = requests.Session()
-        t = time.perf_counter()
-        r = local.session.post(f"{url}/v1/generate", timeout=600,
-                          json={"seeds": [10_000 + i], "steps": steps, "format": "json"})
-        r.raise_for_status()
-        body = r.json()
-        return time.perf_counter() - t, body["batch_images"], body["timings"]
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(concurrency)))  # warm-up
-        t = time.perf_counter()
-        res = list(pool.map(one, range(n_requests)))
-        wall = time.perf_counter() - t
+    res, wall = run(url, concurrency, max(1, n_requests // concurrency), steps, processes)
     lat = sorted(x for x, _, _ in res)
     # where the time goes, seen from the replica: waiting for a device call, the call itself;
     # the rest of the latency is HTTP, proxy, ingress, the handle call and PNG encoding
     queue = statistics.median(t["queue_s"] for _, _, t in res)
     gen = statistics.median(t["generate_s"] for _, _, t in res)
-    return {"requests_per_s": n_requests / wall, "p50_s": lat[len(lat) // 2],
+    return {"requests_per_s": len(res) / wall, "p50_s": lat[len(lat) // 2],
             "p99_s": lat[min(len(lat) - 1, math.ceil(0.99 * len(lat)) - 1)],
             "mean_batch": statistics.mean(b for _, b, _ in res),
             "replica_queue_p50_s": queue, "replica_generate_p50_s": gen,
-            "outside_p50_s": statistics.median(x - t["total_s"] for x, _, t in res)}
+            "outside_p50_s": statistics.median(x - t["total_s"] for x, _, t in res),
+            "client_processes": min(processes, concurrency)}
 
 
 # --------------------------------------------------------------------------- main
@@ -208,6 +192,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny offline-only run")
     ap.add_argument("--no-service", action="store_true")
     ap.add_argument("--no-ug", action="store_true", help="skip the upsample-guidance cost")
+    ap.add_argument("--client-processes", type=int, default=max(1, (os.cpu_count() or 2) // 4),
+                    help="processes the clients are spread over (default: a quarter of the "
+                         "cores; 1 = all client threads in this process)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -246,7 +233,8 @@ def main() -> None:
             with ctx as url:
                 for c in levels:
                     before_calls = _calls(url)
-                    service[c] = load(url, c, args.rounds * c, args.steps)
+                    service[c] = load(url, c, args.rounds * c, args.steps,
+                                      args.client_processes)
                     # images per device call during this level (the replica's /v1/stats)
                     after_calls = _calls(url)
                     service[c]["device_calls"] = {k: after_calls[k] - before_calls.get(k, 0)
