@@ -104,7 +104,7 @@ def train_feature_net(train: ImageSet, test: ImageSet | None, recipe: FeatureNet
     # a warm-up of exactly one step (pct_start x steps == 1) makes OneCycleLR divide by zero;
     # a hair more keeps the same schedule (initial lr at step 0, the peak from step 1 on)
     pct = recipe.pct_start
-    if pct * recipe.epochs * steps_per_epoch == 1.0:
+    if float(pct * (recipe.epochs * steps_per_epoch)) == 1.0:  # torch's own product
         pct *= 1.0 + 1e-6
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=recipe.lr_max, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,

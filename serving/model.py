@@ -178,16 +178,21 @@ class Sampler:
         """Diagnostic (handle only, not routed over HTTP): median seconds of one ``generate``
         call of the default model in this replica, run as the service runs it (a worker
         thread) and directly in the event-loop thread, for comparison with an offline call."""
+        if self.default_uri not in self.models:
+            raise ServiceError(503, f"model {self.default_uri} is not loaded")
         model = self.models[self.default_uri].model
         kw = dict(seeds=list(range(batch)), steps=steps, device=self.device)
+        cuda = str(self.device).startswith("cuda")
 
         def timed(run: Any) -> float:
-            run()
+            run()  # warm-up, finished before the clock starts
+            if cuda:
+                torch.cuda.synchronize()
             out = []
             for _ in range(repeats):
                 t = time.perf_counter()
                 run()
-                if str(self.device).startswith("cuda"):
+                if cuda:
                     torch.cuda.synchronize()
                 out.append(time.perf_counter() - t)
             return sorted(out)[len(out) // 2]
