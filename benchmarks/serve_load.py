@@ -124,8 +124,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_service(model_uri: str, max_batch: int, batch_wait_s: float | None = None):
-    """Ray Serve in this process with the shipped config (one replica)."""
+def local_service(model_uri: str, max_batch: int, batch_wait_s: float | None = None,
+                  ingress_replicas: int | None = None, direct_port: int | None = None):
+    """Ray Serve in this process with the shipped config (one Sampler replica; the Ingress
+    replicas of the config unless ``ingress_replicas`` is given). ``direct_port``: the port
+    given to ``serving.direct.enable_direct_ingress`` (one Ingress replica answers HTTP
+    there itself, no proxy in the path); the URL returned is then that one."""
     import ray
 
     from serving.launch import apply_overrides, load_config, start, stop, wait_ready
@@ -139,9 +143,13 @@ def local_service(model_uri: str, max_batch: int, batch_wait_s: float | None = N
         if dep["name"] == "Sampler":
             dep.pop("autoscaling_config", None)
             dep["num_replicas"] = 1
+        if dep["name"] == "Ingress" and (ingress_replicas is not None or direct_port):
+            dep["num_replicas"] = 1 if direct_port else ingress_replicas
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         url = start(cfg)
+        if direct_port:
+            url = f"http://127.0.0.1:{direct_port}"
         wait_ready(url, timeout_s=300)
         yield url
     finally:
@@ -149,10 +157,38 @@ def local_service(model_uri: str, max_batch: int, batch_wait_s: float | None = N
         ray.shutdown()
 
 
-def _calls(url: str) -> dict[str, int]:
+def _stats(url: str, after: int = 0) -> dict[str, Any]:
     import requests
 
-    return requests.get(f"{url}/v1/stats", timeout=30).json()["images_per_batch"]
+    return requests.get(f"{url}/v1/stats", params={"after": after}, timeout=30).json()
+
+
+def cycle_medians(calls: list[dict[str, float]]) -> dict[str, float]:
+    """Median of each timeline field over device calls (the replica's ``/v1/stats``)."""
+    keys = ("free_to_first_s", "first_to_last_s", "last_to_start_s", "run_s")
+    return {k: statistics.median(c[k] for c in calls) for k in keys} if calls else {}
+
+
+_ROLES = {"ProxyActor": "proxy", "ServeReplica:prism:Ingress": "ingress",
+          "ServeReplica:prism:Sampler": "sampler", "ServeController": "controller"}
+
+
+def serve_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this machine's Serve processes, by role
+    (Ray names its worker processes after their actors); {} where /proc is absent."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            role = next((r for tag, r in _ROLES.items() if tag in cmd), None)
+            if role is None:
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
 
 
 def load(url: str, concurrency: int, n_requests: int, steps: int,
@@ -187,15 +223,26 @@ def main() -> None:
     ap.add_argument("--batch-wait", type=float, default=None,
                     help="the Sampler's batch_wait_timeout_s (default: serving/config.yaml's)")
     ap.add_argument("--concurrency", default="1,8,32")
-    ap.add_argument("--rounds", type=int, default=4, help="requests = rounds x concurrency")
+    ap.add_argument("--rounds", type=int, default=8, help="requests = rounds x concurrency")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny offline-only run")
     ap.add_argument("--no-service", action="store_true")
     ap.add_argument("--no-ug", action="store_true", help="skip the upsample-guidance cost")
+    ap.add_argument("--ingress-replicas", type=int, default=None,
+                    help="Ingress replicas of the local service (default: serving/config.yaml's)")
     ap.add_argument("--client-processes", type=int, default=max(1, (os.cpu_count() or 2) // 4),
                     help="processes the clients are spread over (default: a quarter of the "
                          "cores; 1 = all client threads in this process)")
+    ap.add_argument("--direct-ingress", action="store_true",
+                    help="the local service with direct ingress (serving/direct.py: the "
+                         "ingress replica answers HTTP itself, no proxy in the path)")
     args = ap.parse_args()
+    direct_port = None
+    if args.direct_ingress and not args.url:
+        from serving.direct import enable_direct_ingress, free_port
+
+        direct_port = free_port()
+        enable_direct_ingress(direct_port)  # before Ray starts and ray.serve is imported
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -218,7 +265,9 @@ def main() -> None:
 
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "device": device,
                                "machine": platform.node(), "steps": args.steps,
-                               "model": args.model or "unet-debug (random weights)"}
+                               "model": args.model or "unet-debug (random weights)",
+                               "path": "direct ingress" if direct_port else
+                               f"proxy, {args.ingress_replicas or 'config'} ingress replicas"}
     results["offline_images_per_s"] = offline(model, levels, args.steps, args.repeats, device,
                                               autocast)
     if not args.no_ug:
@@ -229,14 +278,28 @@ def main() -> None:
     if want_service:
         try:
             ctx = contextlib.nullcontext(args.url) if args.url \
-                else local_service(uri, max(levels), args.batch_wait)
+                else local_service(uri, max(levels), args.batch_wait, args.ingress_replicas,
+                                    direct_port)
             with ctx as url:
                 for c in levels:
-                    before_calls = _calls(url)
+                    st0, cpu0 = _stats(url), serve_cpu_seconds()
+                    before_calls = st0["images_per_batch"]
+                    last_call = max((int(d["call"]) for d in st0.get("device_calls", [])),
+                                    default=0)
                     service[c] = load(url, c, args.rounds * c, args.steps,
                                       args.client_processes)
-                    # images per device call during this level (the replica's /v1/stats)
-                    after_calls = _calls(url)
+                    # CPU milliseconds per request in each Serve process (the HTTP proxy,
+                    # the ingress replicas, the sampler replica: where the time outside the
+                    # device call goes); only for a service on this machine
+                    cpu1, n_req = serve_cpu_seconds(), args.rounds * c + c  # + warm-ups
+                    service[c]["cpu_ms_per_request"] = {
+                        k: 1000 * (cpu1[k] - cpu0.get(k, 0.0)) / n_req for k in sorted(cpu1)}
+                    # images per device call during this level (the replica's /v1/stats),
+                    # and where each cycle's time went (device free -> first job -> last job
+                    # -> start -> end), medians over the level's calls (warm-ups included)
+                    st1 = _stats(url, last_call)
+                    after_calls = st1["images_per_batch"]
+                    service[c]["cycle"] = cycle_medians(st1.get("device_calls", []))
                     service[c]["device_calls"] = {k: after_calls[k] - before_calls.get(k, 0)
                                                   for k in sorted(after_calls, key=int)
                                                   if after_calls[k] > before_calls.get(k, 0)}
@@ -259,7 +322,8 @@ def main() -> None:
 
 
 def print_table(r: dict[str, Any], levels: list[int]) -> None:
-    print(f"\nserve_load  device={r['device']}  steps={r['steps']}  model={r['model']}")
+    print(f"\nserve_load  device={r['device']}  steps={r['steps']}  model={r['model']}  "
+          f"path={r.get('path')}")
     print(f"{'conc/batch':>10} {'offline img/s':>14} {'service req/s':>14} {'ratio':>6} "
           f"{'p50 s':>7} {'p99 s':>7} {'batch':>6} {'queue s':>8} {'gen s':>7} {'other s':>8}")
     for c in levels:
@@ -272,6 +336,14 @@ def print_table(r: dict[str, Any], levels: list[int]) -> None:
                   f"{s['outside_p50_s']:>8.3f}")
         else:
             print(f"{c:>10} {off:>14.2f} {'-':>14}")
+    for c in levels:
+        s = r["service"].get(c, {})
+        if s.get("cycle"):
+            print(f"device calls at concurrency {c} (median s): " + ", ".join(
+                f"{k[:-2]} {v:.3f}" for k, v in s["cycle"].items()))
+        if s.get("cpu_ms_per_request"):
+            print(f"CPU ms per request at concurrency {c}: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_ms_per_request"].items()))
     if "offline_after" in r:
         print("offline img/s before / after the service: " + ", ".join(
             f"{c}: {r['offline_before'][c]:.1f} / {r['offline_after'][c]:.1f}" for c in levels))

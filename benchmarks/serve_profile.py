@@ -19,8 +19,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,11 +61,36 @@ def med(fn, n: int = 7) -> float:
     return statistics.median(ts)
 
 
+def gil_summary(raw: Path, top: int = 6) -> dict[str, Any]:
+    """From a ``py-spy record --threads --gil -f raw`` file: the share of samples in which each
+    thread held the GIL, and the commonest frames of the holders other than the generating
+    (``ThreadPoolExecutor``) thread: what competes with the kernel launches."""
+    per_thread: Counter[str] = Counter()
+    others: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        frames = stack.split(";")
+        name = frames[0].split(":", 1)[-1].strip() or frames[0]
+        per_thread[name] += int(n)
+        total += int(n)
+        if "ThreadPoolExecutor" not in name:
+            for fr in frames[-3:]:
+                others[fr] += int(n)
+    return {"samples_with_gil": total, "by_thread": dict(per_thread.most_common()),
+            "other_threads_top_frames": dict(others.most_common(top))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch-wait", type=float, default=None)
+    ap.add_argument("--replica-only", action="store_true",
+                    help="only the replica's own generate timings (default, GC off, 8 torch "
+                         "threads) against offline in this process, no load, no py-spy")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "outputs/bench"))
     out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +134,19 @@ def main() -> None:
         from ray import serve
 
         handle = serve.get_deployment_handle("Sampler", app_name="prism")
+        if args.replica_only:
+            for rep in range(2):
+                for name, kw in (("default", {}), ("gc_off", {"gc_off": True}),
+                                 ("threads8", {"threads": 8})):
+                    t = handle.time_generate.remote(32, args.steps, 5, **kw).result()
+                    res[f"replica_{name}_{rep}"] = t
+                    print(f"replica {name:9s} worker {t['worker_thread_s']:.4f} loop "
+                          f"{t['event_loop_thread_s']:.4f}", flush=True)
+                off = med(lambda: gen(32))
+                res["offline"][f"again_main_b32_{rep}"] = off
+                print(f"offline main b32 {off:.4f}", flush=True)
+            (out / "serve_profile.json").write_text(json.dumps(res, indent=1))
+            return
         for b in (1, 32):  # the same call inside the replica, then offline again
             res[f"replica_b{b}"] = handle.time_generate.remote(b, args.steps, 5).result()
             res["offline"][f"again_main_b{b}"] = med(lambda b=b: gen(b))
@@ -131,6 +171,10 @@ def main() -> None:
             res[f"c{c}"] = {k: statistics.median(r[k] for r in rows)
                             for k in ("queue_s", "generate_s", "total_s", "client_s", "batch")}
             res[f"c{c}"]["requests"] = len(rows)
+            gil = out / f"spy_sampler_c{c}_gil.txt"
+            if gil.is_file():
+                res[f"c{c}_gil"] = gil_summary(gil)
+                print(json.dumps(res[f"c{c}_gil"], indent=1), flush=True)
             res[f"c{c}_calls"] = sorted({(round(r["generate_s"], 4), r["batch"]) for r in rows})
             print(c, res[f"c{c}"], flush=True)
     (out / "serve_profile.json").write_text(json.dumps(res, indent=1))

@@ -329,6 +329,16 @@ def _activation_profile(model: GenerativeModel) -> tuple[float, float]:
     return prof
 
 
+_PARAM_BYTES: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def _parameter_bytes(net: nn.Module) -> int:
+    """Bytes of ``net``'s parameters, counted once per network (a service asks per request)."""
+    if net not in _PARAM_BYTES:
+        _PARAM_BYTES[net] = sum(p.numel() * p.element_size() for p in net.parameters())
+    return _PARAM_BYTES[net]
+
+
 def memory_estimate_bytes(model: GenerativeModel, *, n_images: int, resolution: int | None = None,
                           cfg_scale: float = 1.0, upscale: str = "ug",
                           bytes_per_float: int = 4) -> int:
@@ -347,7 +357,7 @@ def memory_estimate_bytes(model: GenerativeModel, *, n_images: int, resolution: 
     if m > 1 and upscale == "ug":
         low = pixels / m**2
         act += per_px * low + per_px2 * low**2
-    params = sum(p.numel() * p.element_size() for p in model.net.parameters())
+    params = _parameter_bytes(model.net)
     state = 4 * n_images * model.in_channels * pixels  # x, prediction, noise, output
     return int(params + bytes_per_float * (batch * act + state))
 

@@ -6,7 +6,7 @@ format the response. Build the application with :func:`build_app` (the Serve con
 import json
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,16 +71,22 @@ class Ingress:
         return ModelsResponse(models=await self.sampler.list_models.remote())
 
     @api.get("/v1/stats")
-    async def stats(self) -> dict[str, Any]:
-        """How many generate calls ran with each number of images (batching at work)."""
-        return {"images_per_batch": await self.sampler.stats.remote()}
+    async def stats(self, after: int = Query(0, ge=0, description="Device calls numbered "
+                                             "above this one in ``device_calls``")
+                    ) -> dict[str, Any]:
+        """How many device calls ran with each number of images (batching at work), how many
+        requests each call from the ingress to the sampler carried, and the timeline of the
+        last device calls (seconds: device free -> first job -> last job -> start -> end)."""
+        return {"images_per_batch": await self.sampler.stats.remote(),
+                "requests_per_handle_call": await self.sampler.handle_calls.remote(),
+                "device_calls": await self.sampler.timeline.remote(after)}
 
     @api.post(
         "/v1/generate", response_model=GenerateResponse, responses={
             **_ERRORS, 200: {"content": {"image/png": {}}, "description":
                              "JSON (format=json) or a PNG (format=png or grid)"}})
     async def generate(self, req: GenerateRequest) -> Any:
-        result = await self.sampler.generate.remote(req.model_dump(mode="json"))
+        result = await self._generate_many(req.model_dump(mode="json"))
         _raise(result)
         images = result["images"]  # (N, H, W, C) uint8
         headers = {"X-Seeds": ",".join(map(str, result["seeds"])),
@@ -92,13 +98,22 @@ class Ingress:
         if req.format == "grid":
             return Response(grid_png(images), media_type="image/png", headers=headers)
         labels = result["labels"] or [None] * len(result["seeds"])
-        return GenerateResponse(
-            model=result["model"], model_version=result["model_version"],
-            resolution=result["resolution"], seeds=result["seeds"],
-            images=[{"seed": s, "class_label": c, "png_base64": png_base64(im)}
-                    for s, c, im in zip(result["seeds"], labels, images, strict=True)],
-            timings=result["timings"], batch_requests=result["batch_requests"],
-            batch_images=result["batch_images"])
+        body = {  # GenerateResponse's fields, serialised directly (no second validation)
+            "model": result["model"], "model_version": result["model_version"],
+            "resolution": result["resolution"],
+            "images": [{"seed": s, "class_label": c, "png_base64": png_base64(im)}
+                       for s, c, im in zip(result["seeds"], labels, images, strict=True)],
+            "seeds": result["seeds"], "timings": result["timings"],
+            "batch_requests": result["batch_requests"], "batch_images": result["batch_images"]}
+        return Response(json.dumps(body), media_type="application/json", headers=headers)
+
+    # Requests that reach this replica together go to the Sampler in one handle call: its
+    # per-call cost (routing, the replica's bookkeeping, one message each way) is paid once
+    # for the group, not once per request. The Sampler still validates, queues and answers
+    # each request on its own.
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=64)
+    async def _generate_many(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await self.sampler.generate_many.remote(payloads)
 
 
 class AppArgs(BaseModel):

@@ -77,8 +77,18 @@ def build_from_config(cfg: dict[str, Any]) -> serve.Application:
         actor = sampler_opts.setdefault("ray_actor_options", {})
         actor["num_gpus"] = max(float(actor.get("num_gpus", 0) or 0), 1.0)
     sampler = Sampler.options(**sampler_opts).bind(
-        args.model_uri, args.device, args.load_delay_s, args.max_models, args.allow_other_models)
+        args.model_uri, args.device, args.load_delay_s, args.max_models, args.allow_other_models,
+        args.precision)
     return Ingress.options(**opts.get("Ingress", {})).bind(sampler)
+
+
+def one_ingress_replica(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with exactly one Ingress replica (direct ingress: clients reach one port)."""
+    cfg = copy.deepcopy(cfg)
+    dep = _deployment(cfg["applications"][0], "Ingress")
+    dep.pop("autoscaling_config", None)
+    dep["num_replicas"] = 1
+    return cfg
 
 
 def base_url(cfg: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -41,6 +42,9 @@ class DeviceMerger(Generic[J, R]):
         self._arrived: asyncio.Event | None = None
         self._last_end = -math.inf  # when the device last came free (loop time)
         self._expected = 1  # jobs waiting when the device came free + jobs it just answered
+        # the last calls' timelines (seconds): where a cycle's time goes, see ``timeline``
+        self.history: deque[dict[str, float]] = deque(maxlen=256)
+        self._calls = 0
 
     async def submit(self, jobs: list[J]) -> list[R]:
         if self._lock is None or self._arrived is None:
@@ -83,6 +87,8 @@ class DeviceMerger(Generic[J, R]):
 
     async def _run(self, taken: list[tuple[list[J], asyncio.Future, float]]) -> None:
         merged = [job for jobs, _, _ in taken for job in jobs]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         try:
             results = await self.execute(merged)
         except Exception as exc:  # every caller of the merged call sees the failure
@@ -90,9 +96,28 @@ class DeviceMerger(Generic[J, R]):
                 fut.set_exception(exc)
             return
         finally:
-            self._last_end = asyncio.get_running_loop().time()
+            end = loop.time()
+            first, last = min(a for _, _, a in taken), max(a for _, _, a in taken)
+            self._calls += 1
+            self.history.append({
+                "call": float(self._calls), "jobs": float(len(merged)),
+                # device free -> first job of this call here (the answers' trip back and the
+                # fastest client's next request); -> last job (the slowest one); -> start
+                "free_to_first_s": max(0.0, first - self._last_end) if self._calls > 1 else 0.0,
+                "first_to_last_s": last - first,
+                "last_to_start_s": start - last,
+                "run_s": end - start})
+            self._last_end = end
             self._expected = len(merged) + sum(len(jobs) for jobs, _, _ in self._pending)
         pos = 0
         for jobs, fut, _ in taken:
             fut.set_result(results[pos:pos + len(jobs)])
             pos += len(jobs)
+
+    def timeline(self, after: int = 0) -> list[dict[str, float]]:
+        """The recorded calls numbered above ``after`` (at most the last 256), oldest first:
+        ``free_to_first_s`` how long the device stood free before the call's first job came
+        (the answers' way back and the fastest client's next request), ``first_to_last_s``
+        how far its first and last jobs arrived apart, ``last_to_start_s`` the wait from the
+        last one to the start, ``run_s`` the call itself."""
+        return [dict(c) for c in self.history if c["call"] > after]

@@ -9,6 +9,7 @@ only on their seeds, so batching never changes a result.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from ray import serve
 
 from components.generate import (
@@ -102,6 +104,7 @@ class Sampler:
         self.memory_cap_bytes = 8 * 2**30
         self.max_image_steps = 64 * 1000 * 4
         self.batches: Counter[int] = Counter()  # images per generate call -> count
+        self.grouped: Counter[int] = Counter()  # requests per generate_many call -> count
         self._merger: DeviceMerger[Job, dict[str, Any]] = DeviceMerger(self._execute, 32, 0.2)
         self._lock = threading.Lock()
         threading.Thread(target=self._load_default, args=(load_delay_s,), daemon=True).start()
@@ -173,17 +176,31 @@ class Sampler:
                            "loaded": False})
         return out
 
-    async def time_generate(self, batch: int = 32, steps: int = 16, repeats: int = 3
-                            ) -> dict[str, float]:
+    async def time_generate(self, batch: int = 32, steps: int = 16, repeats: int = 3,
+                            gc_off: bool = False, threads: int = 0) -> dict[str, float]:
         """Diagnostic (handle only, not routed over HTTP): median seconds of one ``generate``
         call of the default model in this replica, run as the service runs it (a worker
-        thread) and directly in the event-loop thread, for comparison with an offline call."""
+        thread) and directly in the event-loop thread, for comparison with an offline call;
+        optionally with Python's cyclic GC off, or ``threads`` torch threads, meanwhile."""
         if self.default_uri not in self.models:
             raise ServiceError(503, f"model {self.default_uri} is not loaded")
         model = self.models[self.default_uri].model
         kw = dict(seeds=list(range(batch)), steps=steps, device=self.device)
         cuda = str(self.device).startswith("cuda")
+        old_threads, gc_was = torch.get_num_threads(), gc.isenabled()
+        if threads:
+            torch.set_num_threads(threads)
+        if gc_off:
+            gc.disable()
+        try:
+            return await self._time_generate(model, kw, repeats, cuda)
+        finally:
+            torch.set_num_threads(old_threads)
+            if gc_was:
+                gc.enable()
 
+    async def _time_generate(self, model: Any, kw: dict[str, Any], repeats: int,
+                             cuda: bool) -> dict[str, float]:
         def timed(run: Any) -> float:
             run()  # warm-up, finished before the clock starts
             if cuda:
@@ -205,16 +222,52 @@ class Sampler:
     async def stats(self) -> dict[str, int]:
         return {str(k): v for k, v in sorted(self.batches.items())}
 
+    async def timeline(self, after: int = 0) -> list[dict[str, float]]:
+        """The device calls' timelines (``DeviceMerger.timeline``)."""
+        return self._merger.timeline(after)
+
+    async def handle_calls(self) -> dict[str, int]:
+        """How many ``generate_many`` calls carried each number of requests."""
+        return {str(k): v for k, v in sorted(self.grouped.items())}
+
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Validate a request against its model, queue it, return images (uint8 NHWC)."""
         received = time.perf_counter()
         try:
-            req = GenerateRequest.model_validate(payload)
-            loaded = await self._get(req.model)
-            job = self._job(req, loaded, received)
+            job = await self._validated(payload, received)
         except ServiceError as err:
             return err.as_dict()
         return await self._run_batch(job)
+
+    async def generate_many(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``generate`` for several requests in one handle call (the ingress groups the
+        requests that reach it together): one call's overhead instead of one per request.
+        Each request is validated and answered on its own; an invalid one fails alone."""
+        received = time.perf_counter()
+        self.grouped[len(payloads)] += 1
+        results: list[dict[str, Any]] = [{} for _ in payloads]
+        jobs: list[Job] = []
+        where: list[int] = []
+        for i, payload in enumerate(payloads):
+            try:
+                jobs.append(await self._validated(payload, received))
+                where.append(i)
+            except ServiceError as err:
+                results[i] = err.as_dict()
+        if jobs:
+            for i, res in zip(where, await self._merger.submit(jobs), strict=True):
+                results[i] = res
+        return results
+
+    async def _validated(self, payload: dict[str, Any], received: float) -> Job:
+        try:
+            req = GenerateRequest.model_validate(payload)
+        except ValidationError as exc:  # the ingress validates first; a direct handle caller
+            err = exc.errors()[0]
+            field_name = str(err["loc"][-1]) if err.get("loc") else None
+            raise ServiceError(422, f"{field_name}: {err['msg']}", field_name) from exc
+        loaded = await self._get(req.model)
+        return self._job(req, loaded, received)
 
     def _job(self, req: GenerateRequest, loaded: Loaded, received: float) -> Job:
         opts, seeds, labels = _options(req), req.image_seeds(), req.image_labels()

@@ -304,3 +304,34 @@ def test_the_replica_times_its_own_generate_call(service):
     assert t["worker_thread_s"] > 0 and t["event_loop_thread_s"] > 0 and t["torch_threads"] >= 1
     assert requests.post(f"{service['url']}/v1/time_generate", json={}, timeout=10).status_code \
         in (404, 405)
+
+
+def test_grouped_handle_calls_answer_each_request_on_its_own(service):
+    """The ingress sends the requests that reach it together in one ``generate_many`` call;
+    the sampler validates and answers each alone: a bad one fails alone, the others get the
+    images they would get one by one."""
+    from ray import serve
+
+    url = service["url"]
+    handle = serve.get_deployment_handle("Sampler", app_name="prism")
+    out = handle.generate_many.remote([
+        {"seeds": [5], "steps": STEPS}, {"seeds": [6], "steps": 0},
+        {"seeds": [7], "steps": STEPS, "resolution": 24}, {"seeds": [8], "steps": STEPS}]).result()
+    assert [("error" in r) for r in out] == [False, True, True, False]
+    assert out[1]["error"]["status"] == 422 and out[1]["error"]["field"] == "steps"
+    assert out[2]["error"]["status"] == 422 and out[2]["error"]["field"] == "resolution"
+    assert out[0]["batch_images"] == 2 and out[0]["images"].shape == (1, 16, 16, 3)
+    alone = decode(post(url, seeds=[8], steps=STEPS).json()["images"][0]["png_base64"])
+    assert np.abs(alone.astype(int) - out[3]["images"][0].astype(int)).max() <= 1
+    # what the stats say about it: calls that carried several requests, and the timeline
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda s: post(url, seeds=[s], steps=STEPS), range(16)))
+    stats = requests.get(f"{url}/v1/stats", timeout=10).json()
+    assert any(int(k) >= 4 for k in stats["requests_per_handle_call"])
+    calls = stats["device_calls"]
+    assert calls and {"call", "jobs", "free_to_first_s", "first_to_last_s", "last_to_start_s",
+                      "run_s"} <= set(calls[-1])
+    newest = int(calls[-1]["call"])
+    assert requests.get(f"{url}/v1/stats", params={"after": newest},
+                        timeout=10).json()["device_calls"] == []
+    assert requests.get(f"{url}/v1/stats", params={"after": -1}, timeout=10).status_code == 422

@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,69 @@ def test_serve_detach_sample_stop(tmp_path):
         stopped = subprocess.run([*cli, "serve", "--stop", "--pidfile", str(pidfile)], cwd=ROOT,
                                  capture_output=True, text=True, timeout=120)
     assert stopped.returncode == 0 and not pidfile.exists(), stopped.stdout + stopped.stderr
+
+
+def _listener_pid(port: int) -> int | None:
+    """The process holding a listening TCP socket on ``port`` (from /proc; None if absent)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # 0A: LISTEN
+                inodes.add(f[9])
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            for fd in (proc / "fd").iterdir():
+                if fd.readlink().name.removeprefix("socket:[").rstrip("]") in inodes:
+                    return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_serve_direct_ingress_answers_on_the_port_without_the_proxy(tmp_path):
+    """``prism serve --direct-ingress``: the ingress replica itself listens on the port (the
+    proxy moved elsewhere), answers, batches concurrent requests, and stops cleanly."""
+    import requests
+
+    model = _model_dir(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pidfile = tmp_path / "serve.pid"
+    cli = [sys.executable, "-m", "prism_cli"]
+    started = subprocess.run([*cli, "serve", "--model", str(model), "--port", str(port),
+                              "--direct-ingress", "--detach", "--pidfile", str(pidfile)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=400)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        url = json.loads(started.stdout.strip().splitlines()[-1])["url"]
+        assert url == f"http://127.0.0.1:{port}"
+        owner = Path(f"/proc/{_listener_pid(port)}/cmdline").read_bytes()
+        assert b"ServeReplica:prism:Ingress" in owner, owner
+        with ThreadPoolExecutor(16) as pool:
+            res = list(pool.map(lambda s: requests.post(
+                f"{url}/v1/generate", json={"seeds": [s], "steps": 3}, timeout=120), range(16)))
+        assert all(r.status_code == 200 for r in res), [r.text for r in res]
+        assert max(r.json()["batch_images"] for r in res) > 1
+        bad = requests.post(f"{url}/v1/generate", json={"steps": -1}, timeout=30)
+        assert bad.status_code == 422 and bad.json()["fields"] == ["steps"]
+    finally:
+        stopped = subprocess.run([*cli, "serve", "--stop", "--pidfile", str(pidfile)], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0 and not pidfile.exists(), stopped.stdout + stopped.stderr
+
+
+def test_direct_ingress_settings_are_checked_and_need_a_fresh_process():
+    from serving.direct import direct_ingress_env, enable_direct_ingress
+
+    env = direct_ingress_env(8123)
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8123"
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    with pytest.raises(ValueError, match="port"):
+        direct_ingress_env(70000)
+    import ray.serve  # noqa: F401  (imported: its settings are fixed)
+
+    with pytest.raises(RuntimeError, match="before ray.serve is imported"):
+        enable_direct_ingress(8123)

@@ -138,3 +138,27 @@ def test_two_groups_that_take_turns_on_the_device_are_merged():
                       prime=[-1, -2, -3])
     assert calls[0] == [0, 1, 2]  # B arrives while A runs
     assert sum(len(c) == 6 for c in calls) >= 4, calls  # then one call for all six (not 3s)
+
+
+def test_each_call_records_where_its_cycle_went():
+    """The timeline behind /v1/stats: per call, device free -> first job -> last job -> start
+    -> end, numbered so that a reader can ask for the calls after the ones it has seen."""
+    async def execute(jobs: list[int]) -> list[int]:
+        await asyncio.sleep(0.03)
+        return jobs
+
+    async def main() -> DeviceMerger:
+        m = DeviceMerger(execute, max_jobs=4, wait_s=0.2)
+        await m.submit([0])  # call 1: alone, then one job is expected back
+        await asyncio.sleep(0.02)  # the device stands free 20 ms before the next job comes
+        late = asyncio.create_task(m.submit([1]))
+        await late
+        return m
+
+    m = asyncio.run(main())
+    calls = m.timeline()
+    assert [c["call"] for c in calls] == [1.0, 2.0] and [c["jobs"] for c in calls] == [1, 1]
+    assert calls[0]["free_to_first_s"] == 0.0  # nothing ran before the first call
+    assert 0.015 <= calls[1]["free_to_first_s"] < 0.2
+    assert all(0.025 <= c["run_s"] < 0.5 and c["first_to_last_s"] == 0.0 for c in calls)
+    assert m.timeline(after=1) == calls[1:]
