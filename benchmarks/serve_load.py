@@ -8,7 +8,10 @@
 1. Offline: ``generate`` throughput (images/s) at batch sizes 1, 8 and 32.
 2. Service (Ray Serve in this process, or ``--url``; skipped where ray is not installed):
    requests/s and p50/p99 latency at concurrency 1, 8 and 32, one image per request, and the
-   ratio to offline throughput at the same batch size (target >= 0.8 at concurrency 32).
+   ratio to offline throughput at the same batch size (target >= 0.8 at concurrency 32),
+   offline and service measured in turns (``--pairs``, the ratio is the median pair's); per
+   level, the replica's device-call timeline and the CPU each Serve process spent per request.
+   ``--direct-ingress``: the service without the HTTP proxy (``serving/direct.py``).
 3. Upsample guidance, eta = 0.5, m = 2, against plain sampling at the same output resolution
    (2 x native): the paper's bound on the extra cost is eta / m^2 = 12.5% (target: within 2
    points of it). The exact extra pixel fraction of the active steps is printed beside it.
@@ -212,6 +215,29 @@ def load(url: str, concurrency: int, n_requests: int, steps: int,
             "client_processes": min(processes, concurrency)}
 
 
+def measure_level(url: str, c: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One closed-loop load at concurrency ``c``, with what the service says about it."""
+    st0, cpu0 = _stats(url), serve_cpu_seconds()
+    before_calls = st0["images_per_batch"]
+    last_call = max((int(d["call"]) for d in st0.get("device_calls", [])), default=0)
+    res = load(url, c, args.rounds * c, args.steps, args.client_processes)
+    # CPU milliseconds per request in each Serve process (the HTTP proxy, the ingress
+    # replicas, the sampler replica: where the time outside the device call goes); only for
+    # a service on this machine
+    cpu1, n_req = serve_cpu_seconds(), args.rounds * c + c  # + the warm-ups
+    res["cpu_ms_per_request"] = {k: 1000 * (cpu1[k] - cpu0.get(k, 0.0)) / n_req
+                                 for k in sorted(cpu1)}
+    # images per device call during this level (the replica's /v1/stats), and where each
+    # cycle's time went (device free -> first job -> last job -> start -> end), medians over
+    # the level's calls (warm-ups included)
+    st1 = _stats(url, last_call)
+    after = st1["images_per_batch"]
+    res["cycle"] = cycle_medians(st1.get("device_calls", []))
+    res["device_calls"] = {k: after[k] - before_calls.get(k, 0) for k in sorted(after, key=int)
+                           if after[k] > before_calls.get(k, 0)}
+    return res
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -225,6 +251,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--rounds", type=int, default=8, help="requests = rounds x concurrency")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=3,
+                    help="offline-then-service measurements per concurrency (ratio: median)")
     ap.add_argument("--smoke", action="store_true", help="tiny offline-only run")
     ap.add_argument("--no-service", action="store_true")
     ap.add_argument("--no-ug", action="store_true", help="skip the upsample-guidance cost")
@@ -282,36 +310,25 @@ def main() -> None:
                                     direct_port)
             with ctx as url:
                 for c in levels:
-                    st0, cpu0 = _stats(url), serve_cpu_seconds()
-                    before_calls = st0["images_per_batch"]
-                    last_call = max((int(d["call"]) for d in st0.get("device_calls", [])),
-                                    default=0)
-                    service[c] = load(url, c, args.rounds * c, args.steps,
-                                      args.client_processes)
-                    # CPU milliseconds per request in each Serve process (the HTTP proxy,
-                    # the ingress replicas, the sampler replica: where the time outside the
-                    # device call goes); only for a service on this machine
-                    cpu1, n_req = serve_cpu_seconds(), args.rounds * c + c  # + warm-ups
-                    service[c]["cpu_ms_per_request"] = {
-                        k: 1000 * (cpu1[k] - cpu0.get(k, 0.0)) / n_req for k in sorted(cpu1)}
-                    # images per device call during this level (the replica's /v1/stats),
-                    # and where each cycle's time went (device free -> first job -> last job
-                    # -> start -> end), medians over the level's calls (warm-ups included)
-                    st1 = _stats(url, last_call)
-                    after_calls = st1["images_per_batch"]
-                    service[c]["cycle"] = cycle_medians(st1.get("device_calls", []))
-                    service[c]["device_calls"] = {k: after_calls[k] - before_calls.get(k, 0)
-                                                  for k in sorted(after_calls, key=int)
-                                                  if after_calls[k] > before_calls.get(k, 0)}
-            # offline again: launch-bound GPU timings drift by tens of percent over minutes on
-            # a shared host; the ratio is taken against the mean of before and after
-            before = results["offline_images_per_s"]
-            after = offline(model, levels, args.steps, args.repeats, device, autocast)
-            results["offline_before"], results["offline_after"] = before, after
-            results["offline_images_per_s"] = {c: (before[c] + after[c]) / 2 for c in levels}
-            for c in levels:
-                service[c]["vs_offline"] = (service[c]["requests_per_s"]
-                                            / results["offline_images_per_s"][c])
+                    # offline and service measured in turns, ``pairs`` times: launch-bound GPU
+                    # timings drift by tens of percent within minutes on a shared host, so
+                    # each service measurement is compared with the offline one just before
+                    pairs = []
+                    for _ in range(args.pairs):
+                        off = offline(model, [c], args.steps, args.repeats, device, autocast)[c]
+                        svc = measure_level(url, c, args)
+                        pairs.append({"offline_images_per_s": off,
+                                      "service_requests_per_s": svc["requests_per_s"],
+                                      "ratio": svc["requests_per_s"] / off,
+                                      "offline_s_per_call": c / off,
+                                      "service_device_call_s": svc["cycle"].get("run_s")})
+                    ratios = sorted(pr["ratio"] for pr in pairs)
+                    service[c] = dict(svc, pairs=pairs, vs_offline=statistics.median(ratios),
+                                      vs_offline_range=[ratios[0], ratios[-1]],
+                                      requests_per_s=statistics.median(
+                                          pr["service_requests_per_s"] for pr in pairs))
+                    results["offline_images_per_s"][c] = statistics.median(
+                        pr["offline_images_per_s"] for pr in pairs)
         except ImportError as exc:
             results["service_skipped"] = f"ray not installed: {exc}"
     results["service"] = service
@@ -344,9 +361,14 @@ def print_table(r: dict[str, Any], levels: list[int]) -> None:
         if s.get("cpu_ms_per_request"):
             print(f"CPU ms per request at concurrency {c}: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in s["cpu_ms_per_request"].items()))
-    if "offline_after" in r:
-        print("offline img/s before / after the service: " + ", ".join(
-            f"{c}: {r['offline_before'][c]:.1f} / {r['offline_after'][c]:.1f}" for c in levels))
+    for c in levels:
+        pairs = r["service"].get(c, {}).get("pairs")
+        if pairs:
+            print(f"pairs at concurrency {c} (offline img/s -> service req/s = ratio; offline "
+                  "s/call vs the service's device call): " + "; ".join(
+                      f"{p['offline_images_per_s']:.1f} -> {p['service_requests_per_s']:.1f} = "
+                      f"{p['ratio']:.2f} ({p['offline_s_per_call']:.3f} vs "
+                      f"{p['service_device_call_s'] or float('nan'):.3f})" for p in pairs))
     u = r.get("ug")
     if not u:
         return

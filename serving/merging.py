@@ -120,4 +120,5 @@ class DeviceMerger(Generic[J, R]):
         (the answers' way back and the fastest client's next request), ``first_to_last_s``
         how far its first and last jobs arrived apart, ``last_to_start_s`` the wait from the
         last one to the start, ``run_s`` the call itself."""
-        return [dict(c) for c in self.history if c["call"] > after]
+        return [{k: round(v, 4) for k, v in c.items()} for c in self.history
+                if c["call"] > after]
