@@ -128,7 +128,8 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def local_service(model_uri: str, max_batch: int, batch_wait_s: float | None = None,
-                  ingress_replicas: int | None = None, direct_port: int | None = None):
+                  ingress_replicas: int | None = None, direct_port: int | None = None,
+                  cuda_graphs: bool = True):
     """Ray Serve in this process with the shipped config (one Sampler replica; the Ingress
     replicas of the config unless ``ingress_replicas`` is given). ``direct_port``: the port
     given to ``serving.direct.enable_direct_ingress`` (one Ingress replica answers HTTP
@@ -141,7 +142,7 @@ def local_service(model_uri: str, max_batch: int, batch_wait_s: float | None = N
     if batch_wait_s is not None:
         user["batch_wait_timeout_s"] = batch_wait_s
     cfg = load_config(model=model_uri, port=_free_port(), user_config=user)
-    cfg = apply_overrides(cfg)
+    cfg = apply_overrides(cfg, args={"cuda_graphs": cuda_graphs})
     for dep in cfg["applications"][0]["deployments"]:
         if dep["name"] == "Sampler":
             dep.pop("autoscaling_config", None)
@@ -261,6 +262,8 @@ def main() -> None:
     ap.add_argument("--client-processes", type=int, default=max(1, (os.cpu_count() or 2) // 4),
                     help="processes the clients are spread over (default: a quarter of the "
                          "cores; 1 = all client threads in this process)")
+    ap.add_argument("--eager", action="store_true",
+                    help="no CUDA graphs, in the offline reference and the service alike")
     ap.add_argument("--direct-ingress", action="store_true",
                     help="the local service with direct ingress (serving/direct.py: the "
                          "ingress replica answers HTTP itself, no proxy in the path)")
@@ -283,7 +286,7 @@ def main() -> None:
         from serving.loading import load_served_model, normalize_uri
 
         uri = normalize_uri(args.model)
-        model, _ = load_served_model(uri, device)
+        model, _ = load_served_model(uri, device, cuda_graphs=not args.eager)
     else:
         model, uri = debug_model(Path(tmp.name) / "model")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" \
@@ -294,6 +297,7 @@ def main() -> None:
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "device": device,
                                "machine": platform.node(), "steps": args.steps,
                                "model": args.model or "unet-debug (random weights)",
+                               "cuda_graphs": device == "cuda" and not args.eager,
                                "path": "direct ingress" if direct_port else
                                f"proxy, {args.ingress_replicas or 'config'} ingress replicas"}
     results["offline_images_per_s"] = offline(model, levels, args.steps, args.repeats, device,
@@ -307,7 +311,7 @@ def main() -> None:
         try:
             ctx = contextlib.nullcontext(args.url) if args.url \
                 else local_service(uri, max(levels), args.batch_wait, args.ingress_replicas,
-                                    direct_port)
+                                    direct_port, cuda_graphs=not args.eager)
             with ctx as url:
                 for c in levels:
                     # offline and service measured in turns, ``pairs`` times: launch-bound GPU
@@ -340,7 +344,7 @@ def main() -> None:
 
 def print_table(r: dict[str, Any], levels: list[int]) -> None:
     print(f"\nserve_load  device={r['device']}  steps={r['steps']}  model={r['model']}  "
-          f"path={r.get('path')}")
+          f"path={r.get('path')}  cuda_graphs={r.get('cuda_graphs')}")
     print(f"{'conc/batch':>10} {'offline img/s':>14} {'service req/s':>14} {'ratio':>6} "
           f"{'p50 s':>7} {'p99 s':>7} {'batch':>6} {'queue s':>8} {'gen s':>7} {'other s':>8}")
     for c in levels:

@@ -296,7 +296,7 @@ def _activation_profile(model: GenerativeModel) -> tuple[float, float]:
     their outputs bounds the live activations of an inference pass from above; attention
     modules add ``heads * (H W)^2`` for the score matrix (quadratic in the pixel count).
     """
-    net = model.net
+    net = getattr(model.net, "unwrapped", model.net)  # a CUDA-graph wrapper's own network
     if net in _ACTIVATIONS:
         return _ACTIVATIONS[net]
     r = model.resolution

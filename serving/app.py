@@ -127,11 +127,13 @@ class AppArgs(BaseModel):
     allow_other_models: bool = True
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast of the network on CUDA, fp32 on CPU")
+    cuda_graphs: bool = Field(True, description="On CUDA, replay the network's forward "
+                              "passes as CUDA graphs (components/cuda_graphs.py)")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The application: ``Ingress -> Sampler``."""
     a = AppArgs.model_validate(args)
     sampler = Sampler.bind(a.model_uri, a.device, a.load_delay_s, a.max_models,
-                           a.allow_other_models, a.precision)
+                           a.allow_other_models, a.precision, a.cuda_graphs)
     return Ingress.bind(sampler)

@@ -78,7 +78,7 @@ def build_from_config(cfg: dict[str, Any]) -> serve.Application:
         actor["num_gpus"] = max(float(actor.get("num_gpus", 0) or 0), 1.0)
     sampler = Sampler.options(**sampler_opts).bind(
         args.model_uri, args.device, args.load_delay_s, args.max_models, args.allow_other_models,
-        args.precision)
+        args.precision, args.cuda_graphs)
     return Ingress.options(**opts.get("Ingress", {})).bind(sampler)
 
 

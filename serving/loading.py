@@ -68,8 +68,12 @@ def resolve_registry(uri: str) -> tuple[str, str, list[str]]:
     return name, str(mv.version), [f"{name}@{a}" for a in (mv.aliases or [])]
 
 
-def load_served_model(uri: str, device: str) -> tuple[GenerativeModel, dict[str, Any]]:
-    """Load ``uri`` onto ``device``; return the model and its description for /v1/models."""
+def load_served_model(uri: str, device: str, cuda_graphs: bool = False
+                      ) -> tuple[GenerativeModel, dict[str, Any]]:
+    """Load ``uri`` onto ``device``; return the model and its description for /v1/models.
+
+    ``cuda_graphs``: on CUDA, run the network's forward passes as recorded CUDA graphs
+    (``components.cuda_graphs``; standard models, not Scale Space ones)."""
     from training.artifacts import load_model
 
     aliases: list[str] = []
@@ -87,9 +91,15 @@ def load_served_model(uri: str, device: str) -> tuple[GenerativeModel, dict[str,
         name, version = path.name, "local"
     model = load_model(load_uri, device)
     model.net.train(False)
+    graphed = cuda_graphs and str(device).startswith("cuda") and model.kind == "standard"
+    if graphed:
+        from components.cuda_graphs import use_cuda_graphs
+
+        model.net = use_cuda_graphs(model.net)
     info = {
         "name": name, "uri": uri, "version": version, "aliases": aliases or [uri, name],
         "kind": model.kind, "resolution": model.resolution, "in_channels": model.in_channels,
         "num_classes": model.num_classes, "prediction": model.prediction, "device": device,
+        "cuda_graphs": graphed,
     }
     return model, info

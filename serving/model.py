@@ -91,13 +91,14 @@ class Sampler:
 
     def __init__(self, model_uri: str, device: str = "auto", load_delay_s: float = 0.0,
                  max_models: int = 2, allow_other_models: bool = True,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", cuda_graphs: bool = True) -> None:
         self.default_uri = normalize_uri(model_uri)
         self.device = default_device() if device == "auto" else device
         # bf16 autocast of the network on CUDA ("auto"), or fp32 everywhere
         self.bf16 = precision == "bf16" or (precision == "auto"
                                             and str(self.device).startswith("cuda"))
         self.max_models, self.allow_other = max_models, allow_other_models
+        self.cuda_graphs = cuda_graphs  # on CUDA only (load_served_model)
         self.models: OrderedDict[str, Loaded] = OrderedDict()
         self.loading: set[str] = {self.default_uri}
         self.load_error: str | None = None
@@ -132,7 +133,7 @@ class Sampler:
             self.loading.discard(self.default_uri)
 
     def _load(self, uri: str) -> Loaded:
-        model, info = load_served_model(uri, self.device)
+        model, info = load_served_model(uri, self.device, self.cuda_graphs)
         loaded = Loaded(model, info)
         with self._lock:
             self.models[uri] = loaded
@@ -342,6 +343,12 @@ class Sampler:
         with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16):
             return generate(model, **kwargs)
 
+    def _generate_uint8(self, model: Any, **kwargs: Any) -> Any:
+        """``_generate`` to uint8 NHWC numpy, all in the worker thread: the copy to the host
+        waits for the device, which must not block the event loop (with CUDA graphs the
+        launches return long before the device is done)."""
+        return to_uint8(self._generate(model, **kwargs)).numpy()
+
     async def _run_group(self, jobs: list[Job], chunk: list[int],
                          results: list[dict[str, Any]]) -> None:
         first = jobs[chunk[0]]
@@ -350,14 +357,13 @@ class Sampler:
         labels = None if first.labels is None else [c for i in chunk for c in jobs[i].labels]
         start = time.perf_counter()
         o = first.opts
-        images = await asyncio.to_thread(
-            self._generate, loaded.model, seeds=seeds, steps=o.steps, sampler=o.sampler, eta=o.eta,
-            class_labels=labels, cfg_scale=o.cfg_scale, resolution=o.resolution,
+        arr = await asyncio.to_thread(  # (N, H, W, C) uint8
+            self._generate_uint8, loaded.model, seeds=seeds, steps=o.steps, sampler=o.sampler,
+            eta=o.eta, class_labels=labels, cfg_scale=o.cfg_scale, resolution=o.resolution,
             upscale=o.upscale, ug_theta=o.ug_theta, ug_eta=o.ug_eta, ug_order=o.ug_order,
             schedule=o.schedule, time_aware=o.time_aware, clip_denoised=o.clip_denoised,
             device=self.device)
         done = time.perf_counter()
-        arr = to_uint8(images).numpy()  # (N, H, W, C)
         self.batches[len(seeds)] += 1
         pos = 0
         for i in chunk:

@@ -172,6 +172,7 @@ class ModelInfo(BaseModel):
     num_classes: int | None = None
     prediction: str | None = None
     device: str | None = None
+    cuda_graphs: bool | None = None
 
 
 class ModelsResponse(BaseModel):
