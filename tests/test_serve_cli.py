@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -60,31 +61,41 @@ def test_sample_bad_input_is_a_clear_error(tmp_path, args, word):
     assert r.exit_code == 2 and word in r.output, r.output
 
 
-@pytest.mark.slow
-def test_serve_detach_sample_stop(tmp_path):
+CLI = [sys.executable, "-m", "prism_cli"]
+
+
+@contextlib.contextmanager
+def _detached(tmp_path: Path, *flags: str):
+    """``prism serve --detach`` on a free port with the debug model; yields (url, port) and
+    checks that ``prism serve --stop`` stops it."""
     model = _model_dir(tmp_path / "model")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     pidfile = tmp_path / "serve.pid"
-    cli = [sys.executable, "-m", "prism_cli"]
-    started = subprocess.run([*cli, "serve", "--model", str(model), "--port", str(port),
+    started = subprocess.run([*CLI, "serve", "--model", str(model), "--port", str(port), *flags,
                               "--detach", "--pidfile", str(pidfile)], cwd=ROOT,
                              capture_output=True, text=True, timeout=400)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
-        info = json.loads(started.stdout.strip().splitlines()[-1])
-        assert info["url"] == f"http://127.0.0.1:{port}"
+        url = json.loads(started.stdout.strip().splitlines()[-1])["url"]
+        assert url == f"http://127.0.0.1:{port}"
+        yield url, port
+    finally:
+        stopped = subprocess.run([*CLI, "serve", "--stop", "--pidfile", str(pidfile)], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0 and not pidfile.exists(), stopped.stdout + stopped.stderr
+
+
+@pytest.mark.slow
+def test_serve_detach_sample_stop(tmp_path):
+    with _detached(tmp_path) as (url, _):
         out = tmp_path / "out"
-        got = subprocess.run([*cli, "sample", "--url", info["url"], "--n", "3", "--seed", "1",
+        got = subprocess.run([*CLI, "sample", "--url", url, "--n", "3", "--seed", "1",
                               "--steps", "3", "--out", str(out)], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
         assert got.returncode == 0, got.stdout + got.stderr
         assert len(list(out.glob("seed_*.png"))) == 3
-    finally:
-        stopped = subprocess.run([*cli, "serve", "--stop", "--pidfile", str(pidfile)], cwd=ROOT,
-                                 capture_output=True, text=True, timeout=120)
-    assert stopped.returncode == 0 and not pidfile.exists(), stopped.stdout + stopped.stderr
 
 
 def _listener_pid(port: int) -> int | None:
@@ -111,19 +122,7 @@ def test_serve_direct_ingress_answers_on_the_port_without_the_proxy(tmp_path):
     proxy moved elsewhere), answers, batches concurrent requests, and stops cleanly."""
     import requests
 
-    model = _model_dir(tmp_path / "model")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pidfile = tmp_path / "serve.pid"
-    cli = [sys.executable, "-m", "prism_cli"]
-    started = subprocess.run([*cli, "serve", "--model", str(model), "--port", str(port),
-                              "--direct-ingress", "--detach", "--pidfile", str(pidfile)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=400)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        url = json.loads(started.stdout.strip().splitlines()[-1])["url"]
-        assert url == f"http://127.0.0.1:{port}"
+    with _detached(tmp_path, "--direct-ingress") as (url, port):
         owner = Path(f"/proc/{_listener_pid(port)}/cmdline").read_bytes()
         assert b"ServeReplica:prism:Ingress" in owner, owner
         with ThreadPoolExecutor(16) as pool:
@@ -133,10 +132,6 @@ def test_serve_direct_ingress_answers_on_the_port_without_the_proxy(tmp_path):
         assert max(r.json()["batch_images"] for r in res) > 1
         bad = requests.post(f"{url}/v1/generate", json={"steps": -1}, timeout=30)
         assert bad.status_code == 422 and bad.json()["fields"] == ["steps"]
-    finally:
-        stopped = subprocess.run([*cli, "serve", "--stop", "--pidfile", str(pidfile)], cwd=ROOT,
-                                 capture_output=True, text=True, timeout=120)
-    assert stopped.returncode == 0 and not pidfile.exists(), stopped.stdout + stopped.stderr
 
 
 def test_direct_ingress_settings_are_checked_and_need_a_fresh_process():
