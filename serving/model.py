@@ -1,9 +1,11 @@
 """The Serve deployment that holds the model(s) and runs ``components.generate.generate``.
 
-Concurrent requests are collected by ``@serve.batch``; inside a batch, requests whose
-settings are compatible (same model, steps, sampler, resolution, guidance, schedule...) run
-as one ``generate`` call, split so that each call stays under the memory cap. Images depend
-only on their seeds, so batching never changes a result.
+The ingress groups the requests that reach it together into one ``generate_many`` call;
+every call registers its requests with a ``DeviceMerger`` (``serving/merging.py``), which makes
+one device call at a time of everything waiting. Inside it, requests whose settings are
+compatible (same model, steps, sampler, resolution, guidance, schedule...) run as one
+``generate`` call, split so that each call stays under the memory cap. Images depend only on
+their seeds, so batching never changes a result.
 """
 
 from __future__ import annotations
@@ -233,12 +235,7 @@ class Sampler:
 
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Validate a request against its model, queue it, return images (uint8 NHWC)."""
-        received = time.perf_counter()
-        try:
-            job = await self._validated(payload, received)
-        except ServiceError as err:
-            return err.as_dict()
-        return await self._run_batch(job)
+        return (await self.generate_many([payload]))[0]
 
     async def generate_many(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``generate`` for several requests in one handle call (the ingress groups the
@@ -294,14 +291,9 @@ class Sampler:
                     "resolution": res})
 
     # ------------------------------------------------------------------ batching
-    # serve.batch gathers what arrives together (a few ms); the merger behind it makes the
-    # device calls: everything waiting when the device comes free, up to max_batch_size,
-    # after at most batch_wait_timeout_s (serve.batch alone splits a steady load into groups
-    # that never meet again: see merging.py). 4 x 64 = max_ongoing_requests in config.yaml.
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.002, max_concurrent_batches=64)
-    async def _run_batch(self, jobs: list[Job]) -> list[dict[str, Any]]:
-        return await self._merger.submit(jobs)
-
+    # The merger makes the device calls: everything waiting when the device comes free, up to
+    # max_batch_size, after at most batch_wait_timeout_s for the clients of the call that just
+    # ended (see merging.py).
     async def _execute(self, jobs: list[Job]) -> list[dict[str, Any]]:
         """One device turn: compatible jobs grouped, each group split under the caps."""
         groups: dict[tuple, list[int]] = {}
