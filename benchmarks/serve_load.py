@@ -128,15 +128,23 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def local_service(model_uri: str, max_batch: int, batch_wait_s: float | None = None,
-                  ingress_replicas: int | None = None, direct_port: int | None = None,
+                  ingress_replicas: int | None = None, direct: bool = False,
                   cuda_graphs: bool = True):
     """Ray Serve in this process with the shipped config (one Sampler replica; the Ingress
-    replicas of the config unless ``ingress_replicas`` is given). ``direct_port``: the port
-    given to ``serving.direct.enable_direct_ingress`` (one Ingress replica answers HTTP
-    there itself, no proxy in the path); the URL returned is then that one."""
+    replicas of the config unless ``ingress_replicas`` is given). ``direct``: direct ingress
+    (``serving/direct.py``: the Ingress replicas answer HTTP on the port themselves, no
+    proxy in the path)."""
     import ray
 
-    from serving.launch import apply_overrides, load_config, start, stop, wait_ready
+    from serving.launch import (
+        apply_overrides,
+        direct_ingress,
+        load_config,
+        start,
+        stop,
+        wait_ready,
+        with_ingress_replicas,
+    )
 
     user = {"max_batch_size": max_batch, "max_image_steps": 10**9}
     if batch_wait_s is not None:
@@ -147,13 +155,13 @@ def local_service(model_uri: str, max_batch: int, batch_wait_s: float | None = N
         if dep["name"] == "Sampler":
             dep.pop("autoscaling_config", None)
             dep["num_replicas"] = 1
-        if dep["name"] == "Ingress" and (ingress_replicas is not None or direct_port):
-            dep["num_replicas"] = 1 if direct_port else ingress_replicas
+    if direct:
+        cfg = direct_ingress(cfg, ingress_replicas)
+    elif ingress_replicas is not None:
+        cfg = with_ingress_replicas(cfg, ingress_replicas)
     ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         url = start(cfg)
-        if direct_port:
-            url = f"http://127.0.0.1:{direct_port}"
         wait_ready(url, timeout_s=300)
         yield url
     finally:
@@ -266,14 +274,12 @@ def main() -> None:
                     help="no CUDA graphs, in the offline reference and the service alike")
     ap.add_argument("--direct-ingress", action="store_true",
                     help="the local service with direct ingress (serving/direct.py: the "
-                         "ingress replica answers HTTP itself, no proxy in the path)")
+                         "Ingress replicas answer HTTP on the port themselves, no proxy)")
     args = ap.parse_args()
-    direct_port = None
     if args.direct_ingress and not args.url:
-        from serving.direct import enable_direct_ingress, free_port
+        from serving.direct import enable_throughput_mode
 
-        direct_port = free_port()
-        enable_direct_ingress(direct_port)  # before Ray starts and ray.serve is imported
+        enable_throughput_mode()  # before Ray starts and ray.serve is imported
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -298,8 +304,8 @@ def main() -> None:
                                "machine": platform.node(), "steps": args.steps,
                                "model": args.model or "unet-debug (random weights)",
                                "cuda_graphs": device == "cuda" and not args.eager,
-                               "path": "direct ingress" if direct_port else
-                               f"proxy, {args.ingress_replicas or 'config'} ingress replicas"}
+                               "path": ("direct ingress" if args.direct_ingress else "proxy")
+                               + f", {args.ingress_replicas or 'config'} ingress replicas"}
     results["offline_images_per_s"] = offline(model, levels, args.steps, args.repeats, device,
                                               autocast)
     if not args.no_ug:
@@ -311,7 +317,7 @@ def main() -> None:
         try:
             ctx = contextlib.nullcontext(args.url) if args.url \
                 else local_service(uri, max(levels), args.batch_wait, args.ingress_replicas,
-                                    direct_port, cuda_graphs=not args.eager)
+                                    args.direct_ingress, cuda_graphs=not args.eager)
             with ctx as url:
                 for c in levels:
                     # offline and service measured in turns, ``pairs`` times: launch-bound GPU

@@ -52,10 +52,29 @@ def _raise(result: dict[str, Any]) -> None:
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    """Routes only: all work happens in the ``Sampler`` deployment."""
+    """Routes only: all work happens in the ``Sampler`` deployment.
 
-    def __init__(self, sampler: DeploymentHandle) -> None:
+    ``direct_http`` (``{"host", "port"}``): this replica also answers HTTP on that address
+    itself, sharing it with the other replicas (``serving/direct.py``)."""
+
+    def __init__(self, sampler: DeploymentHandle,
+                 direct_http: dict[str, Any] | None = None) -> None:
         self.sampler = sampler
+        self._direct = None
+        if direct_http:
+            from serving.direct import DirectServer
+
+            self._direct = DirectServer(api, direct_http["host"], int(direct_http["port"]),
+                                        ready=self._initialised)
+            self._direct.start()  # binds now; accepts once Serve has initialised the replica
+
+    def _initialised(self) -> bool:
+        # the routes' ``self`` is the replica context's servable object, set after __init__
+        return serve.get_replica_context().servable_object is self
+
+    def __del__(self) -> None:
+        if getattr(self, "_direct", None) is not None:
+            self._direct.stop()
 
     @api.get("/healthz", responses={503: {"model": ErrorBody}})
     async def healthz(self) -> dict[str, Any]:
@@ -116,6 +135,14 @@ class Ingress:
         return await self.sampler.generate_many.remote(payloads)
 
 
+class DirectHTTP(BaseModel):
+    """Where the Ingress replicas answer HTTP themselves (direct ingress)."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
 class AppArgs(BaseModel):
     """Arguments of :func:`build_app` (the ``args`` of the Serve config)."""
 
@@ -129,6 +156,9 @@ class AppArgs(BaseModel):
         "auto", description="auto: bf16 autocast of the network on CUDA, fp32 on CPU")
     cuda_graphs: bool = Field(True, description="On CUDA, replay the network's forward "
                               "passes as CUDA graphs (components/cuda_graphs.py)")
+    direct_http: DirectHTTP | None = Field(
+        None, description="Direct ingress: the Ingress replicas answer HTTP on this host:port "
+        "themselves (SO_REUSEPORT; run with proxy_location: Disabled)")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -136,4 +166,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     a = AppArgs.model_validate(args)
     sampler = Sampler.bind(a.model_uri, a.device, a.load_delay_s, a.max_models,
                            a.allow_other_models, a.precision, a.cuda_graphs)
-    return Ingress.bind(sampler)
+    return Ingress.bind(sampler, a.direct_http and a.direct_http.model_dump())

@@ -35,39 +35,39 @@ def serve_cmd(
     pidfile: Path = typer.Option(DEFAULT_PIDFILE, help="Pid file of --detach / --stop."),
     ready_timeout_s: float = typer.Option(300.0, help="How long --detach waits for /healthz."),
     direct_ingress: bool = typer.Option(
-        False, "--direct-ingress", help="One ingress replica answers HTTP on the port itself, "
-        "without Ray Serve's HTTP proxy in the path (faster; the proxy moves to a free port). "
-        "Starts its own Ray: see serving/direct.py."),
+        False, "--direct-ingress", help="The Ingress replicas answer HTTP on the port "
+        "themselves, sharing it (SO_REUSEPORT), with no Ray Serve HTTP proxy in the path "
+        "(faster under load). See serving/direct.py."),
+    ingress_replicas: int = typer.Option(
+        None, help="Ingress replicas (HTTP parsing and PNG encoding in parallel; default: "
+        "the config's)."),
 ) -> None:
     """Start the sampling service locally and block until Ctrl-C (or --detach / --stop)."""
     if stop:
         _stop(pidfile)
         return
-    direct_port = None
+    if ingress_replicas is not None and ingress_replicas < 1:
+        _fail(f"--ingress-replicas must be >= 1, got {ingress_replicas}")
     if direct_ingress and not detach:
         # before anything imports ray.serve: Ray Serve reads these settings at import
-        from serving.direct import config_port, enable_direct_ingress, free_port
+        from serving.direct import enable_throughput_mode
 
-        try:
-            direct_port = port if port is not None else config_port(config)
-            enable_direct_ingress(direct_port)
-        except (FileNotFoundError, ValueError, RuntimeError) as exc:
-            _fail(str(exc))
-    from serving.launch import base_url, load_config, wait_ready
+        enable_throughput_mode()
+    from serving.launch import base_url, load_config, wait_ready, with_ingress_replicas
+    from serving.launch import direct_ingress as with_direct_ingress
 
     try:
-        cfg = load_config(config, model=model, host=host,
-                          port=free_port() if direct_port else port)
+        cfg = load_config(config, model=model, host=host, port=port)
+        if direct_ingress:
+            cfg = with_direct_ingress(cfg, ingress_replicas)
+        elif ingress_replicas is not None:
+            cfg = with_ingress_replicas(cfg, ingress_replicas)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     url = base_url(cfg)
-    if direct_port:  # the ingress replica's own server; the proxy keeps the free port
-        from serving.launch import one_ingress_replica
-
-        cfg = one_ingress_replica(cfg)
-        url = base_url({**cfg, "http_options": {**cfg["http_options"], "port": direct_port}})
     if detach:
-        _detach(config, model, host, port, pidfile, url, ready_timeout_s, direct_ingress)
+        _detach(config, model, host, port, pidfile, url, ready_timeout_s, direct_ingress,
+                ingress_replicas)
         return
     from serving.launch import start
     from serving.launch import stop as stop_service
@@ -93,11 +93,13 @@ def serve_cmd(
 
 
 def _detach(config: Path, model: str | None, host: str | None, port: int | None,
-            pidfile: Path, url: str, timeout_s: float, direct_ingress: bool = False) -> None:
+            pidfile: Path, url: str, timeout_s: float, direct_ingress: bool = False,
+            ingress_replicas: int | None = None) -> None:
     from serving.launch import wait_ready
 
     cmd = [sys.executable, "-m", "prism_cli", "serve", "--config", str(config)]
-    for flag, val in (("--model", model), ("--host", host), ("--port", port)):
+    for flag, val in (("--model", model), ("--host", host), ("--port", port),
+                      ("--ingress-replicas", ingress_replicas)):
         if val is not None:
             cmd += [flag, str(val)]
     if direct_ingress:

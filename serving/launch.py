@@ -79,15 +79,30 @@ def build_from_config(cfg: dict[str, Any]) -> serve.Application:
     sampler = Sampler.options(**sampler_opts).bind(
         args.model_uri, args.device, args.load_delay_s, args.max_models, args.allow_other_models,
         args.precision, args.cuda_graphs)
-    return Ingress.options(**opts.get("Ingress", {})).bind(sampler)
+    direct = args.direct_http.model_dump() if args.direct_http else None
+    return Ingress.options(**opts.get("Ingress", {})).bind(sampler, direct)
 
 
-def one_ingress_replica(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``cfg`` with exactly one Ingress replica (direct ingress: clients reach one port)."""
+def direct_ingress(cfg: dict[str, Any], replicas: int | None = None) -> dict[str, Any]:
+    """``cfg`` with direct ingress (``serving/direct.py``): the Ingress replicas answer HTTP
+    on ``http_options``' host:port themselves and no Serve proxy is started. ``replicas``:
+    how many Ingress replicas share the port (default: the config's ``num_replicas``)."""
+    cfg = copy.deepcopy(cfg) if replicas is None else with_ingress_replicas(cfg, replicas)
+    http = cfg.setdefault("http_options", {})
+    cfg["applications"][0].setdefault("args", {})["direct_http"] = {
+        "host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))}
+    cfg["proxy_location"] = "Disabled"
+    return cfg
+
+
+def with_ingress_replicas(cfg: dict[str, Any], replicas: int) -> dict[str, Any]:
+    """``cfg`` with exactly ``replicas`` Ingress replicas (no autoscaling)."""
+    if replicas < 1:
+        raise ValueError(f"ingress replicas must be >= 1, got {replicas}")
     cfg = copy.deepcopy(cfg)
     dep = _deployment(cfg["applications"][0], "Ingress")
     dep.pop("autoscaling_config", None)
-    dep["num_replicas"] = 1
+    dep["num_replicas"] = replicas
     return cfg
 
 

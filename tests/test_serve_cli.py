@@ -98,33 +98,36 @@ def test_serve_detach_sample_stop(tmp_path):
         assert len(list(out.glob("seed_*.png"))) == 3
 
 
-def _listener_pid(port: int) -> int | None:
-    """The process holding a listening TCP socket on ``port`` (from /proc; None if absent)."""
+def _listener_pids(port: int) -> set[int]:
+    """The processes holding a listening TCP socket on ``port`` (from /proc)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             f = line.split()
             if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # 0A: LISTEN
                 inodes.add(f[9])
+    pids = set()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             for fd in (proc / "fd").iterdir():
                 if fd.readlink().name.removeprefix("socket:[").rstrip("]") in inodes:
-                    return int(proc.name)
+                    pids.add(int(proc.name))
         except OSError:
             continue
-    return None
+    return pids
 
 
 @pytest.mark.slow
-def test_serve_direct_ingress_answers_on_the_port_without_the_proxy(tmp_path):
-    """``prism serve --direct-ingress``: the ingress replica itself listens on the port (the
-    proxy moved elsewhere), answers, batches concurrent requests, and stops cleanly."""
+def test_serve_direct_ingress_replicas_share_the_port_without_the_proxy(tmp_path):
+    """``prism serve --direct-ingress --ingress-replicas 2``: both Ingress replicas listen on
+    the port themselves (no proxy process does), answer, batch concurrent requests across
+    replicas into one device call, name a bad field, and stop cleanly."""
     import requests
 
-    with _detached(tmp_path, "--direct-ingress") as (url, port):
-        owner = Path(f"/proc/{_listener_pid(port)}/cmdline").read_bytes()
-        assert b"ServeReplica:prism:Ingress" in owner, owner
+    with _detached(tmp_path, "--direct-ingress", "--ingress-replicas", "2") as (url, port):
+        pids = _listener_pids(port)
+        owners = [Path(f"/proc/{p}/cmdline").read_bytes() for p in pids]
+        assert len(pids) == 2 and all(b"ServeReplica:prism:Ingress" in o for o in owners), owners
         with ThreadPoolExecutor(16) as pool:
             res = list(pool.map(lambda s: requests.post(
                 f"{url}/v1/generate", json={"seeds": [s], "steps": 3}, timeout=120), range(16)))
@@ -132,17 +135,5 @@ def test_serve_direct_ingress_answers_on_the_port_without_the_proxy(tmp_path):
         assert max(r.json()["batch_images"] for r in res) > 1
         bad = requests.post(f"{url}/v1/generate", json={"steps": -1}, timeout=30)
         assert bad.status_code == 422 and bad.json()["fields"] == ["steps"]
-
-
-def test_direct_ingress_settings_are_checked_and_need_a_fresh_process():
-    from serving.direct import direct_ingress_env, enable_direct_ingress
-
-    env = direct_ingress_env(8123)
-    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8123"
-    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
-    with pytest.raises(ValueError, match="port"):
-        direct_ingress_env(70000)
-    import ray.serve  # noqa: F401  (imported: its settings are fixed)
-
-    with pytest.raises(RuntimeError, match="before ray.serve is imported"):
-        enable_direct_ingress(8123)
+        assert requests.get(f"{url}/docs", timeout=30).status_code == 200
+    assert not _listener_pids(port)  # every replica let the port go

@@ -1,0 +1,118 @@
+"""Direct ingress parts (``serving/direct.py``) without Ray: the shared socket, the server that
+waits for its replica, the config it is switched on by. The service end to end is
+``test_serve_cli.py``'s slow test."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from serving.direct import DirectServer, enable_throughput_mode, shared_socket, throughput_env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_shared_socket_lets_several_listeners_bind_one_port():
+    port = _free_port()
+    a, b = shared_socket("127.0.0.1", port), shared_socket("127.0.0.1", port)
+    try:
+        assert a.getsockname()[1] == b.getsockname()[1] == port
+    finally:
+        a.close()
+        b.close()
+
+
+def test_shared_socket_names_a_port_held_by_another_program():
+    with socket.socket() as plain:  # no SO_REUSEPORT: the port is not shareable
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        port = plain.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"cannot bind 127.0.0.1:{port}"):
+            shared_socket("127.0.0.1", port)
+    with pytest.raises(ValueError, match="port"):
+        shared_socket("127.0.0.1", 70000)
+
+
+def _app(name: str) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/who")
+    async def who() -> dict[str, str]:
+        return {"server": name}
+
+    return app
+
+
+def test_direct_servers_share_the_port_and_accept_only_once_ready():
+    """Two servers on one port both answer (the kernel spreads new connections); one that is
+    not ready yet holds its connections in the backlog and answers them once ready."""
+    port = _free_port()
+
+    async def main() -> tuple[set[str], str]:
+        ready = {"b": False}
+        a = DirectServer(_app("a"), "127.0.0.1", port)
+        b = DirectServer(_app("b"), "127.0.0.1", port, ready=lambda: ready["b"])
+        a.start()
+        b.start()
+        try:
+            seen: set[str] = set()
+            for _ in range(40):  # new connections each time: some reach b's backlog
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+                    task = asyncio.create_task(c.get("/who", timeout=10))
+                    done, _ = await asyncio.wait({task}, timeout=0.3)
+                    if not done:  # waiting in b's backlog: b is not serving yet
+                        assert "b" not in seen
+                        ready["b"] = True
+                    seen.add((await task).json()["server"])
+            return seen, "ok"
+        finally:
+            a.stop()
+            b.stop()
+            await asyncio.gather(a.task, b.task, return_exceptions=True)
+
+    seen, _ = asyncio.run(main())
+    assert seen == {"a", "b"}
+
+
+def test_direct_server_needs_a_running_loop():
+    with pytest.raises(RuntimeError, match="running event loop"):
+        DirectServer(_app("a"), "127.0.0.1", _free_port()).start()
+
+
+def test_throughput_settings_are_left_alone_once_ray_serve_is_imported(monkeypatch):
+    env = throughput_env()
+    assert env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    monkeypatch.setitem(sys.modules, "ray.serve", sys.modules.get("ray.serve", object()))
+    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
+    assert enable_throughput_mode() is False
+    import os
+
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED" not in os.environ
+
+
+def test_direct_ingress_config():
+    from serving.app import AppArgs
+    from serving.launch import direct_ingress, load_config, with_ingress_replicas
+
+    cfg = load_config(port=8123, host="127.0.0.2")
+    d = direct_ingress(cfg, 3)
+    assert d["proxy_location"] == "Disabled"
+    app = d["applications"][0]
+    assert app["args"]["direct_http"] == {"host": "127.0.0.2", "port": 8123}
+    ingress = next(x for x in app["deployments"] if x["name"] == "Ingress")
+    assert ingress["num_replicas"] == 3 and "autoscaling_config" not in ingress
+    assert cfg.get("proxy_location") == "HeadOnly"  # the input is left as it was
+    assert AppArgs.model_validate(app["args"]).direct_http.port == 8123
+    with pytest.raises(ValueError, match="port"):
+        AppArgs.model_validate({**app["args"], "direct_http": {"port": 0}})
+    with pytest.raises(ValueError, match=">= 1"):
+        with_ingress_replicas(cfg, 0)
