@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py                       # debug model, Serve in-process
     python benchmarks/serve_load.py --model DIR_OR_URI    # a real model
+    python benchmarks/serve_load.py --preset ddpm-cifar10 # its network, random weights
     python benchmarks/serve_load.py --url http://127.0.0.1:8000   # a running service
     python benchmarks/serve_load.py --smoke               # tiny, offline parts only (<1 min)
 
@@ -41,26 +42,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.generate import GenerativeModel, generate  # noqa: E402
 from components.networks.registry import build_network, preset_kwargs  # noqa: E402
-from components.schedules import CosineSchedule  # noqa: E402
+from components.schedules import CosineSchedule, ddpm_linear  # noqa: E402
 
 
-def debug_model(directory: Path | None = None) -> tuple[GenerativeModel, str | None]:
-    """unet-debug with random weights (head re-drawn: zero heads make constant images);
-    saved as a model directory when ``directory`` is given (for the service)."""
+def debug_model(directory: Path | None = None, preset: str = "unet-debug"
+                ) -> tuple[GenerativeModel, str | None]:
+    """A UNet preset with random weights (zero heads re-drawn: they make constant images);
+    saved as a model directory when ``directory`` is given (for the service). unet-debug:
+    16x16, 4 classes, x0-prediction, cosine schedule; other presets (``ddpm-cifar10``,
+    ``unet-64``): their resolution, unconditional, eps-prediction, DDPM's linear betas (a
+    network's speed does not depend on its weights)."""
     torch.manual_seed(0)
-    net = build_network("unet-debug", num_classes=4).train(False)
+    debug = preset == "unet-debug"
+    family, kwargs = preset_kwargs(preset)
+    classes = 4 if debug else 0
+    kwargs = dict(kwargs, num_classes=classes)
+    net = build_network(preset, num_classes=classes).train(False)
     for p in net.parameters():
         if p.ndim > 1 and not p.any():
             torch.nn.init.normal_(p, std=0.05)
-    model = GenerativeModel(net=net, prediction="x0", n_cond=1, resolution=16, in_channels=3,
-                            num_classes=4, schedule=CosineSchedule())
+    res = 16 if debug else int(kwargs.get("resolution", 32))
+    sched, sched_name = (CosineSchedule(), "cosine") if debug else (ddpm_linear(), "ddpm_linear")
+    prediction = "x0" if debug else "eps"
+    model = GenerativeModel(net=net, prediction=prediction, n_cond=1, resolution=res,
+                            in_channels=3, num_classes=classes, schedule=sched)
     if directory is None:
         return model, None
     from training.artifacts import save_model
 
-    save_model(directory, net, family="unet", net_kwargs=dict(preset_kwargs("unet-debug")[1],
-               num_classes=4), prediction="x0", n_cond=1, resolution=16, in_channels=3,
-               num_classes=4, schedule_name="cosine", schedule_kwargs={})
+    save_model(directory, net, family=family, net_kwargs=kwargs, prediction=prediction,
+               n_cond=1, resolution=res, in_channels=3, num_classes=classes,
+               schedule_name=sched_name, schedule_kwargs={})
     return model, str(directory)
 
 
@@ -242,6 +254,7 @@ def measure_level(url: str, c: int, args: argparse.Namespace) -> dict[str, Any]:
     st1 = _stats(url, last_call)
     after = st1["images_per_batch"]
     res["cycle"] = cycle_medians(st1.get("device_calls", []))
+    res["timeline"] = st1.get("device_calls", [])
     res["device_calls"] = {k: after[k] - before_calls.get(k, 0) for k in sorted(after, key=int)
                            if after[k] > before_calls.get(k, 0)}
     return res
@@ -253,6 +266,9 @@ def measure_level(url: str, c: int, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="model directory or models:/NAME@ALIAS (default: debug)")
+    ap.add_argument("--preset", default="unet-debug",
+                    help="without --model: a UNet preset with random weights (unet-debug, "
+                         "ddpm-cifar10, unet-64)")
     ap.add_argument("--url", help="measure a running service instead of starting one")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch-wait", type=float, default=None,
@@ -294,7 +310,11 @@ def main() -> None:
         uri = normalize_uri(args.model)
         model, _ = load_served_model(uri, device, cuda_graphs=not args.eager)
     else:
-        model, uri = debug_model(Path(tmp.name) / "model")
+        model, uri = debug_model(Path(tmp.name) / "model", args.preset)
+        if torch.cuda.is_available() and not args.eager:  # as the service loads it
+            from serving.loading import load_served_model
+
+            model, _ = load_served_model(uri, device, cuda_graphs=True)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" \
         else contextlib.nullcontext
     # the service runs the network eagerly under bf16 autocast on CUDA (batch sizes vary from
@@ -302,7 +322,7 @@ def main() -> None:
 
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "device": device,
                                "machine": platform.node(), "steps": args.steps,
-                               "model": args.model or "unet-debug (random weights)",
+                               "model": args.model or f"{args.preset} (random weights)",
                                "cuda_graphs": device == "cuda" and not args.eager,
                                "path": ("direct ingress" if args.direct_ingress else "proxy")
                                + f", {args.ingress_replicas or 'config'} ingress replicas"}

@@ -162,3 +162,33 @@ def test_each_call_records_where_its_cycle_went():
     assert 0.015 <= calls[1]["free_to_first_s"] < 0.2
     assert all(0.025 <= c["run_s"] < 0.5 and c["first_to_last_s"] == 0.0 for c in calls)
     assert m.timeline(after=1) == calls[1:]
+
+
+def test_a_client_that_leaves_costs_the_others_a_short_wait_not_the_window():
+    """Four closed-loop clients, one of which stops after two requests: the merger still
+    expects four, but once the three that remain are in and nothing more comes for twice the
+    time the clients took to come back, the call starts (before: every later call waited the
+    whole window for the client that left)."""
+    calls: list[int] = []
+
+    async def execute(jobs: list[int]) -> list[int]:
+        calls.append(len(jobs))
+        await asyncio.sleep(0.02)
+        return jobs
+
+    async def client(m: DeviceMerger, job: int, rounds: int) -> None:
+        for _ in range(rounds):
+            await m.submit([job])
+            await asyncio.sleep(0.002)
+
+    async def main() -> tuple[float, float]:
+        m = DeviceMerger(execute, max_jobs=8, wait_s=0.5)
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        await asyncio.gather(*(client(m, j, 2 if j == 3 else 8) for j in range(4)))
+        return loop.time() - t, m.patience_s()
+
+    took, patience = asyncio.run(main())
+    assert 4 in calls and calls.count(3) >= 4, calls  # together, then the three alone
+    assert 0.005 <= patience < 0.05, patience
+    assert took < 1.0, took  # 6 calls of 3 after the client left: 3 s if each waited 0.5 s
