@@ -343,6 +343,9 @@ def main() -> None:
                     # offline and service measured in turns, ``pairs`` times: launch-bound GPU
                     # timings drift by tens of percent within minutes on a shared host, so
                     # each service measurement is compared with the offline one just before
+                    # the service's warm-up at this batch size, as ``timed`` warms the offline
+                    # sampler: the first call of a new batch bucket records its CUDA graphs
+                    load(url, c, c, args.steps, args.client_processes)
                     pairs = []
                     for _ in range(args.pairs):
                         off = offline(model, [c], args.steps, args.repeats, device, autocast)[c]
