@@ -65,6 +65,13 @@ def serve_cmd(
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     url = base_url(cfg)
+    from serving.direct import check_port_free
+
+    http = cfg.get("http_options", {})
+    try:  # a service already there would answer the readiness checks of this one
+        check_port_free(http.get("host", "127.0.0.1"), int(http.get("port", 8000)))
+    except RuntimeError as exc:
+        _fail(str(exc))
     if detach:
         _detach(config, model, host, port, pidfile, url, ready_timeout_s, direct_ingress,
                 ingress_replicas)

@@ -116,6 +116,11 @@ def start(cfg: dict[str, Any], ray_init: dict[str, Any] | None = None) -> str:
     """Start Ray (if needed), the HTTP proxy and the application; return the base URL."""
     import ray
 
+    direct = cfg["applications"][0].get("args", {}).get("direct_http")
+    if direct:  # before Ray starts: a clear error, nothing to clean up
+        from serving.direct import check_port_free
+
+        check_port_free(direct["host"], int(direct["port"]))
     if not ray.is_initialized():
         ray.init(**(ray_init or {}))
     http = cfg.get("http_options", {})

@@ -136,4 +136,9 @@ def test_serve_direct_ingress_replicas_share_the_port_without_the_proxy(tmp_path
         bad = requests.post(f"{url}/v1/generate", json={"steps": -1}, timeout=30)
         assert bad.status_code == 422 and bad.json()["fields"] == ["steps"]
         assert requests.get(f"{url}/docs", timeout=30).status_code == 200
+        again = subprocess.run([*CLI, "serve", "--model", str(tmp_path / "model"), "--port",
+                                str(port), "--direct-ingress", "--detach", "--pidfile",
+                                str(tmp_path / "again.pid")], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120)
+        assert again.returncode == 2 and "already in use" in again.stderr, again.stderr
     assert not _listener_pids(port)  # every replica let the port go

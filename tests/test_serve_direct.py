@@ -12,7 +12,13 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from serving.direct import DirectServer, enable_throughput_mode, shared_socket, throughput_env
+from serving.direct import (
+    DirectServer,
+    check_port_free,
+    enable_throughput_mode,
+    shared_socket,
+    throughput_env,
+)
 
 
 def _free_port() -> int:
@@ -29,6 +35,19 @@ def test_shared_socket_lets_several_listeners_bind_one_port():
     finally:
         a.close()
         b.close()
+
+
+def test_a_port_that_is_listened_on_is_not_free_even_for_sharers():
+    """A second service must not start on a port that the replicas of another one share."""
+    port = _free_port()
+    check_port_free("127.0.0.1", port)
+    held = shared_socket("127.0.0.1", port)
+    try:
+        with pytest.raises(RuntimeError, match="already in use"):
+            check_port_free("127.0.0.1", port)
+    finally:
+        held.close()
+    check_port_free("127.0.0.1", port)
 
 
 def test_shared_socket_names_a_port_held_by_another_program():
