@@ -2,6 +2,7 @@
 
     prism serve --model models:/prism-debug@champion        # or a model directory; Ctrl-C stops
     prism serve --model DIR --detach && prism serve --stop  # for scripts
+    prism serve --model DIR --direct-ingress --ingress-replicas 4   # no proxy: faster
     open http://127.0.0.1:8000/docs                          # the OpenAPI page
     curl -s localhost:8000/v1/generate -H 'content-type: application/json' \\
          -d '{"seed": 1, "steps": 32, "format": "png"}' -o one.png
@@ -10,5 +11,6 @@
 
 Modules: ``schemas`` (request/response models), ``app`` (routes only), ``model`` (the
 batched ``Sampler`` deployment), ``loading`` (registry references), ``encode`` (PNG),
-``launch`` (start/stop from ``config.yaml``), ``cli`` (the two commands).
+``merging`` (one device call of everything waiting), ``direct`` (the Ingress replicas on one
+shared port), ``launch`` (start/stop from ``config.yaml``), ``cli`` (the two commands).
 """
