@@ -72,6 +72,13 @@ class Ingress:
         # the routes' ``self`` is the replica context's servable object, set after __init__
         return serve.get_replica_context().servable_object is self
 
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose own HTTP server stopped is
+        unhealthy (Serve replaces it)."""
+        task = self._direct.task if self._direct is not None else None
+        if task is not None and task.done():
+            raise RuntimeError("direct ingress: this replica's HTTP server stopped")
+
     def __del__(self) -> None:
         if getattr(self, "_direct", None) is not None:
             self._direct.stop()

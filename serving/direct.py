@@ -153,19 +153,3 @@ def _has(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def config_port(path: str | os.PathLike[str]) -> int:
-    """The HTTP port of a Serve config file (``http_options.port``, Ray's default 8000),
-    read without importing Ray."""
-    import yaml
-
-    cfg = yaml.safe_load(open(path).read()) or {}
-    return int((cfg.get("http_options") or {}).get("port", 8000))

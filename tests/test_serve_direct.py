@@ -135,3 +135,23 @@ def test_direct_ingress_config():
         AppArgs.model_validate({**app["args"], "direct_http": {"port": 0}})
     with pytest.raises(ValueError, match=">= 1"):
         with_ingress_replicas(cfg, 0)
+
+
+def test_an_ingress_replica_whose_server_stopped_fails_its_health_check():
+    """Serve replaces an unhealthy replica; one that no longer serves HTTP must say so."""
+    from types import SimpleNamespace
+
+    from serving.app import Ingress
+
+    check = Ingress.func_or_class.check_health
+
+    async def finished() -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(asyncio.sleep(0))
+        await task
+        return task
+
+    done = asyncio.run(finished())
+    check(SimpleNamespace(_direct=None))  # behind the proxy: nothing to check
+    check(SimpleNamespace(_direct=SimpleNamespace(task=None)))
+    with pytest.raises(RuntimeError, match="HTTP server stopped"):
+        check(SimpleNamespace(_direct=SimpleNamespace(task=done)))
