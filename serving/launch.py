@@ -86,7 +86,13 @@ def build_from_config(cfg: dict[str, Any]) -> serve.Application:
 def direct_ingress(cfg: dict[str, Any], replicas: int | None = None) -> dict[str, Any]:
     """``cfg`` with direct ingress (``serving/direct.py``): the Ingress replicas answer HTTP
     on ``http_options``' host:port themselves and no Serve proxy is started. ``replicas``:
-    how many Ingress replicas share the port (default: the config's ``num_replicas``)."""
+    how many Ingress replicas share the port (default: the config's ``num_replicas``, or the
+    ``max_replicas`` of an Ingress ``autoscaling_config``: Serve's autoscaler counts the
+    requests that pass through Serve, and direct-ingress requests do not)."""
+    if replicas is None:
+        auto = _deployment(copy.deepcopy(cfg)["applications"][0], "Ingress").get(
+            "autoscaling_config")
+        replicas = int(auto.get("max_replicas", 1)) if auto else None
     cfg = copy.deepcopy(cfg) if replicas is None else with_ingress_replicas(cfg, replicas)
     http = cfg.setdefault("http_options", {})
     cfg["applications"][0].setdefault("args", {})["direct_http"] = {

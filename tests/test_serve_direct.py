@@ -135,6 +135,16 @@ def test_direct_ingress_config():
         AppArgs.model_validate({**app["args"], "direct_http": {"port": 0}})
     with pytest.raises(ValueError, match=">= 1"):
         with_ingress_replicas(cfg, 0)
+    # an autoscaled Ingress: its autoscaler would not see direct traffic, so max_replicas
+    auto = load_config(port=8123)
+    dep = next(x for x in auto["applications"][0]["deployments"] if x["name"] == "Ingress")
+    dep.pop("num_replicas", None)
+    dep["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 5}
+    fixed = direct_ingress(auto)["applications"][0]["deployments"]
+    ingress = next(x for x in fixed if x["name"] == "Ingress")
+    assert ingress["num_replicas"] == 5 and "autoscaling_config" not in ingress
+    plain = direct_ingress(cfg)["applications"][0]["deployments"]
+    assert next(x for x in plain if x["name"] == "Ingress")["num_replicas"] == 2  # the config's
 
 
 def test_an_ingress_replica_whose_server_stopped_fails_its_health_check():
