@@ -340,12 +340,12 @@ def main() -> None:
                                     args.direct_ingress, cuda_graphs=not args.eager)
             with ctx as url:
                 for c in levels:
-                    # offline and service measured in turns, ``pairs`` times: launch-bound GPU
-                    # timings drift by tens of percent within minutes on a shared host, so
-                    # each service measurement is compared with the offline one just before
                     # the service's warm-up at this batch size, as ``timed`` warms the offline
                     # sampler: the first call of a new batch bucket records its CUDA graphs
                     load(url, c, c, args.steps, args.client_processes)
+                    # offline and service measured in turns, ``pairs`` times: launch-bound GPU
+                    # timings drift by tens of percent within minutes on a shared host, so
+                    # each service measurement is compared with the offline one just before
                     pairs = []
                     for _ in range(args.pairs):
                         off = offline(model, [c], args.steps, args.repeats, device, autocast)[c]

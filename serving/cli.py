@@ -65,14 +65,14 @@ def serve_cmd(
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     url = base_url(cfg)
-    from serving.direct import check_port_free
+    from serving.direct import PortInUse, check_port_free
 
-    http = cfg.get("http_options", {})
-    try:  # a service already there would answer the readiness checks of this one
-        check_port_free(http.get("host", "127.0.0.1"), int(http.get("port", 8000)))
-    except RuntimeError as exc:
-        _fail(str(exc))
     if detach:
+        http = cfg.get("http_options", {})
+        try:  # a service already there would answer this one's readiness checks
+            check_port_free(http.get("host", "127.0.0.1"), int(http.get("port", 8000)))
+        except PortInUse as exc:
+            _fail(str(exc))
         _detach(config, model, host, port, pidfile, url, ready_timeout_s, direct_ingress,
                 ingress_replicas)
         return
@@ -82,7 +82,10 @@ def serve_cmd(
     stopping = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
     try:
-        start(cfg)
+        try:
+            start(cfg)
+        except PortInUse as exc:  # raised before Ray starts
+            _fail(str(exc))
         typer.echo(f"serving {cfg['applications'][0]['args'].get('model_uri')} at {url} "
                    f"(docs: {url}/docs); Ctrl-C to stop")
         try:
@@ -95,7 +98,10 @@ def serve_cmd(
     except KeyboardInterrupt:
         pass
     finally:
-        typer.echo("stopping")
+        import ray
+
+        if ray.is_initialized():  # not after PortInUse: nothing was started
+            typer.echo("stopping")
         stop_service()
 
 

@@ -72,17 +72,21 @@ def shared_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
     return sock
 
 
+class PortInUse(RuntimeError):
+    """Something already listens on the service's port."""
+
+
 def check_port_free(host: str, port: int) -> None:
-    """Raise RuntimeError when something already listens on ``host:port``. Sharing the port
-    is meant for the replicas of one service: a second service started on it would silently
-    get half of the connections."""
+    """Raise :class:`PortInUse` when something already listens on ``host:port``: Serve's
+    proxy could not bind it, and a direct-ingress service (whose replicas share their port)
+    would silently get part of the other one's connections."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise RuntimeError(f"{host}:{port} is already in use ({exc.strerror}): stop the "
+            raise PortInUse(f"{host}:{port} is already in use ({exc.strerror}): stop the "
                                "service there or choose another --port") from exc
 
 

@@ -90,8 +90,9 @@ def direct_ingress(cfg: dict[str, Any], replicas: int | None = None) -> dict[str
     ``max_replicas`` of an Ingress ``autoscaling_config``: Serve's autoscaler counts the
     requests that pass through Serve, and direct-ingress requests do not)."""
     if replicas is None:
-        auto = _deployment(copy.deepcopy(cfg)["applications"][0], "Ingress").get(
-            "autoscaling_config")
+        auto = next((d.get("autoscaling_config") for d in
+                     cfg["applications"][0].get("deployments", []) if d.get("name") == "Ingress"),
+                    None)
         replicas = int(auto.get("max_replicas", 1)) if auto else None
     cfg = copy.deepcopy(cfg) if replicas is None else with_ingress_replicas(cfg, replicas)
     http = cfg.setdefault("http_options", {})
@@ -122,14 +123,13 @@ def start(cfg: dict[str, Any], ray_init: dict[str, Any] | None = None) -> str:
     """Start Ray (if needed), the HTTP proxy and the application; return the base URL."""
     import ray
 
-    direct = cfg["applications"][0].get("args", {}).get("direct_http")
-    if direct:  # before Ray starts: a clear error, nothing to clean up
-        from serving.direct import check_port_free
+    from serving.direct import check_port_free
 
-        check_port_free(direct["host"], int(direct["port"]))
+    http = cfg.get("http_options", {})
+    # before Ray starts: a clear error (PortInUse), nothing to clean up
+    check_port_free(http.get("host", "127.0.0.1"), int(http.get("port", 8000)))
     if not ray.is_initialized():
         ray.init(**(ray_init or {}))
-    http = cfg.get("http_options", {})
     serve.start(http_options={"host": http.get("host", "127.0.0.1"),
                               "port": int(http.get("port", 8000)),
                               **({"request_timeout_s": http["request_timeout_s"]}
@@ -157,4 +157,9 @@ def wait_ready(url: str, timeout_s: float = 120.0) -> dict[str, Any]:
 
 
 def stop() -> None:
-    serve.shutdown()
+    """Shut Serve down (nothing to do when this process started no Ray, e.g. after
+    :class:`~serving.direct.PortInUse`)."""
+    import ray
+
+    if ray.is_initialized():
+        serve.shutdown()

@@ -50,6 +50,21 @@ def test_a_port_that_is_listened_on_is_not_free_even_for_sharers():
     check_port_free("127.0.0.1", port)
 
 
+def test_start_refuses_a_taken_port_before_ray_starts():
+    import ray
+
+    from serving.direct import PortInUse
+    from serving.launch import load_config, start
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        cfg = load_config(port=other.getsockname()[1])
+        with pytest.raises(PortInUse, match="already in use"):
+            start(cfg)
+    assert not ray.is_initialized()
+
+
 def test_shared_socket_names_a_port_held_by_another_program():
     with socket.socket() as plain:  # no SO_REUSEPORT: the port is not shareable
         plain.bind(("127.0.0.1", 0))
