@@ -17,9 +17,13 @@ from components.networks.tdln import (
 )
 
 
-def test_time_coordinate_orientation_and_clamp() -> None:
-    c_noise = torch.tensor([[-2.0], [-1.0], [0.0], [0.5], [3.0]])  # lambda / 15
-    assert torch.equal(time_coordinate(c_noise), torch.tensor([1.0, 1.0, 0.0, -0.5, -1.0]))
+def test_time_coordinate_is_the_cosine_time_of_the_log_snr() -> None:
+    lam = torch.tensor([-40.0, -4.0, 0.0, 4.0, 40.0])
+    c = time_coordinate((lam / 15)[:, None])
+    # c = 2 t - 1 where the cosine schedule has log-SNR lambda at time t: +1 at high noise
+    t = torch.tensor([1.0, 0.91436, 0.5, 0.08564, 0.0])
+    torch.testing.assert_close(c, 2 * t - 1, atol=1e-4, rtol=0)
+    assert bool((c[:-1] > c[1:]).all())  # strictly decreasing in lambda
     with pytest.raises(ValueError, match="c_noise"):
         time_coordinate(torch.zeros(4))
 

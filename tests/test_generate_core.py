@@ -61,7 +61,9 @@ def test_upsample_guidance_doubles_resolution_and_is_batch_independent(model):
     x = generate(model, seeds=[4, 9], steps=STEPS, resolution=32, ug_theta=1.3, ug_eta=0.5)
     assert x.shape == (2, 3, 32, 32)
     alone = generate(model, seeds=[9], steps=STEPS, resolution=32, ug_theta=1.3, ug_eta=0.5)
-    torch.testing.assert_close(x[1], alone[0], atol=1e-4, rtol=0)
+    # float32 kernels differ between batch sizes by ~1e-6 per call; over the guided steps
+    # (three network calls each) a pixel may drift by ~1e-4; another image's would be O(1)
+    torch.testing.assert_close(x[1], alone[0], atol=5e-4, rtol=0)
     plain = generate(model, seeds=[4, 9], steps=STEPS, resolution=32, ug_theta=0.0)
     assert not torch.allclose(x, plain, atol=1e-3)  # the guidance term changes the result
 

@@ -4,7 +4,7 @@ back as a :class:`components.generate.GenerativeModel` (safetensors and JSON onl
 Layout of a model directory (also the MLflow artifact path ``model/`` of a training run)::
 
     model.safetensors   EMA weights of the backbone
-    config.json         {"format": "prism.model", "version": 1, "family", "net_kwargs",
+    config.json         {"format": "prism.model", "version": 2, "family", "net_kwargs",
                          "prediction", "n_cond", "resolution", "in_channels", "num_classes",
                          "kind", "extra", "training": <the full resolved training config>}
     schedule.json       {"name", "kwargs": the global schedule (build_schedule),
@@ -29,6 +29,16 @@ from components.networks.registry import build_family
 from components.schedules import build_schedule
 
 FORMAT = "prism.model"
+VERSION = 2
+# Version 2 changed how these families read their conditioning (the UNet's ResBlock adds the
+# embedding after its norm; DiMR's TD-LN time coordinate is the cosine time of the log-SNR):
+# their version-1 weights would load and silently compute something else.
+CHANGED_IN_2 = {"unet": "the UNet's ResBlock dropped its noise-level and class embedding "
+                        "at widths of 32 channels or fewer",
+                "flexi_unet": "the UNet's ResBlock dropped its noise-level and class embedding "
+                              "at widths of 32 channels or fewer",
+                "dimr": "DiMR's TD-LN read the noise level through a coordinate that hardly "
+                        "varied over the trained range"}
 
 
 def _jsonable(x: Any) -> Any:
@@ -50,7 +60,7 @@ def save_model(directory: str | Path, net: nn.Module, *, family: str, net_kwargs
     d.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
     save_file(weights, str(d / "model.safetensors"))
-    config = {"format": FORMAT, "version": 1, "family": family,
+    config = {"format": FORMAT, "version": VERSION, "family": family,
               "net_kwargs": _jsonable(net_kwargs), "prediction": prediction, "n_cond": n_cond,
               "resolution": resolution, "in_channels": in_channels, "num_classes": num_classes,
               "kind": kind, "extra": _jsonable(extra or {}), "training": training or {}}
@@ -99,6 +109,14 @@ def _load_dir(d: Path, device: str | torch.device) -> GenerativeModel:
     if config.get("format") != FORMAT:
         raise ValueError(f"{d / 'config.json'}: not a prism model (format "
                          f"{config.get('format')!r})")
+    version = int(config.get("version", 1))
+    if version > VERSION:
+        raise ValueError(f"{d}: model format version {version} is newer than this prism "
+                         f"reads ({VERSION}); upgrade prism")
+    if version < 2 and config.get("family") in CHANGED_IN_2:
+        raise ValueError(f"{d}: a version-{version} {config['family']} model, trained before "
+                         f"a fix ({CHANGED_IN_2[config['family']]}); its weights do not fit "
+                         "the current network: retrain it")
     schedule = json.loads((d / "schedule.json").read_text())
     net = build_family(config["family"], **config["net_kwargs"])
     net.load_state_dict(load_file(str(d / "model.safetensors"), device="cpu"))

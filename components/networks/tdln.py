@@ -10,10 +10,18 @@ is exactly the plain norm. ``w'`` and ``b'`` are exempt from weight decay
 (:func:`param_groups`). TD-RMSNorm has a time-dependent scale; TD-LayerNorm a time-dependent
 scale and bias. TD-LN is the network's only time input: no timestep embedding, no adaLN MLP.
 
-Time coordinate (ours, documented): backbones receive ``c_noise = lambda / 15`` (B, n_cond);
-``c = clamp(-c_noise[:, 0], -1, 1)``, so ``c = +1`` at high noise (lambda <= -15) and ``c = -1``
-at low noise (lambda >= 15), the orientation of the public DiMR code (whose ``c`` rises with
-the timestep).
+Time coordinate (ours, documented): backbones receive ``c_noise = lambda / 15`` (B, n_cond).
+The paper's ``c`` is affine in the timestep; prism's networks see log-SNR, so ``c`` is the
+cosine schedule's time of that log-SNR mapped to [-1, 1]:
+
+    c = 2 t_cos(lambda) - 1,    t_cos(lambda) = (2 / pi) arctan(exp(-lambda / 2))
+
+``c = +1`` at high noise and ``-1`` at low noise (the orientation of the public DiMR code,
+whose ``c`` rises with the timestep), 0 at lambda = 0. The map is fixed (it does not depend on
+the schedule a model is trained with) and spreads the log-SNRs that training visits over the
+gate's range: lambda in [-4, 4] gives c in [-0.83, 0.83]. (A linear ``-lambda / 15`` squeezed
+them into [-0.27, 0.27], where ``sigmoid(c)`` moves by 0.13 and a trained DiMR barely told
+noise levels apart.)
 """
 
 from __future__ import annotations
@@ -24,12 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# c_noise = lambda / LAMBDA_SCALE (components.diffusion; not imported: networks stand alone)
+LAMBDA_SCALE = 15.0
+
 
 def time_coordinate(c_noise: Tensor) -> Tensor:
-    """``c = clamp(-c_noise[:, 0], -1, 1)`` (B,) float32: +1 at high noise, -1 at low noise."""
+    """``c = (4 / pi) arctan(exp(-lambda / 2)) - 1`` with ``lambda = 15 c_noise[:, 0]``: (B,)
+    float32 in [-1, 1], +1 at high noise, -1 at low noise (module docstring)."""
     if c_noise.ndim != 2:
         raise ValueError(f"c_noise must be (B, n_cond), got shape {tuple(c_noise.shape)}")
-    return (-c_noise[:, 0].float()).clamp(-1.0, 1.0)
+    lam = c_noise[:, 0].float() * LAMBDA_SCALE
+    return torch.atan(torch.exp(-0.5 * lam)) * (4.0 / math.pi) - 1.0
 
 
 class TimeDependentParameter(nn.Module):

@@ -137,10 +137,18 @@ class NoiseEmbedding(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Residual block: GN, SiLU, conv3x3, + emb projection, GN, SiLU, dropout, conv3x3.
+    """Residual block: GN, SiLU, conv3x3, GN, + emb projection, SiLU, dropout, conv3x3.
 
-    With ``scale_shift`` (ADM) the embedding modulates the second norm as
-    ``GN(h) * (1 + scale) + shift`` instead of being added.
+    The embedding (noise level, class) enters **after** the second GroupNorm, as a per-channel
+    shift ``GN(h) + e``, or with ``scale_shift`` (ADM's AdaGN) as ``GN(h) (1 + scale) + shift``.
+
+    Why after the norm: DDPM adds ``e`` before it (``GN(h + e)``). A per-(sample, channel)
+    constant is then removed by the group mean except for its deviation within each group, so
+    with one channel per group (32 channels or fewer under 32 groups) the block cannot see the
+    embedding at all, and with two per group half of it is lost. Added after the norm, nothing
+    subtracts it, at any width and group count. The shift keeps DDPM's parameter count and FLOPs
+    (the ``ddpm-*`` presets stay 35.7M parameters and comparable with diffusers' UNet); AdaGN
+    doubles ``emb_proj`` and is the stronger option at large scale (Dhariwal & Nichol 2021).
     """
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0,
@@ -162,7 +170,7 @@ class ResBlock(nn.Module):
             scale, shift = e.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h + e)
+            h = self.norm2(h) + e
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
