@@ -22,7 +22,16 @@ class DemoConfig(_Section):
 
     size: int = Field(32, ge=8, le=256, description="side of each square crop, pixels")
     per_class: int = Field(64, ge=1, le=10_000, description="crops per source photograph")
+    min_crop: float = Field(0.6, gt=0.0, le=1.0, description="smallest crop side, a fraction "
+                            "of the photograph's shorter side")
+    max_crop: float = Field(1.0, gt=0.0, le=1.0, description="largest crop side (fraction)")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _crop_range(self) -> DemoConfig:
+        if self.min_crop > self.max_crop:
+            raise ValueError(f"min_crop {self.min_crop} is above max_crop {self.max_crop}")
+        return self
 
 
 class IngestConfig(_Section):

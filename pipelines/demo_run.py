@@ -5,8 +5,9 @@ served model, on the embedded demo corpus.
    models of params.yaml -> evaluate -> register (the best one becomes ``@champion``).
    A second run reuses DVC's cache and skips every unchanged stage.
 2. ``prism serve --detach`` on the champion (Ray Serve on 127.0.0.1, a free port).
-3. One query over HTTP (``prism sample --url ...``): PNGs and a sample grid under
-   ``outputs/demo/``.
+3. One query over HTTP (``prism sample --url ...``): ``PER_CLASS`` images of every class, written
+   as PNGs under ``outputs/demo/images`` and as ``outputs/demo/grid.png``: one row per class,
+   labelled, real corpus images on the left and the served model's on the right.
 4. ``prism serve --stop``; any process left in the service's session is ended.
 
 Run from anywhere; it works in the repository root. ``MLFLOW_TRACKING_URI`` overrides the
@@ -26,8 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("outputs/demo")
-N_IMAGES = 16
+PER_CLASS = 4
 STEPS = 32
+CFG_SCALE = 2.0
 _T0 = time.monotonic()
 
 
@@ -63,33 +65,60 @@ def free_port() -> int:
 
 
 def served_model(register_json: Path) -> str:
-    """The champion's registry URI, or (when no model passed the threshold) the best one's
-    registered version, with a warning."""
+    """The champion's registry URI, or (when the register stage promoted none) the best one's
+    registered version, with the stage's reason."""
     doc = json.loads(register_json.read_text())
     if doc.get("promoted"):
         return doc["promoted"]
     best = doc["versions"][doc["best"]]
-    print(f"warning: no model passed register.threshold ({doc['metric']} = {doc['value']:.4g},"
-          f" threshold {doc['threshold']}); serving the best one, {best}", flush=True)
+    print(f"note: no model was promoted ({doc.get('reason', 'see outputs/register.json')}); "
+          f"serving the best one by point estimate, {best}", flush=True)
     return f"models:/{best}"
 
 
-def sample_grid(folder: Path, dest: Path, columns: int = 4, scale: int = 4) -> Path:
-    """Tile ``seed_*.png`` of ``folder`` (in seed order) into one PNG, each image scaled up."""
-    from PIL import Image
+def class_grid(real_root: Path, generated: Path, labels: list[int], dest: Path,
+               scale: int = 3) -> Path:
+    """One row per class: its name, ``PER_CLASS`` real corpus images (``real_root/<k>_<name>``),
+    a gap, then the generated ``seed_*.png`` of that class (seed order; ``labels[i]`` is the
+    class of seed i). Images are scaled up ``scale`` times (nearest)."""
+    from PIL import Image, ImageDraw
 
-    files = sorted(folder.glob("seed_*.png"), key=lambda p: int(p.stem.split("_")[1]))
-    if not files:
-        raise SystemExit(f"demo: no images in {folder}")
-    ims = [Image.open(f).convert("RGB") for f in files]
-    w, h = ims[0].size
-    rows = -(-len(ims) // columns)
-    grid = Image.new("RGB", (columns * w * scale, rows * h * scale), "white")
-    for i, im in enumerate(ims):
-        grid.paste(im.resize((w * scale, h * scale), Image.Resampling.NEAREST),
-                   ((i % columns) * w * scale, (i // columns) * h * scale))
+    files = sorted(generated.glob("seed_*.png"), key=lambda p: int(p.stem.split("_")[1]))
+    if len(files) != len(labels):
+        raise SystemExit(f"demo: {len(files)} images in {generated}, expected {len(labels)}")
+    folders = sorted((d for d in real_root.iterdir() if d.is_dir()),
+                     key=lambda d: int(d.name.split("_", 1)[0]))
+    classes = sorted(set(labels))
+    side = Image.open(files[0]).size[0] * scale
+    pad, label_w, head = 4, 150, 22
+    cols = PER_CLASS
+    width = label_w + 2 * cols * (side + pad) + 3 * pad
+    grid = Image.new("RGB", (width, head + len(classes) * (side + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    x_real, x_gen = label_w, label_w + cols * (side + pad) + 3 * pad
+    draw.text((x_real, 4), "real (corpus)", fill="black")
+    draw.text((x_gen, 4), f"generated (served, cfg {CFG_SCALE:g})", fill="black")
+    for row, k in enumerate(classes):
+        y = head + row * (side + pad)
+        draw.text((4, y + side // 2 - 6), folders[k].name.split("_", 1)[1], fill="black")
+        real = sorted(folders[k].glob("*.png"))[:cols]
+        gen = [f for f, lab in zip(files, labels, strict=True) if lab == k][:cols]
+        for col, f in enumerate(real):
+            im = Image.open(f).convert("RGB").resize((side, side), Image.Resampling.NEAREST)
+            grid.paste(im, (x_real + col * (side + pad), y))
+        for col, f in enumerate(gen):
+            im = Image.open(f).convert("RGB").resize((side, side), Image.Resampling.NEAREST)
+            grid.paste(im, (x_gen + col * (side + pad), y))
     grid.save(dest)
     return dest
+
+
+def corpus_classes(real_root: Path) -> int:
+    """Number of class folders of the demo corpus."""
+    n = sum(1 for d in real_root.iterdir() if d.is_dir())
+    if not n:
+        raise SystemExit(f"demo: no class folders in {real_root}")
+    return n
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -137,16 +166,23 @@ def main() -> None:
         run(["prism", "serve", "--detach", "--model", model, "--port", str(port),
              "--pidfile", str(pidfile), "--ready-timeout-s", "600"], env)
         sid = os.getsid(int(pidfile.read_text()))
-        say(f"3/4 one query over HTTP: {N_IMAGES} images, {STEPS} DDIM steps")
+        real_root = Path("outputs/data/demo")
+        labels = [k for k in range(corpus_classes(real_root)) for _ in range(PER_CLASS)]
+        say(f"3/4 one query over HTTP: {PER_CLASS} images of each of {labels[-1] + 1} classes, "
+            f"{STEPS} DDIM steps, classifier-free guidance {CFG_SCALE:g}")
         images = OUT / "images"
+        for stale in images.glob("seed_*.png"):
+            stale.unlink()
         run(["prism", "sample", "--url", f"http://127.0.0.1:{port}", "--out", str(images),
-             "--n", str(N_IMAGES), "--steps", str(STEPS), "--seed", "0"], env)
-        grid = sample_grid(images, OUT / "grid.png")
+             "--n", str(len(labels)), "--steps", str(STEPS), "--seed", "0",
+             "--class-label", ",".join(map(str, labels)), "--cfg-scale", str(CFG_SCALE)], env)
+        grid = class_grid(real_root, images, labels, OUT / "grid.png")
     finally:
         say("4/4 stopping the service")
         stop_service(pidfile, env, sid)
     meta = json.loads((images / "meta.json").read_text())
     summary = {"model": model, "served_version": meta.get("model_version"),
+               "class_labels": labels, "cfg_scale": CFG_SCALE,
                "images": sorted(str(p) for p in images.glob("seed_*.png")), "grid": str(grid),
                "register": json.loads(Path("outputs/register.json").read_text()),
                "wall_s": round(time.monotonic() - _T0, 1)}
@@ -161,8 +197,9 @@ Done in {summary['wall_s'] / 60:.1f} min. The service answered; it is stopped ag
 
   served model   {summary['model']} (version {summary['served_version']}; best of
                  {', '.join(f'{k} {v:.4g}' for k, v in reg['scores'].items())} by {reg['metric']})
+  why            {reg.get('reason', '')}
   images         {OUT}/images/seed_*.png ({len(summary['images'])} PNGs)
-  sample grid    {summary['grid']}
+  sample grid    {summary['grid']} (one row per class: real images, then generated ones)
 
 Where to look next:
   .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   # runs, loss curves, registry
@@ -170,7 +207,7 @@ Where to look next:
   .venv/bin/dvc plots show   # then open dvc_plots/index.html: loss, RAPSD, chromatograms
   outputs/eval/<model>/model-16/samples.png                     # evaluation samples
   .venv/bin/dvc exp run -S models.demo-v.optim.lr=0.001          # a sweep point
-  .venv/bin/prism serve --model models:/prism-demo-v@champion   # serve it again (Ctrl-C stops)
+  .venv/bin/prism serve --model {summary['model']}   # serve it again (Ctrl-C stops)
 """, flush=True)
 
 

@@ -10,6 +10,7 @@ never replaced by another number under its name. No Ray / MLflow imports.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from components.metrics.kid import kid
 from components.metrics.memorization import memorization
 from components.metrics.prd import precision_recall
 from components.metrics.spectral import spectral_distance
-from components.metrics.swd import swd
+from components.metrics.swd import swd, swd_replicates
 
 
 class MetricSettings(BaseModel):
@@ -45,6 +46,9 @@ class MetricSettings(BaseModel):
     memorization_threshold: float = Field(1 / 3, gt=0, lt=1)
     seed: int = 0
     feature_batch_size: int = Field(500, ge=1)
+    bootstrap: int = Field(50, ge=0, description="bootstrap resamples of the generated set "
+                           "for the intervals (0: no intervals)")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="interval coverage")
 
 
 @dataclass
@@ -88,10 +92,8 @@ def feature_spaces(feature_net: str | None, inception: str | None,
     return spaces, status
 
 
-def _feature_metrics(space: FeatureSpace, gen: torch.Tensor, real: torch.Tensor,
-                     real_key: str | None, s: MetricSettings) -> dict[str, Any]:
-    fg = space.features(gen, None, s.feature_batch_size)
-    fr = space.features(real, real_key, s.feature_batch_size)
+def _feature_metrics(space: FeatureSpace, fg: torch.Tensor, fr: torch.Tensor,
+                     s: MetricSettings) -> dict[str, Any]:
     out: dict[str, Any] = {"name": space.name, "fd": frechet_distance(fg, fr),
                            "kid": kid(fg, fr, subsets=s.kid_subsets,
                                       subset_size=s.kid_subset_size, seed=s.seed)}
@@ -119,16 +121,67 @@ def compute_metrics(generated: torch.Tensor, real: torch.Tensor, *, settings: Me
                      patches_per_image=s.swd_patches_per_image, directions=s.swd_directions,
                      repeats=s.swd_repeats, seed=s.seed)
     out["spectral"] = spectral_distance(generated, real, channel=s.spectral_channel)
+    features = {}
     for space in spaces:
         key = "fid" if space.name == "FID" else "fd_prism"
-        out[key] = _feature_metrics(space, generated, real, real_key, s)
+        features[space.name] = (space.features(generated, None, s.feature_batch_size),
+                                space.features(real, real_key, s.feature_batch_size))
+        out[key] = _feature_metrics(space, *features[space.name], s)
     if train is not None:
         m = memorization(generated, train, threshold=s.memorization_threshold)
         out["memorization"] = {k: m[k] for k in ("fraction_memorized", "ratio_mean",
                                                  "ratio_min", "threshold", "flagged_indices")}
         out["memorization"]["space"] = "pixels"
+    if s.bootstrap:
+        out["intervals"] = bootstrap_intervals(generated, real, out, features, s)
     out["metric_seconds"] = time.perf_counter() - t0
     return out
+
+
+def bootstrap_index(n: int, s: MetricSettings) -> torch.Tensor:
+    """(resamples, n) image indices drawn with replacement from ``s.seed``: the same rows for
+    every model evaluated with the same settings and image count, so two models' replicates
+    are paired (their samples share seeds and labels, image by image)."""
+    g = torch.Generator().manual_seed(s.seed + 7919)
+    return torch.randint(n, (s.bootstrap, n), generator=g)
+
+
+def bootstrap_intervals(generated: torch.Tensor, real: torch.Tensor, point: dict[str, Any],
+                        features: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                        s: MetricSettings) -> dict[str, Any]:
+    """Confidence intervals of the headline metrics over the generated set's sampling noise.
+
+    The generated images are resampled with replacement (``bootstrap_index``) and every metric
+    recomputed against the fixed real set; the interval is the point estimate +- z se, with se
+    the replicates' standard deviation (normal approximation: resampling with replacement
+    duplicates images, which biases distances upwards, so the replicates' percentiles would not
+    bracket the estimate; their spread is what is used). The replicates are kept: the register
+    stage compares two models by the paired differences of theirs.
+    """
+    index = bootstrap_index(generated.shape[0], s)
+    reps: dict[str, list[float]] = {
+        "swd_x1e3": swd_replicates(
+            generated, real, index, patches_per_image=s.swd_patches_per_image,
+            directions=s.swd_directions, repeats=s.swd_repeats, seed=s.seed,
+            min_resolution=min(s.swd_min_resolution, real.shape[-1])),
+        "log_rapsd_l1": [], }
+    est = {"swd_x1e3": point["swd"]["mean"], "log_rapsd_l1": point["spectral"]["log_rapsd_l1"]}
+    for name, (fg, fr) in features.items():
+        reps[name] = [frechet_distance(fg[i.to(fg.device)], fr) for i in index]
+        est[name] = point["fid" if name == "FID" else "fd_prism"]["fd"]
+    for i in index:
+        sub = generated[i.to(generated.device)]
+        reps["log_rapsd_l1"].append(
+            spectral_distance(sub, real, channel=s.spectral_channel)["log_rapsd_l1"])
+    z = statistics.NormalDist().inv_cdf(0.5 + s.confidence / 2)
+    metrics = {}
+    for k, r in reps.items():
+        se = statistics.stdev(r) if len(r) > 1 else 0.0
+        metrics[k] = {"estimate": est[k], "se": se, "lo": est[k] - z * se,
+                      "hi": est[k] + z * se, "replicates": r}
+    return {"method": "bootstrap over generated images, normal approximation",
+            "resamples": s.bootstrap, "confidence": s.confidence, "seed": s.seed,
+            "n_generated": int(generated.shape[0]), "metrics": metrics}
 
 
 def summary_row(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +198,8 @@ def summary_row(metrics: dict[str, Any]) -> dict[str, Any]:
                     1e3 * metrics["fid"]["kid"]["mean"]})
     if "memorization" in metrics:
         row["memorized"] = metrics["memorization"]["fraction_memorized"]
+    for k, v in metrics.get("intervals", {}).get("metrics", {}).items():
+        row[f"{k}_se"] = v["se"]  # the interval is value +- z se (metrics.json: intervals)
     return row
 
 

@@ -3,7 +3,10 @@
 For every model of ``params.yaml``'s ``models:`` the evaluate stage wrote
 ``<eval_dir>/<name>/metrics_table.json``. The stage reads the configured metric at the
 configured (schedule, steps) row, picks the best model (``mode`` min or max), and, when that
-value passes ``threshold`` (``<=`` for min, ``>=`` for max), sets the alias on the registered
+value passes ``threshold`` (``<=`` for min, ``>=`` for max) and the best model is better than
+every other candidate beyond the evaluation's confidence interval (``compare``: the interval of
+the difference, from the paired bootstrap replicates that evaluate stores), sets the alias on
+the registered
 model version whose ``model.safetensors`` is byte-identical to the DVC-tracked
 ``<train_dir>/<name>/model`` (training registers ``<project>-<name>`` with alias
 ``candidate``; a version is found by that alias first, then among all versions; if none
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -29,12 +34,17 @@ class RegisterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    metric: str = "swd_x1e3"  # a column of metrics_table.json
+    # a column of metrics_table.json; "fd_prism" names the FD-prism-<hash> column, whatever
+    # feature network the evaluation used
+    metric: str = "swd_x1e3"
     mode: Literal["min", "max"] = "min"
     schedule: str = "model"  # the evaluate row: schedule and steps
     steps: int = Field(16, ge=1)
     threshold: float | None = None  # None: always promote the best
     alias: str = Field("champion", pattern=r"^[A-Za-z0-9_-]+$")
+    # promote only a model better than every other beyond the interval of the difference;
+    # false: the best point estimate wins (the comparison is still recorded)
+    require_significance: bool = True
 
 
 def load_register_config(params: str | Path) -> tuple[RegisterConfig, list[str]]:
@@ -55,6 +65,14 @@ def load_register_config(params: str | Path) -> tuple[RegisterConfig, list[str]]
     return cfg, list(models)
 
 
+def metric_key(metric: str, keys: Any) -> str:
+    """The column of ``metric``: itself, or for ``fd_prism`` the one ``FD-prism-<hash>``."""
+    if metric != "fd_prism":
+        return metric
+    found = [k for k in keys if str(k).startswith("FD-prism-") and not str(k).endswith("_se")]
+    return found[0] if len(found) == 1 else metric
+
+
 def read_score(eval_dir: Path, name: str, cfg: RegisterConfig) -> float:
     """The configured metric of model ``name`` at (schedule, steps)."""
     path = eval_dir / name / "metrics_table.json"
@@ -63,19 +81,95 @@ def read_score(eval_dir: Path, name: str, cfg: RegisterConfig) -> float:
     rows = json.loads(path.read_text())
     for r in rows:
         if r.get("schedule") == cfg.schedule and r.get("steps") == cfg.steps:
-            if cfg.metric not in r:
+            key = metric_key(cfg.metric, r)
+            if key not in r:
                 raise ValueError(f"{path}: no metric {cfg.metric!r} (have "
                                  f"{sorted(k for k in r if k not in ('schedule', 'steps'))})")
-            return float(r[cfg.metric])
+            return float(r[key])
     have = [(r.get("schedule"), r.get("steps")) for r in rows]
     raise ValueError(f"{path}: no row for schedule={cfg.schedule!r}, steps={cfg.steps} "
                      f"(register.schedule/steps; evaluated: {have})")
+
+
+def read_interval(eval_dir: Path, name: str, cfg: RegisterConfig) -> dict[str, Any] | None:
+    """The bootstrap interval of the configured metric (evaluate's ``metrics.json`` of the
+    setting), or None when the evaluation computed none."""
+    path = eval_dir / name / f"{cfg.schedule}-{cfg.steps}" / "metrics.json"
+    if not path.is_file():
+        return None
+    iv = json.loads(path.read_text()).get("intervals")
+    key = metric_key(cfg.metric, (iv or {}).get("metrics", {}))
+    if not iv or key not in iv.get("metrics", {}):
+        return None
+    return {**iv["metrics"][key], "resamples": iv["resamples"], "seed": iv["seed"],
+            "n_generated": iv["n_generated"], "confidence": iv["confidence"]}
+
+
+def compare(best: float, other: float, a: dict[str, Any] | None, b: dict[str, Any] | None,
+            mode: str) -> dict[str, Any]:
+    """Is ``best`` better than ``other`` beyond the interval of their difference?
+
+    Paired when both evaluations drew the same bootstrap rows (same image count, seed and
+    resamples: the samples share seeds and labels image by image), so the shared part of the
+    noise cancels: se = sd(replicates_a - replicates_b). Otherwise independent:
+    se = sqrt(se_a^2 + se_b^2). Without intervals nothing can be claimed (``significant``
+    None). The interval is the difference +- z se at the evaluations' confidence.
+    """
+    diff = best - other
+    if a is None or b is None:
+        return {"difference": diff, "lo": None, "hi": None, "method": "no intervals",
+                "significant": None}
+    paired = all(a[k] == b[k] for k in ("resamples", "seed", "n_generated"))
+    if paired:
+        d = [x - y for x, y in zip(a["replicates"], b["replicates"], strict=True)]
+        se = statistics.stdev(d) if len(d) > 1 else 0.0
+    else:
+        se = math.hypot(a["se"], b["se"])
+    z = statistics.NormalDist().inv_cdf(0.5 + a["confidence"] / 2)
+    lo, hi = diff - z * se, diff + z * se
+    better = hi < 0 if mode == "min" else lo > 0
+    return {"difference": diff, "lo": lo, "hi": hi, "confidence": a["confidence"],
+            "method": "paired bootstrap" if paired else "independent bootstrap",
+            "significant": bool(better)}
+
+
+def _interval(value: float, iv: dict[str, Any]) -> dict[str, float]:
+    z = statistics.NormalDist().inv_cdf(0.5 + iv["confidence"] / 2)
+    return {"lo": value - z * iv["se"], "hi": value + z * iv["se"], "se": iv["se"],
+            "confidence": iv["confidence"]}
 
 
 def passes(value: float, cfg: RegisterConfig) -> bool:
     if cfg.threshold is None:
         return True
     return value <= cfg.threshold if cfg.mode == "min" else value >= cfg.threshold
+
+
+def decide(best: str, value: float, comparisons: dict[str, dict[str, Any]],
+           cfg: RegisterConfig) -> tuple[bool, str]:
+    """(promote?, the reason in words) for the best model (see the module doc)."""
+    head = f"{best} has {cfg.metric} {value:.4g} at {cfg.schedule}-{cfg.steps}"
+    if not passes(value, cfg):
+        return False, f"{head}, which does not pass the threshold {cfg.threshold} ({cfg.mode})"
+
+    def words(n: str, c: dict[str, Any]) -> str:
+        if c["lo"] is None:
+            return f"{n} (difference {c['difference']:+.4g}, no interval)"
+        return (f"{n} (difference {c['difference']:+.4g}, {100 * c['confidence']:.0f}% "
+                f"interval [{c['lo']:+.4g}, {c['hi']:+.4g}], {c['method']})")
+
+    unclear = {n: c for n, c in comparisons.items() if not c["significant"]}
+    if unclear and cfg.require_significance:
+        return False, (f"{head}, not better beyond the interval than "
+                       + "; ".join(words(n, c) for n, c in unclear.items()))
+    if not comparisons:
+        return True, f"{head}, the only candidate"
+    if unclear:
+        return True, (f"{head}, best by point estimate (register.require_significance is "
+                      "false); not beyond the interval against "
+                      + "; ".join(words(n, c) for n, c in unclear.items()))
+    return True, (f"{head}, better beyond the interval than "
+                  + "; ".join(words(n, c) for n, c in comparisons.items()))
 
 
 def _sha256(path: Path) -> str:
@@ -141,7 +235,10 @@ def promote(params: str | Path, eval_dir: str | Path, train_dir: str | Path,
     eval_dir, train_dir = Path(eval_dir), Path(train_dir)
     scores = {n: read_score(eval_dir, n, cfg) for n in names}
     best = (min if cfg.mode == "min" else max)(scores, key=scores.__getitem__)
-    ok = passes(scores[best], cfg)
+    intervals = {n: read_interval(eval_dir, n, cfg) for n in names}
+    comparisons = {n: compare(scores[best], scores[n], intervals[best], intervals[n], cfg.mode)
+                   for n in names if n != best}
+    ok, reason = decide(best, scores[best], comparisons, cfg)
     versions: dict[str, dict[str, str]] = {}
     for n in names:
         model_dir = train_dir / n / "model"
@@ -156,7 +253,10 @@ def promote(params: str | Path, eval_dir: str | Path, train_dir: str | Path,
     result: dict[str, Any] = {
         "metric": cfg.metric, "mode": cfg.mode, "setting": f"{cfg.schedule}-{cfg.steps}",
         "threshold": cfg.threshold, "scores": scores, "best": best, "value": scores[best],
-        "passed": ok, "alias": cfg.alias, "promoted": None,
+        "interval": None if intervals[best] is None else _interval(scores[best],
+                                                                     intervals[best]),
+        "comparisons": comparisons, "passed": ok, "reason": reason, "alias": cfg.alias,
+        "promoted": None,
         "versions": {n: f"{v['registered_model']}/{v['version']}" for n, v in versions.items()},
     }
     if ok:
@@ -166,11 +266,10 @@ def promote(params: str | Path, eval_dir: str | Path, train_dir: str | Path,
         mlflow.MlflowClient().set_registered_model_alias(v["registered_model"], cfg.alias,
                                                          v["version"])
         result["promoted"] = f"models:/{v['registered_model']}@{cfg.alias}"
-        log(f"promoted {best} ({cfg.metric} = {scores[best]:.4g}) -> "
-            f"{v['registered_model']} version {v['version']} @{cfg.alias}")
+        log(f"promoted {best} -> {v['registered_model']} version {v['version']} "
+            f"@{cfg.alias}: {reason}")
     else:
-        log(f"not promoted: best {best} has {cfg.metric} = {scores[best]:.4g}, threshold "
-            f"{cfg.threshold} ({cfg.mode})")
+        log(f"not promoted: {reason}")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=1))
     return result

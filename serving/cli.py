@@ -159,7 +159,9 @@ def sample_cmd(
     steps: int = typer.Option(32),
     sampler: str = typer.Option("ddim"),
     eta: float = typer.Option(0.0),
-    class_label: int = typer.Option(None, help="Class for every image."),
+    class_label: str = typer.Option(
+        None, help="Class for every image, or a comma-separated list, one class per image "
+        "(e.g. 0,0,1,1 with --n 4)."),
     cfg_scale: float = typer.Option(1.0),
     resolution: int = typer.Option(None, help="Output side (m x native)."),
     upscale: str = typer.Option("ug", help="ug or cascade"),
@@ -172,7 +174,7 @@ def sample_cmd(
     body: dict[str, Any] = dict(
         num_images=n, seed=seed, steps=steps, sampler=sampler, eta=eta, cfg_scale=cfg_scale,
         resolution=resolution, upscale=upscale, ug_theta=ug_theta, ug_eta=ug_eta,
-        schedule=schedule, class_labels=class_label, format="json")
+        schedule=schedule, class_labels=_class_labels(class_label), format="json")
     out.mkdir(parents=True, exist_ok=True)
     if local:
         if not model:
@@ -184,6 +186,17 @@ def sample_cmd(
         meta = _sample_http(url, body, out, timeout_s)
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     typer.echo(f"wrote {len(meta['seeds'])} images to {out}")
+
+
+def _class_labels(text: str | None) -> int | list[int] | None:
+    """``--class-label``: None, one class (``"3"``) or one per image (``"0,0,1,1"``)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        labels = [int(t) for t in text.split(",")]
+    except ValueError:
+        _fail(f"--class-label must be an integer or a comma-separated list, got {text!r}")
+    return labels[0] if len(labels) == 1 and "," not in text else labels
 
 
 def _sample_http(url: str, body: dict[str, Any], out: Path, timeout_s: float) -> dict[str, Any]:

@@ -6,9 +6,9 @@ behaviour instead:
 
 - sensitivity: with randomised weights, changing one conditioning input (each c_noise column,
   the class, the null class) moves the output by more than ``MIN_RESPONSE`` of its size, for
-  every family at its debug size and at the demo's width;
+  every family at its debug size and at a narrow width (16 channels);
 - a ResBlock passes its embedding through at every width and group count;
-- a UNet at the demo's width and a DiMR, trained for seconds on the synthetic palette data,
+- a narrow UNet and a DiMR, trained for seconds on the synthetic palette data,
   denoise far better when told the true noise level than a wrong one, and their
   class-conditional samples carry their class's colour, more strongly with CFG.
 """
@@ -42,9 +42,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # bound columns) to 119% (DiT's class); a network whose norm removes the embedding: 5e-7.
 MIN_RESPONSE = 0.01
 
-# The demo's UNet width (params.yaml models.demo-v): 16 and 32 channels, one or two per group
-# of a 32-group norm, where an embedding added before the norm vanishes entirely.
-DEMO_WIDTH = dict(model_channels=16)
+# A narrow UNet (the demo's width before the fix): 16 and 32 channels, one channel per group of
+# a 32-group norm, where an embedding added before the norm vanished entirely.
+NARROW = dict(model_channels=16)
 
 
 def randomise(net: nn.Module, seed: int = 0) -> nn.Module:
@@ -92,8 +92,8 @@ def responses(net: nn.Module, size: int, n_cond: int, num_classes: int,
 
 CASES = {
     "unet-debug": ("unet-debug", dict(num_classes=4, n_cond=3)),
-    "unet-debug-demo-width": ("unet-debug", dict(num_classes=8, resolution=32,
-                                                 attention_resolutions=[], **DEMO_WIDTH)),
+    "unet-debug-narrow": ("unet-debug", dict(num_classes=8, resolution=32,
+                                             attention_resolutions=[], **NARROW)),
     "ddpm-x0-debug": ("ddpm-x0-debug", dict(num_classes=4, n_cond=3)),
     "dimr-debug": ("dimr-debug", dict(n_cond=3)),
     "dit-debug": ("dit-debug", dict(n_cond=3)),
@@ -158,7 +158,7 @@ def _train(out: Path, preset: str, images: int, *sets: str):
 
 @pytest.fixture(scope="module")
 def trained_unet(tmp_path_factory):
-    # the demo's width: on the pre-fix UNet this model saw neither its noise level nor class
+    # 16 channels: on the pre-fix UNet this model saw neither its noise level nor its class
     return _train(tmp_path_factory.mktemp("unet"), "unet-debug", 4096,
                   "model.overrides.model_channels=16")
 

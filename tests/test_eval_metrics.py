@@ -211,3 +211,33 @@ def test_spectral_distance_detects_blur_and_slope() -> None:
     assert blur["slope_difference"] > 0.5  # steeper spectrum for blurred images
     noisy = spectral_distance(_noisy(x, 0.2), x)
     assert noisy["slope_difference"] < 0 and noisy["log_rapsd_l1"] > 0.1
+
+
+def test_swd_replicates_identity_row_is_swd_and_resamples_differ() -> None:
+    from components.metrics.swd import swd_replicates
+
+    a, b = structured_images(12, seed=1), structured_images(24, seed=2)
+    index = torch.stack([torch.arange(12), torch.randint(12, (12,),
+                                                         generator=torch.Generator().manual_seed(0))])
+    reps = swd_replicates(a, b, index, min_resolution=16, seed=3, **SWD_FAST)
+    assert reps[0] == pytest.approx(swd(a, b, min_resolution=16, seed=3, **SWD_FAST)["mean"],
+                                    rel=1e-9)
+    assert reps[1] != pytest.approx(reps[0], rel=1e-3)
+
+
+def test_bootstrap_intervals_narrow_with_more_images_and_separate_worse_sets() -> None:
+    from pipelines.eval_metrics import MetricSettings, compute_metrics
+
+    s = MetricSettings(bootstrap=20, swd_patches_per_image=16, swd_directions=64, swd_repeats=1)
+    real = structured_images(64, seed=10)
+    small = compute_metrics(structured_images(16, seed=11), real, settings=s)["intervals"]
+    large = compute_metrics(structured_images(64, seed=11), real, settings=s)["intervals"]
+    for k in ("swd_x1e3", "log_rapsd_l1"):
+        m = large["metrics"][k]
+        assert len(m["replicates"]) == 20 and m["lo"] < m["estimate"] < m["hi"]
+        assert m["se"] < small["metrics"][k]["se"], k
+    # a visibly worse set (blurred) lies outside the good set's interval
+    blurred = F.avg_pool2d(structured_images(64, seed=11), 3, 1, 1)
+    worse = compute_metrics(blurred, real, settings=s)["intervals"]["metrics"]
+    assert worse["log_rapsd_l1"]["lo"] > large["metrics"]["log_rapsd_l1"]["hi"]
+    assert worse["swd_x1e3"]["estimate"] > large["metrics"]["swd_x1e3"]["hi"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -26,12 +27,26 @@ def _model_dir(root: Path, name: str, uri: str, payload: bytes) -> Path:
     return d
 
 
-def _eval(root: Path, name: str, swd: float) -> None:
+def _eval(root: Path, name: str, swd: float, se: float | None = 1.0, shared: float = 0.0,
+          seed: int = 0) -> None:
+    """An evaluate output; with ``se`` the setting model-16 gets bootstrap replicates: ``swd``
+    + se-sized noise of the model's own + ``shared`` x noise common to every model (the part
+    that paired replicates cancel)."""
     d = root / "eval" / name
     d.mkdir(parents=True)
     rows = [{"schedule": "model", "steps": 4, "swd_x1e3": swd * 2, "sample_seconds": 0.1},
             {"schedule": "model", "steps": 16, "swd_x1e3": swd, "sample_seconds": 0.3}]
     (d / "metrics_table.json").write_text(json.dumps(rows))
+    if se is None:
+        return
+    own = np.random.default_rng(seed + 1).standard_normal(50)
+    common = np.random.default_rng(12345).standard_normal(50)
+    reps = (swd + se * own + shared * common).tolist()
+    iv = {"method": "bootstrap", "resamples": 50, "confidence": 0.95, "seed": 0,
+          "n_generated": 64, "metrics": {"swd_x1e3": {
+              "estimate": swd, "se": float(np.std(reps, ddof=1)), "replicates": reps}}}
+    (d / "model-16").mkdir()
+    (d / "model-16" / "metrics.json").write_text(json.dumps({"intervals": iv}))
 
 
 def _params(root: Path, **register) -> Path:
@@ -83,6 +98,59 @@ def test_threshold_not_passed_promotes_nothing(setup):
     assert res["best"] == "b" and not res["passed"] and res["promoted"] is None
     with pytest.raises(MlflowException):
         mlflow.MlflowClient(uri).get_model_version_by_alias("prism-b", "champion")
+
+
+def _setup_pair(tmp_path, monkeypatch, a: dict, b: dict) -> Path:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    _model_dir(tmp_path, "a", uri, b"weights-a")
+    _model_dir(tmp_path, "b", uri, b"weights-b")
+    _eval(tmp_path, "a", seed=1, **a)
+    _eval(tmp_path, "b", seed=2, **b)
+    return tmp_path
+
+
+def test_a_best_model_within_the_interval_is_not_promoted(tmp_path, monkeypatch):
+    # 80 against 83, each +-5 of its own noise: the difference's interval spans zero
+    root = _setup_pair(tmp_path, monkeypatch, dict(swd=83.0, se=5.0), dict(swd=80.0, se=5.0))
+    res = promote(_params(root), root / "eval", root / "train", root / "register.json",
+                  log=lambda *_: None)
+    assert res["best"] == "b" and not res["passed"] and res["promoted"] is None
+    c = res["comparisons"]["a"]
+    assert c["method"] == "paired bootstrap" and c["lo"] < 0 < c["hi"] and not c["significant"]
+    assert "not better beyond the interval than a" in res["reason"]
+    # the same numbers with the point estimate trusted: promoted, and the reason says how
+    res = promote(_params(root, require_significance=False), root / "eval", root / "train",
+                  root / "register.json", log=lambda *_: None)
+    assert res["promoted"] == "models:/prism-b@champion" and "point estimate" in res["reason"]
+
+
+def test_paired_replicates_cancel_the_shared_noise(tmp_path, monkeypatch):
+    # each model's replicates spread by ~20, almost all of it common to both (same seeds and
+    # bootstrap rows): paired, 3 apart is clear; compared independently it would not be
+    root = _setup_pair(tmp_path, monkeypatch, dict(swd=83.0, se=0.5, shared=20.0),
+                       dict(swd=80.0, se=0.5, shared=20.0))
+    res = promote(_params(root), root / "eval", root / "train", root / "register.json",
+                  log=lambda *_: None)
+    c = res["comparisons"]["a"]
+    assert c["significant"] and c["hi"] < 0 and res["promoted"] == "models:/prism-b@champion"
+    assert "better beyond the interval than a" in res["reason"]
+    iv = json.loads((root / "eval/a/model-16/metrics.json").read_text())["intervals"]
+    iv["seed"] = 1  # other bootstrap rows: not paired, the shared noise no longer cancels
+    (root / "eval/a/model-16/metrics.json").write_text(json.dumps({"intervals": iv}))
+    res = promote(_params(root), root / "eval", root / "train", root / "register.json",
+                  log=lambda *_: None)
+    assert res["comparisons"]["a"]["method"] == "independent bootstrap"
+    assert not res["comparisons"]["a"]["significant"] and res["promoted"] is None
+
+
+def test_without_intervals_nothing_is_claimed(tmp_path, monkeypatch):
+    root = _setup_pair(tmp_path, monkeypatch, dict(swd=120.0, se=None), dict(swd=80.0, se=None))
+    res = promote(_params(root), root / "eval", root / "train", root / "register.json",
+                  log=lambda *_: None)
+    assert res["comparisons"]["a"]["significant"] is None and res["promoted"] is None
+    assert "no interval" in res["reason"]
 
 
 def test_mode_max_and_bad_config_are_named(tmp_path):

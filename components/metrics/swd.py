@@ -77,7 +77,7 @@ def _patches(level: Tensor, per_image: int, size: int, gen: torch.Generator) -> 
     return patches.permute(0, 1, 4, 2, 3).reshape(b * per_image, c * size * size)
 
 
-def pyramid_descriptors(
+def raw_descriptors(
     images: Tensor,
     *,
     min_resolution: int = 16,
@@ -86,11 +86,9 @@ def pyramid_descriptors(
     seed: int = 0,
     batch_size: int = 256,
 ) -> list[Tensor]:
-    """Per-level normalised patch descriptors of ``images`` (N, C, H, W), finest level first.
-
-    Returns a list of (N * patches_per_image, C * patch_size^2) float32 tensors, each
-    normalised per channel over the whole set (the paper's ``finalize_descriptors``).
-    """
+    """Per-level patch descriptors of ``images`` (N, C, H, W) before normalisation, finest level
+    first: a list of (N * patches_per_image, C, patch_size^2) float32 tensors, image by image
+    (rows ``j * P .. (j + 1) * P - 1`` are image j's patches)."""
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
     levels = num_levels(min(images.shape[-2:]), min_resolution)
@@ -101,16 +99,23 @@ def pyramid_descriptors(
         for i, lvl in enumerate(laplacian_pyramid(batch, levels)):
             per_level[i].append(_patches(lvl, patches_per_image, patch_size, gen))
     c = images.shape[1]
-    out = []
-    for chunks in per_level:
-        desc = torch.cat(chunks).view(-1, c, patch_size * patch_size)
-        # per-channel moments over the set, accumulated in float64
-        mean = desc.sum(dim=(0, 2), keepdim=True, dtype=torch.float64) / desc[:, 0].numel()
-        sq = desc.square().sum(dim=(0, 2), keepdim=True, dtype=torch.float64) / desc[:, 0].numel()
-        std = (sq - mean.square()).clamp_min(1e-24).sqrt()
-        desc = (desc - mean.float()) / std.float()
-        out.append(desc.reshape(desc.shape[0], -1))
-    return out
+    return [torch.cat(chunks).view(-1, c, patch_size * patch_size) for chunks in per_level]
+
+
+def normalise_descriptors(desc: Tensor) -> Tensor:
+    """(M, C, K) -> (M, C K), zero mean and unit std per channel over the set (the paper's
+    ``finalize_descriptors``; moments accumulated in float64)."""
+    n = desc[:, 0].numel()
+    mean = desc.sum(dim=(0, 2), keepdim=True, dtype=torch.float64) / n
+    sq = desc.square().sum(dim=(0, 2), keepdim=True, dtype=torch.float64) / n
+    std = (sq - mean.square()).clamp_min(1e-24).sqrt()
+    return ((desc - mean.float()) / std.float()).reshape(desc.shape[0], -1)
+
+
+def pyramid_descriptors(images: Tensor, **kw: int) -> list[Tensor]:
+    """Per-level normalised patch descriptors of ``images`` (N, C, H, W), finest level first:
+    (N * patches_per_image, C * patch_size^2) float32 tensors (``raw_descriptors``' keywords)."""
+    return [normalise_descriptors(d) for d in raw_descriptors(images, **kw)]
 
 
 def _sorted_rows(p: Tensor) -> Tensor:
@@ -191,3 +196,46 @@ def swd(
         "mean": sum(per_level) / len(per_level),
         "resolutions": [res >> i for i in range(len(per_level))],
     }
+
+
+def swd_replicates(
+    images_a: Tensor,
+    images_b: Tensor,
+    index: Tensor,
+    *,
+    min_resolution: int = 16,
+    patches_per_image: int = 128,
+    directions: int = 512,
+    repeats: int = 4,
+    seed: int = 0,
+) -> list[float]:
+    """SWD (x1e3, mean over levels) of resampled copies of ``images_a`` against ``images_b``.
+
+    ``index`` (R, Na) holds one resample per row (image indices into ``images_a``, with
+    repeats: a bootstrap). Each replicate equals ``swd(images_a[row], images_b, ...)["mean"]``
+    up to which patches an image contributes (here, always the ones the full set drew: the
+    identity row gives exactly ``swd``'s value). Written separately because the descriptors,
+    directions and ``images_b``'s sorted projections are computed once, not once per resample.
+    """
+    if index.ndim != 2:
+        raise ValueError(f"index must be (resamples, N), got shape {tuple(index.shape)}")
+    kw = dict(min_resolution=min_resolution, patches_per_image=patches_per_image)
+    raw_a = raw_descriptors(images_a, seed=seed, **kw)
+    desc_b = pyramid_descriptors(images_b, seed=seed, **kw)
+    p = patches_per_image
+    rows = (index[:, :, None].long() * p + torch.arange(p)).reshape(index.shape[0], -1)
+    totals = torch.zeros(index.shape[0], dtype=torch.float64)
+    for a, b in zip(raw_a, desc_b, strict=True):
+        gen = torch.Generator().manual_seed(seed + 2)  # sliced_wasserstein's directions
+        n = min(rows.shape[1], b.shape[0])
+        level = torch.zeros(index.shape[0], dtype=torch.float64)
+        for _ in range(repeats):
+            u = torch.randn(b.shape[1], directions, generator=gen).to(b.device, b.dtype)
+            u = u / u.norm(dim=0, keepdim=True)
+            pb = _quantiles(_sorted_rows(u.T @ b.T), n)
+            for r in range(index.shape[0]):
+                da = normalise_descriptors(a[rows[r].to(a.device)])
+                pa = _quantiles(_sorted_rows(u.T @ da.T), n)
+                level[r] += (pa - pb).abs().sum(dtype=torch.float64).item() / pa.numel()
+        totals += 1e3 * level / repeats
+    return (totals / len(raw_a)).tolist()
