@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--old", default=".old", help="the pre-fix source tree")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--bootstrap", type=int, default=50, help="resamples for the intervals")
     ap.add_argument("--smoke", action="store_true", help="CPU: a few steps, 16 samples")
     ap.add_argument("--train-only", action="store_true",
                     help="train, probe and sample both variants; no metrics")
@@ -157,7 +158,7 @@ def main() -> None:
     import numpy as np
 
     real = load_images(args.real, resolution=32).as_float()
-    settings = MetricSettings(bootstrap=50 if not args.smoke else 5)
+    settings = MetricSettings(bootstrap=args.bootstrap if not args.smoke else 5)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     intervals = {}
     for n in variants:

@@ -48,8 +48,14 @@ def ingest(src: str = typer.Argument(..., help="folder, .tar[.gz], .npz, or shar
            shard_size: Optional[int] = typer.Option(None, help="samples per shard"),
            shard_bytes: Optional[int] = typer.Option(None, help="bytes per shard (instead)"),
            gzip: Optional[bool] = typer.Option(None, "--gzip/--no-gzip"),
-           seed: Optional[int] = typer.Option(None, help="shuffle seed")) -> None:
-    """Images -> WebDataset shards, manifest.parquet, errors.parquet (inputs = written + errors)."""
+           seed: Optional[int] = typer.Option(None, help="shuffle seed"),
+           fresh: bool = typer.Option(False, "--fresh", help="delete shards of an earlier run "
+                                      "into OUT first (a re-run with other inputs or settings "
+                                      "refuses without it)")) -> None:
+    """Images -> WebDataset shards, manifest.parquet, errors.parquet (inputs = written + errors).
+
+    A re-run into the same OUT resumes when the inputs and settings are the same, and refuses,
+    naming what changed, when they are not (--fresh starts over)."""
     from pipelines.ingest import ingest as run
     from pipelines.storage import StorageError
 
@@ -59,7 +65,7 @@ def ingest(src: str = typer.Argument(..., help="folder, .tar[.gz], .npz, or shar
         cfg = load_section(params, "ingest", over)
         if shard_bytes is not None:
             cfg = cfg.model_copy(update={"shard_size": None})
-        run(src, dest, cfg, log=typer.echo)
+        run(src, dest, cfg, log=typer.echo, fresh=fresh)
     except (ValueError, OSError, StorageError) as exc:
         _fail(exc)
 

@@ -8,6 +8,13 @@ Output under DEST (a local directory or ``s3://bucket/prefix``):
     errors.parquet               source, key, reason: every input not written
     ingest.json                  counts (inputs = written + errors), classes, config
     _parts/<shard>.parquet       per-shard rows; a shard with its part is done (reruns skip it)
+    _parts/plan.json             what the shards are made of: the settings and a digest of the
+                                 ordered inputs
+
+Re-runs: a run into a DEST that holds finished shards resumes only when the plan is the same
+(same inputs in the same order, same settings): then every finished shard is exactly what this
+run would write. When the inputs or settings changed, it refuses and names what changed;
+``fresh=True`` (``prism data ingest --fresh``) deletes the earlier shards and starts over.
 
 Images already at the target size (and RGB JPEG/PNG) keep their original bytes; converted,
 center-cropped or resized (Lanczos, anti-aliased) images are stored as lossless PNG.
@@ -84,7 +91,66 @@ def _full(writer: ShardWriter, cfg: IngestConfig) -> bool:
     return writer.nbytes >= (cfg.shard_bytes or 0)
 
 
-def ingest(src: str, dest: str, cfg: IngestConfig | None = None, log=print) -> IngestResult:
+class PlanChanged(ValueError):
+    """DEST holds shards made from other inputs or settings."""
+
+
+def _plan(items: list[SourceItem], cfg: IngestConfig) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.source.encode("utf-8", "backslashreplace") + b"\0")
+    plan: dict[str, Any] = {"inputs": len(items), "inputs_sha256": digest.hexdigest(),
+                            "config": cfg.model_dump(mode="json")}
+    if len(items) <= 200_000:  # to say what was added or removed (bounded file size)
+        plan["sources"] = [i.source for i in items]
+    return plan
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two plans, in words."""
+    out = [f"setting {k}: {old['config'].get(k)!r} -> {v!r}"
+           for k, v in new["config"].items() if old["config"].get(k) != v]
+    if old["inputs_sha256"] != new["inputs_sha256"]:
+        if "sources" in old and "sources" in new:
+            before, after = set(old["sources"]), set(new["sources"])
+            added, removed = len(after - before), len(before - after)
+            how = f" ({added} added, {removed} removed" + \
+                (", order changed)" if not added and not removed else ")")
+        else:
+            how = " (other files)"
+        out.append(f"inputs: {old['inputs']} -> {new['inputs']}{how}")
+    return out
+
+
+def _check_plan(dest: str, plan: dict[str, Any], fresh: bool, log) -> None:
+    """Refuse to resume from shards of another plan; with ``fresh``, delete them first."""
+    parts = storage.join(dest, "_parts")
+    done = [u for u in _listing(parts) if u.endswith(".parquet")]
+    plan_url = storage.join(parts, "plan.json")
+    old = json.loads(storage.read_bytes(plan_url)) if storage.exists(plan_url) else None
+    if done and not fresh and (old is None or _changes(old, plan)):
+        what = _changes(old, plan) if old else ["no plan.json: made by an older prism"]
+        raise PlanChanged(
+            f"{dest} holds {len(done)} finished shards made from other inputs or settings: "
+            + "; ".join(what) + ". Resuming would mix them (images lost or written twice). "
+            "Run again with --fresh to delete them and start over, or use another destination.")
+    if fresh and (done or old):
+        shards = [u for u in _listing(dest) if u.rsplit("/", 1)[-1].endswith((".tar", ".tar.gz"))]
+        for url in done + shards + [plan_url]:
+            storage.delete(url)
+        log(f"--fresh: deleted {len(shards)} shards and {len(done)} part files under {dest}")
+    storage.write_bytes(plan_url, json.dumps(plan, indent=1).encode())
+
+
+def _listing(url: str) -> list[str]:
+    try:
+        return storage.list_files(url)
+    except storage.StorageError:  # no such directory yet
+        return []
+
+
+def ingest(src: str, dest: str, cfg: IngestConfig | None = None, log=print,
+           fresh: bool = False) -> IngestResult:
     """Turn SRC into shards under DEST (see module docstring); returns the counts."""
     cfg = cfg or IngestConfig()
     storage.check_access(dest)
@@ -92,6 +158,7 @@ def ingest(src: str, dest: str, cfg: IngestConfig | None = None, log=print) -> I
     order = np.random.default_rng(cfg.seed).permutation(len(items)) if cfg.shuffle \
         else np.arange(len(items))
     items = [items[i] for i in order]
+    _check_plan(dest, _plan(items, cfg), fresh, log)
     class_index = {c: i for i, c in enumerate(classes)}
     rows: list[dict[str, Any]] = []
     shards: list[str] = []

@@ -41,6 +41,12 @@ def make_key(rel: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", stem.replace("/", "_"))
 
 
+def printable(name: str) -> str:
+    """A file name as text that can be written anywhere (JSON, Parquet, logs): bytes that are not
+    UTF-8 (which Python keeps as surrogate escapes) become ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _unsafe(name: str) -> bool:
     return name.startswith("/") or ".." in PurePosixPath(name).parts
 
@@ -50,7 +56,7 @@ def _from_folder(root: Path) -> list[SourceItem]:
     for p in sorted(root.rglob("*")):
         if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        rel = p.relative_to(root).as_posix()
+        rel = printable(p.relative_to(root).as_posix())
         parts = PurePosixPath(rel).parts
         items.append(SourceItem(rel, make_key(rel), p.read_bytes,
                                 class_name=parts[0] if len(parts) > 1 else None))

@@ -183,6 +183,18 @@ def write_bytes(url: str, data: bytes) -> None:
     os.replace(tmp, dest)
 
 
+def delete(url: str) -> None:
+    """Remove a file or S3 object; a missing one is not an error."""
+    if not is_s3(url):
+        Path(url).unlink(missing_ok=True)
+        return
+    bucket, key = split_s3(url)
+    try:
+        s3_client().delete_object(Bucket=bucket, Key=key)
+    except Exception as exc:  # noqa: BLE001
+        raise _s3_error("delete", url, exc) from None
+
+
 class LocalStaging:
     """A temporary local directory for building files before ``put_file`` (context manager)."""
 

@@ -144,3 +144,55 @@ def test_cifar10_subset_from_shared_data(shared_data: Path, tmp_path: Path) -> N
     assert r.written == 300 and r.errors == 0
     recs = [x for u in list_shards(str(tmp_path / "out")) for x in iter_records(u)]
     assert all(x["ext"] == "jpg" for x in recs)  # JPEGs at 32x32 keep their bytes
+
+
+def _sources(dest: Path) -> list[str]:
+    return pq.read_table(dest / "manifest.parquet").column("source").to_pylist()
+
+
+def test_rerun_after_the_source_changed_refuses_then_fresh_writes_each_once(tmp_path) -> None:
+    # 129 images, shards of 50; then 10 more in a subfolder (before: 9 images written twice
+    # and 9 never, because finished shards were skipped by position in a re-shuffled list)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, im in enumerate(_images(129, size=8)):
+        Image.fromarray(im).save(src / f"{i:03d}.png")
+    cfg, out = IngestConfig(shard_size=50, size=None), tmp_path / "out"
+    ingest(str(src), str(out), cfg)
+    (src / "more").mkdir()
+    for i, im in enumerate(_images(10, size=8, seed=1)):
+        Image.fromarray(im).save(src / "more" / f"{i}.png")
+    with pytest.raises(ValueError, match=r"inputs: 129 -> 139 \(10 added, 0 removed\).*--fresh"):
+        ingest(str(src), str(out), cfg)
+    assert len(_sources(out)) == 129  # the earlier output is untouched
+    r = ingest(str(src), str(out), cfg, fresh=True)
+    files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.png"))
+    assert r.written == 139 and sorted(_sources(out)) == files  # every file exactly once
+    assert len(list_shards(str(out))) == 3
+    # the same inputs and settings again: resumed, nothing rewritten
+    assert ingest(str(src), str(out), cfg).skipped_shards == 3
+
+
+def test_rerun_with_other_settings_names_them(tmp_path) -> None:
+    src = _per_class_folder(tmp_path / "src", 4)
+    ingest(str(src), str(tmp_path / "out"), IngestConfig(size=None))
+    with pytest.raises(ValueError, match=r"setting size: None -> 16"):
+        ingest(str(src), str(tmp_path / "out"), IngestConfig(size=16))
+    r = ingest(str(src), str(tmp_path / "out"), IngestConfig(size=16), fresh=True)
+    sizes = pq.read_table(tmp_path / "out" / "manifest.parquet").select(["width", "height"])
+    assert r.written == 12 and set(map(tuple, sizes.to_pylist()[0].items())) == {
+        ("width", 16), ("height", 16)}
+    assert {tuple(r.values()) for r in sizes.to_pylist()} == {(16, 16)}
+
+
+def test_a_file_name_that_is_not_utf8_is_ingested(tmp_path) -> None:
+    import os
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(_images(1, size=8)[0]).save(src / "ok.png")
+    name = os.fsencode(str(src)) + b"/caf\xe9.png"  # Latin-1 bytes: not valid UTF-8
+    with open(name, "wb") as f:
+        Image.fromarray(_images(1, size=8, seed=2)[0]).save(f, format="PNG")
+    r = ingest(str(src), str(tmp_path / "out"), IngestConfig(size=None))
+    assert r.written == 2 and sorted(_sources(tmp_path / "out")) == ["caf\\xe9.png", "ok.png"]
