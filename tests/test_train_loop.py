@@ -116,3 +116,19 @@ if __name__ == "__main__":  # regenerate the golden curve: python tests/test_tra
                                                 "sampling.num_images=0"],
                                   "torch": torch.__version__, "losses": first}, indent=1) + "\n")
     print(f"wrote {GOLDEN}: {first}")
+
+
+def test_credentials_in_a_tracking_uri_are_never_written(tmp_path):
+    from training.config import redact_uri
+
+    assert redact_uri("http://user:s3cret@mlflow:5000/x") == "http://mlflow:5000/x"
+    assert redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    cfg = debug_config(tmp_path, "tracking.uri=http://alice:s3cret@mlflow.internal:5000",
+                       "train.total_images=16", "checkpoint.every_images=8")
+    assert cfg.public_dump()["tracking"]["uri"] == "http://mlflow.internal:5000"
+    run_local(cfg)
+    written = [p for p in (tmp_path / "debug").rglob("*") if p.is_file()]
+    assert any(p.name == "config.json" for p in written)
+    for p in written:
+        if p.suffix in (".json", ".jsonl", ".yaml", ".txt"):
+            assert "s3cret" not in p.read_text(), p

@@ -9,6 +9,7 @@ overrides and validates; a bad value fails at load with a message naming the fie
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -176,6 +177,27 @@ class Config(_Section):
     def total_steps(self) -> int:
         """Optimizer steps: ceil(total_images / batch_size)."""
         return -(-self.train.total_images // self.train.batch_size)
+
+    def public_dump(self) -> dict[str, Any]:
+        """The config as JSON-able data with credentials removed from every URI: what is
+        logged to MLflow and written into checkpoints and model directories."""
+        return _redact_tree(self.model_dump(mode="json"))
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact_uri(text: str) -> str:
+    """``scheme://user:password@host/...`` -> ``scheme://host/...`` (anywhere in ``text``)."""
+    return _USERINFO.sub(r"\g<scheme>", text)
+
+
+def _redact_tree(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _redact_tree(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_redact_tree(v) for v in tree]
+    return redact_uri(tree) if isinstance(tree, str) else tree
 
 
 class ConfigError(ValueError):

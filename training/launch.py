@@ -86,8 +86,13 @@ def run_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_path: str 
     out = Path(cfg.run.output_dir).resolve()
     raw = cfg.model_dump(mode="json")
     raw["run"]["output_dir"] = str(out)
-    if cfg.tracking.enabled:  # workers run in other directories: pin an absolute URI
-        raw["tracking"]["uri"] = tracking_uri(cfg)
+    uri = tracking_uri(cfg)
+    if cfg.tracking.enabled and uri.startswith("sqlite:"):
+        # workers run in other directories: pin the absolute path of a local SQLite store. A
+        # server URI stays out of the config (it may hold credentials, and the config is
+        # logged and saved): workers read $MLFLOW_TRACKING_URI, which a local Ray inherits
+        # from this process and a cluster gets from the job's runtime_env.
+        raw["tracking"]["uri"] = uri
     storage = storage_path or str(out / "ray")
     trainer = TorchTrainer(
         ray_worker,

@@ -146,7 +146,7 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
             path = None
             if ctx.rank == 0:
                 state = {"step": step, "images_seen": images_seen, "data": data_states,
-                         "world": ctx.world, "config": cfg.model_dump(mode="json")}
+                         "world": ctx.world, "config": cfg.public_dump()}
                 path = save_checkpoint(checkpoint_dir, step, net, ema, opt, state,
                                        cfg.checkpoint.keep_last)
             cb.on_checkpoint(step, path, metrics)
@@ -164,7 +164,7 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
             num_classes=cfg.data.num_classes, schedule_name=cfg.objective.schedule,
             schedule_kwargs=dict(cfg.objective.schedule_kwargs), spectral=spectral,
             spectral_kind=cfg.objective.per_instance,
-            kind=exported.kind, extra=exported.extra, training=cfg.model_dump(mode="json"))
+            kind=exported.kind, extra=exported.extra, training=cfg.public_dump())
     result = {**metrics, "step": step, "images_seen": images_seen,
               "model_dir": None if model_dir is None else str(model_dir)}
     cb.on_end(result, model_dir)

@@ -86,7 +86,7 @@ class MLflowLogger(Callback):
                                log_system_metrics=system)
         self.run_id = run.info.run_id
         if not previous:  # params are immutable: log them once
-            mlflow.log_params(flatten(cfg.model_dump(mode="json")))
+            mlflow.log_params(flatten(cfg.public_dump()))
         mlflow.set_tags({"prism.run_name": cfg.run.name, "git_commit": git_commit(),
                          "data_version": cfg.data.version or cfg.data.url or cfg.data.source,
                          "model_family": info.get("family", ""),
