@@ -179,10 +179,12 @@ def main() -> None:
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                     capture_output=True, text=True).stdout.strip(),
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "config": args.config, "images": args.images, "samples": args.samples,
+           "config": args.config, "images": next(iter(results.values()))["images_seen"],
+           "samples": args.samples,
            "ddim_steps": args.steps, "variants": results, "fixed_minus_prefix": comparisons}
     (out / f"conditioning_fix_{args.config}.json").write_text(json.dumps(doc, indent=1))
-    print(f"\n{args.config}: {args.images} training images, {args.samples} samples, "
+    images = next(iter(results.values()))["images_seen"]
+    print(f"\n{args.config}: {images} training images, {args.samples} samples, "
           f"{args.steps} DDIM steps")
     print(f"{'variant':<20} {'loss':>7} {'img/s':>7} " + " ".join(
         f"{'x0 ratio @' + str(int(lam)):>12}" for lam in LAMBDAS) + f" {'SWD x1e3':>16} "
