@@ -12,7 +12,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png"}
@@ -57,6 +57,9 @@ def _png(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
+
+
 def prepare_image(data: bytes | np.ndarray, size: int | None,
                   max_pixels: int) -> tuple[str, bytes, int, int]:
     """One input -> (ext, stored bytes, width, height); raises BadImage with the reason."""
@@ -87,8 +90,16 @@ def prepare_image(data: bytes | np.ndarray, size: int | None,
         raise BadImage(f"truncated or corrupt image: {exc}") from None
     if size is not None and min(w, h) < size:
         raise BadImage(f"smaller than target size: {w}x{h} < {size}x{size}")
-    keep = original is not None and im.mode == "RGB" and im.format in KEEP_FORMATS and \
-        (size is None or (w, h) == (size, size))
+    # EXIF orientation (a phone's portrait JPEG is stored sideways with a rotate tag): the
+    # pixels are turned upright, and such a file is re-encoded, never kept as it was
+    orientation = im.getexif().get(ORIENTATION_TAG, 1) if original is not None else 1
+    if orientation not in (0, 1):
+        fmt = im.format
+        im = ImageOps.exif_transpose(im)
+        im.format = fmt
+        w, h = im.size
+    keep = original is not None and orientation in (0, 1) and im.mode == "RGB" and \
+        im.format in KEEP_FORMATS and (size is None or (w, h) == (size, size))
     if keep:
         return KEEP_FORMATS[im.format], original, w, h
     rgb = _to_rgb(im)

@@ -87,8 +87,18 @@ def _from_tar(url: str) -> list[SourceItem]:
 
 
 def _from_shard(url: str) -> list[SourceItem]:
-    return [SourceItem(f"{url}:{r['key']}", r["key"], (lambda d=r["data"]: d),
-                       label=r["label"]) for r in iter_records(url)]
+    """Samples of a shard in prism's format. Their keys become member names of the output
+    tars, so a key that names a path outside the tar (absolute, ``..``) is an error and any
+    other is made safe with ``make_key``."""
+    items = []
+    for r in iter_records(url):
+        raw = printable(r["key"])
+        item = SourceItem(f"{url}:{raw}", make_key(raw), (lambda d=r["data"]: d),
+                          label=r["label"])
+        if _unsafe(raw):
+            item.error = f"unsafe path in shard key: {raw!r}"
+        items.append(item)
+    return items
 
 
 def _from_npz(path: str) -> list[SourceItem]:

@@ -125,3 +125,37 @@ def test_bad_npz_and_missing_source(tmp_path: Path) -> None:
         ingest(str(tmp_path / "nothing"), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="exactly one of shard_size and shard_bytes"):
         IngestConfig(shard_size=None)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    from pipelines.images import prepare_image
+
+    # a 40x20 image whose left half is red, stored with "rotate 90 CW to display" (6)
+    a = np.zeros((20, 40, 3), dtype=np.uint8)
+    a[:, :20, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", quality=95, exif=exif)
+    ext, data, w, h = prepare_image(buf.getvalue(), None, 10**8)
+    up = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert (w, h) == (20, 40) and up.shape == (40, 20, 3) and ext == "png"
+    assert up[:20, :, 0].mean() > 200 and up[20:, :, 0].mean() < 50  # red on top: upright
+
+
+def test_resharding_does_not_copy_dangerous_keys(tmp_path: Path) -> None:
+    # a hostile shard in prism's format: keys that are paths out of the tar
+    shard = tmp_path / "in" / "evil-000000.tar"
+    shard.parent.mkdir()
+    good = _png(RGB)
+    with tarfile.open(shard, "w") as tar:
+        for key in ("ok", "../../evil", "/abs/evil2", "dir/fine"):
+            for ext, data in (("png", good), ("cls", b"0")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    ingest(str(tmp_path / "in"), str(tmp_path / "out"), IngestConfig(shard_size=10))
+    names = [m for s in (tmp_path / "out").glob("*.tar*") for m in tarfile.open(s).getnames()]
+    assert names and not any(n.startswith("/") or ".." in n or "/" in n for n in names), names
+    errors = pq.read_table(tmp_path / "out" / "errors.parquet").column("reason").to_pylist()
+    assert sorted(e.split(":")[0] for e in errors) == ["unsafe path in shard key"] * 2
