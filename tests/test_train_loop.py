@@ -132,3 +132,20 @@ def test_credentials_in_a_tracking_uri_are_never_written(tmp_path):
     for p in written:
         if p.suffix in (".json", ".jsonl", ".yaml", ".txt"):
             assert "s3cret" not in p.read_text(), p
+
+
+def test_resume_keeps_one_record_per_step_and_removes_orphaned_checkpoints(tmp_path):
+    sets = ("train.total_images=80", "checkpoint.every_images=40", "train.log_every_images=8")
+    run_local(debug_config(tmp_path, *sets))  # 10 steps, checkpoints at 5 and 10
+    run_dir = tmp_path / "debug"
+    # a run killed after step 13, mid-save: records past the last checkpoint and a .tmp folder
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        for step in (11, 12, 13):
+            f.write(json.dumps({"step": step, "loss": 9.0}) + "\n")
+    orphan = run_dir / "checkpoints" / "step-00000015.tmp-999999999"
+    orphan.mkdir()
+    (orphan / "model.safetensors").write_bytes(b"x" * 1000)
+    run_local(debug_config(tmp_path, *sets, "train.total_images=160"))  # resumes at step 10
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21)), steps
+    assert not orphan.exists()

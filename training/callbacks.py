@@ -71,6 +71,19 @@ class JsonlLogger(Callback):
         self.active = info["rank"] == 0
         if self.active:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._truncate(int(info.get("start_step") or 0))
+
+    def _truncate(self, start_step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop their earlier records so
+        that every step appears once (a fresh start keeps nothing)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self.active:

@@ -81,6 +81,7 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, ema: to
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    remove_orphans(root)
     tmp.mkdir()
     save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"))
     save_file(_contiguous(ema.state_dict()), str(tmp / "ema.safetensors"))
@@ -94,6 +95,28 @@ def save_checkpoint(root: str | Path, step: int, model: torch.nn.Module, ema: to
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_orphans(root: Path) -> list[Path]:
+    """Delete ``*.tmp-<pid>`` folders whose writer process is gone (a kill during a save leaves
+    one, a model's size each); returns what was removed."""
+    gone = []
+    for p in root.glob(f"{PREFIX}*.tmp-*"):
+        pid = p.name.rsplit(".tmp-", 1)[1]
+        if p.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
