@@ -27,6 +27,62 @@ api = FastAPI(
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody} for s in (404, 413, 503)
 }
+# The largest valid request (64 seeds and labels, every option) is about 4 KB.
+MAX_BODY_BYTES = 1 << 20
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 without being read
+    further: at once from its Content-Length, or as soon as a chunked body passes the limit
+    (the app then sees the client disconnect, and whatever it would send is dropped).
+    (Without it a 400 MB JSON body was read and parsed before the 422.)"""
+
+    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._reject(send)
+        seen, state = 0, {"started": False, "rejected": False}
+
+        async def limited() -> dict:
+            nonlocal seen
+            if state["rejected"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes and not state["started"]:
+                    state["rejected"] = True
+                    await self._reject(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message: dict) -> None:
+            if state["rejected"]:
+                return
+            state["started"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited, guarded)
+        except Exception:
+            if not state["rejected"]:
+                raise
+
+    async def _reject(self, send: Any) -> None:
+        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes",
+                           "field": None}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+api.add_middleware(BodyLimit)
 
 
 @api.exception_handler(RequestValidationError)

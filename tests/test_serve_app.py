@@ -335,3 +335,22 @@ def test_grouped_handle_calls_answer_each_request_on_its_own(service):
     assert requests.get(f"{url}/v1/stats", params={"after": newest},
                         timeout=10).json()["device_calls"] == []
     assert requests.get(f"{url}/v1/stats", params={"after": -1}, timeout=10).status_code == 422
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read():
+    # the ASGI app alone (no Serve): the middleware answers before any route runs
+    from fastapi.testclient import TestClient
+
+    from serving.app import MAX_BODY_BYTES, api
+
+    client = TestClient(api)
+    big = b'{"num_images": 1, "pad": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    r = client.post("/v1/generate", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "request body over" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: counted as it streams
+        for _ in range(3):
+            yield b"x" * (MAX_BODY_BYTES // 2)
+
+    r = client.post("/v1/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
