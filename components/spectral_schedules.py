@@ -35,7 +35,9 @@ from torch import Tensor
 PARAM_NAMES = ("log_A", "beta", "lambda_min", "lambda_max")
 KINDS = ("frequency", "power", "mixed")
 _K_LINEAR = 1e-6  # |k| below this: the linear-in-lambda limit
-BETA_MIN = 0.05  # sampled beta is clipped here (schedules need beta > 0)
+# The schedules need beta > 0; a flat or rising spectrum (a star field, noise: measured
+# beta <= 0) is given the flattest falling one, whether measured or sampled from the mixture.
+BETA_MIN = 0.05
 
 
 def params_from_stats(stats: dict[str, Any]) -> np.ndarray:
@@ -50,8 +52,6 @@ def _check_params(params: Tensor) -> None:
                          f"got shape {tuple(params.shape)}")
     if not bool(torch.isfinite(params).all()):
         raise ValueError("params contain NaN or infinite values")
-    if bool((params[:, 1] <= 0).any()):
-        raise ValueError("params: beta (column 1) must be > 0")
     if bool((params[:, 3] <= params[:, 2]).any()):
         raise ValueError("params: lambda_max (column 3) must be > lambda_min (column 2)")
 
@@ -79,7 +79,7 @@ def spectral_lambda(t: Tensor, params: Tensor, kind: str = "mixed") -> Tensor:
     t = torch.as_tensor(t, dtype=torch.float64, device=p.device).expand(p.shape[0])
     if bool(((t < 0) | (t > 1)).any()):
         raise ValueError("spectral_lambda: t must lie in [0, 1]")
-    beta, lam_min, lam_max = p[:, 1], p[:, 2], p[:, 3]
+    beta, lam_min, lam_max = p[:, 1].clamp_min(BETA_MIN), p[:, 2], p[:, 3]
     span = lam_max - lam_min  # D > 0
     lam_f = _exp_family(t, lam_max, span, 1.0 / beta)
     lam_p = _exp_family(t, lam_max, span, (2.0 - beta) / beta)

@@ -60,8 +60,8 @@ def test_bad_params_and_kind() -> None:
         spectral_lambda(torch.zeros(1), P[:1], "cosine")
     with pytest.raises(ValueError, match="lambda_max"):
         spectral_lambda(torch.zeros(1), torch.tensor([[0.0, 2.0, 5.0, 1.0]]))
-    with pytest.raises(ValueError, match="beta"):
-        spectral_lambda(torch.zeros(1), torch.tensor([[0.0, -1.0, -5.0, 1.0]]))
+    with pytest.raises(ValueError, match="NaN"):
+        spectral_lambda(torch.zeros(1), torch.tensor([[0.0, float("nan"), -5.0, 1.0]]))
     with pytest.raises(ValueError, match=r"\(B, 4\)"):
         spectral_lambda(torch.zeros(1), torch.zeros(1, 3))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -113,3 +113,15 @@ def test_params_from_image_statistics() -> None:
     assert (p[:, 3] > p[:, 2]).all()
     lam = spectral_lambda(torch.rand(16), torch.tensor(p))
     assert ((lam >= torch.tensor(p[:, 2]) - 1e-9) & (lam <= torch.tensor(p[:, 3]) + 1e-9)).all()
+
+
+def test_a_flat_or_rising_spectrum_gets_the_flattest_falling_schedule():
+    # a star field or noise measures beta <= 0: training must not fail on it
+    from components.spectral_schedules import BETA_MIN, lambda_bounds, spectral_lambda
+
+    p = torch.tensor([[0.0, -0.4, -10.0, 8.0], [0.0, 0.0, -10.0, 8.0], [0.0, BETA_MIN, -10.0, 8.0]],
+                     dtype=torch.float64)
+    torch.testing.assert_close(lambda_bounds(p)[:, 0], p[:, 3])
+    t = torch.full((3,), 0.3, dtype=torch.float64)
+    lam = spectral_lambda(t, p)
+    assert torch.isfinite(lam).all() and float(lam[0]) == float(lam[2]) == float(lam[1])
