@@ -8,17 +8,22 @@ Every input with an image extension is one ``SourceItem``; problems found before
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import re
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 
 from pipelines import storage
-from pipelines.shards import SHARD_SUFFIXES, iter_records, split_member
+from pipelines.shards import IMAGE_EXTS, SHARD_SUFFIXES, split_member
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -63,38 +68,91 @@ def _from_folder(root: Path) -> list[SourceItem]:
     return items
 
 
+class _TarFile:
+    """A tar read without holding it in memory: an uncompressed local copy (the file itself, or
+    a temporary one for ``.tar.gz`` and ``s3://``), its member headers, and each member's
+    bytes read from their offset when an item is loaded. Memory stays that of the headers
+    (bounded by the member count, not the tar's size); random access serves the shuffled
+    ingest order. The temporary copies go when the last item that reads them does."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._temps: list[Any] = []
+        path = None if storage.is_s3(url) else Path(url)
+        if path is None:
+            path = self._temp()
+            storage.download(url, path)
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        if gzipped:  # decompressed in blocks to a plain tar beside it
+            plain = self._temp()
+            with gzip.open(path) as z, open(plain, "wb") as out:
+                shutil.copyfileobj(z, out, 1 << 20)
+            path = plain
+        self.path = path
+        with tarfile.open(path, mode="r:") as tar:
+            self.members = [m for m in tar if m.isfile()]  # headers only
+
+    def _temp(self) -> Path:
+        t = tempfile.NamedTemporaryFile(prefix="prism-tar-", suffix=".tar")
+        self._temps.append(t)
+        return Path(t.name)
+
+    def reader(self, member: tarfile.TarInfo) -> Callable[[], bytes]:
+        """``load()`` of one member: its bytes, read from the local copy."""
+        path, offset, size, owner = self.path, member.offset_data, member.size, self
+
+        def read() -> bytes:
+            assert owner.path == path  # the closure holds the owner: its temporaries live
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read(size)
+        return read
+
+
 def _from_tar(url: str) -> list[SourceItem]:
-    raw = storage.read_bytes(url)
-    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
-        members = [m for m in tar if m.isfile()]
-        if any(split_member(m.name)[1] == "cls" for m in members):
-            return _from_shard(url)
-        items = []
-        for m in members:
-            if PurePosixPath(m.name).suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            parent = PurePosixPath(m.name).parent.name or None
-            data = tar.extractfile(m).read()  # type: ignore[union-attr]
-            item = SourceItem(f"{url}:{m.name}", make_key(m.name.lstrip("/")),
-                              (lambda d=data: d), class_name=parent)
-            if _unsafe(m.name):
-                item.error = f"unsafe path in tar member name: {m.name!r}"
-            items.append(item)
+    tar = _TarFile(url)
+    if any(split_member(m.name)[1] == "cls" for m in tar.members):
+        return _from_shard(url, tar)
+    items = []
+    for m in tar.members:
+        if PurePosixPath(m.name).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        name = printable(m.name)
+        parent = PurePosixPath(name).parent.name or None
+        item = SourceItem(f"{url}:{name}", make_key(name.lstrip("/")), tar.reader(m),
+                          class_name=parent)
+        if _unsafe(name):
+            item.error = f"unsafe path in tar member name: {name!r}"
+        items.append(item)
     if len({i.class_name for i in items}) <= 1:  # one folder: no classes
         for i in items:
             i.class_name = None
     return items
 
 
-def _from_shard(url: str) -> list[SourceItem]:
-    """Samples of a shard in prism's format. Their keys become member names of the output
-    tars, so a key that names a path outside the tar (absolute, ``..``) is an error and any
-    other is made safe with ``make_key``."""
+def _from_shard(url: str, tar: _TarFile | None = None) -> list[SourceItem]:
+    """Samples of a shard in prism's format (members grouped by key: an image, ``.cls``,
+    ``.json``), read lazily like any tar. Their keys become member names of the output tars, so
+    a key that names a path outside the tar (absolute, ``..``) is an error and any other is
+    made safe with ``make_key``."""
+    tar = tar or _TarFile(url)
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    for m in tar.members:
+        key, ext = split_member(m.name)
+        groups.setdefault(key, {})[ext] = m
     items = []
-    for r in iter_records(url):
-        raw = printable(r["key"])
-        item = SourceItem(f"{url}:{raw}", make_key(raw), (lambda d=r["data"]: d),
-                          label=r["label"])
+    for key, members in groups.items():
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if ext is None:
+            continue
+        label = -1
+        if "cls" in members:
+            label = int(tar.reader(members["cls"])().decode().strip() or -1)
+        elif "json" in members:
+            label = int(json.loads(tar.reader(members["json"])()).get("label", -1))
+        raw = printable(key)
+        item = SourceItem(f"{url}:{raw}", make_key(raw), tar.reader(members[ext]), label=label)
         if _unsafe(raw):
             item.error = f"unsafe path in shard key: {raw!r}"
         items.append(item)

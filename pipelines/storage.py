@@ -148,6 +148,21 @@ def read_bytes(url: str) -> bytes:
         raise _s3_error("read", url, exc) from None
 
 
+def download(url: str, local_path: str | Path) -> None:
+    """Copy ``url`` (local or S3) to a local file, streaming (never whole in memory)."""
+    if not is_s3(url):
+        try:
+            shutil.copyfile(url, local_path)
+        except OSError as exc:
+            raise StorageError(f"read {url}: {exc.strerror or exc}") from None
+        return
+    bucket, key = split_s3(url)
+    try:
+        s3_client().download_file(bucket, key, str(local_path))
+    except Exception as exc:  # noqa: BLE001
+        raise _s3_error("read", url, exc) from None
+
+
 def put_file(local_path: str | Path, url: str) -> None:
     """Copy a finished local file to ``url`` atomically (rename / completed upload)."""
     if is_s3(url):

@@ -196,3 +196,43 @@ def test_a_file_name_that_is_not_utf8_is_ingested(tmp_path) -> None:
         Image.fromarray(_images(1, size=8, seed=2)[0]).save(f, format="PNG")
     r = ingest(str(src), str(tmp_path / "out"), IngestConfig(size=None))
     assert r.written == 2 and sorted(_sources(tmp_path / "out")) == ["caf\\xe9.png", "ok.png"]
+
+
+_PEAK_RSS = """
+import resource, sys
+from pipelines.config import IngestConfig
+from pipelines.ingest import ingest
+ingest(sys.argv[1], sys.argv[2], IngestConfig(size=32, shard_size=1000), log=lambda *_: None)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def _peak_rss_mib(src: Path, out: Path) -> int:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(src), str(out)], check=True,
+                       capture_output=True, text=True)
+    return int(r.stdout.strip().splitlines()[-1])
+
+
+def test_tar_ingest_memory_does_not_grow_with_the_tar(tmp_path) -> None:
+    # a 130 MB tar of incompressible 1200x1200 PNGs, against a 1-image tar: the peak memory of
+    # the ingest may grow by a few images' worth, not by the tar (it grew by about 3x the tar)
+    rng = np.random.default_rng(0)
+    big, small = tmp_path / "big.tar", tmp_path / "small.tar"
+    png = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (1200, 1200, 3), dtype=np.uint8)).save(
+        png, format="PNG", compress_level=0)
+    data = png.getvalue()
+    for path, n in ((big, 30), (small, 1)):
+        with tarfile.open(path, "w") as tar:
+            for i in range(n):
+                info = tarfile.TarInfo(f"img/{i:03d}.png")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert big.stat().st_size > 120 * 2**20
+    base = _peak_rss_mib(small, tmp_path / "o1")
+    peak = _peak_rss_mib(big, tmp_path / "o2")
+    assert peak - base < 60, (base, peak)
+    assert len(pq.read_table(tmp_path / "o2" / "manifest.parquet")) == 30
