@@ -81,6 +81,9 @@ def prepare_image(data: bytes | np.ndarray, size: int | None,
             raise BadImage("not a decodable image: unknown format or not an image") from None
         original = data
     w, h = im.size
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:  # recorded, never a silent choice of one frame
+        raise BadImage(f"animated image ({frames} frames): only still images are ingested")
     if w * h > max_pixels:
         raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > max_pixels "
                        f"{max_pixels}")

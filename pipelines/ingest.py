@@ -71,7 +71,9 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def _write_item(item: SourceItem, cfg: IngestConfig, writer: ShardWriter, shard: str,
-                label: int) -> dict[str, Any]:
+                label: int, seen: dict[str, str]) -> dict[str, Any]:
+    """Write one input; ``seen`` maps the checksum of every image written so far to its source
+    (a byte-identical later input is recorded as a duplicate, not written twice)."""
     row = {"key": item.key, "shard": shard, "label": label, "source": item.source}
     if item.error is not None:
         return {**row, "reason": item.error}
@@ -79,10 +81,14 @@ def _write_item(item: SourceItem, cfg: IngestConfig, writer: ShardWriter, shard:
         ext, data, w, h = prepare_image(item.load(), cfg.size, cfg.max_pixels)
     except BadImage as exc:
         return {**row, "reason": str(exc)}
+    checksum = hashlib.sha256(data).hexdigest()
+    if checksum in seen:
+        return {**row, "reason": f"duplicate content: the same image as {seen[checksum]!r}"}
+    seen[checksum] = item.source
     writer.write(item.key, ext, data, label,
                  {"key": item.key, "label": label, "source": item.source, "width": w, "height": h})
-    return {**row, "size": len(data), "checksum": hashlib.sha256(data).hexdigest(),
-            "width": w, "height": h, "reason": None}
+    return {**row, "size": len(data), "checksum": checksum, "width": w, "height": h,
+            "reason": None}
 
 
 def _full(writer: ShardWriter, cfg: IngestConfig) -> bool:
@@ -163,6 +169,7 @@ def ingest(src: str, dest: str, cfg: IngestConfig | None = None, log=print,
     rows: list[dict[str, Any]] = []
     shards: list[str] = []
     skipped, pos, index = 0, 0, 0
+    seen: dict[str, str] = {}  # checksum -> source of every image written
     with storage.LocalStaging() as stage:
         while pos < len(items):
             name = shard_name(cfg.name, index, cfg.gzip)
@@ -170,6 +177,7 @@ def ingest(src: str, dest: str, cfg: IngestConfig | None = None, log=print,
                                                                          name + ".parquet")
             if storage.exists(part_url) and storage.exists(shard_url):  # done by an earlier run
                 part = pq.read_table(io.BytesIO(storage.read_bytes(part_url))).to_pylist()
+                seen.update((r["checksum"], r["source"]) for r in part if r["reason"] is None)
                 rows += part
                 pos += len(part)
                 skipped += 1
@@ -179,7 +187,7 @@ def ingest(src: str, dest: str, cfg: IngestConfig | None = None, log=print,
                     item = items[pos]
                     label = item.label if item.label is not None else \
                         class_index.get(item.class_name or "", -1)
-                    part.append(_write_item(item, cfg, writer, name, label))
+                    part.append(_write_item(item, cfg, writer, name, label, seen))
                     pos += 1
                 writer.close()
                 if writer.count == 0 and pos >= len(items) and shards:

@@ -57,14 +57,20 @@ def _unsafe(name: str) -> bool:
 
 
 def _from_folder(root: Path) -> list[SourceItem]:
+    """Image files under ``root``; a symbolic link that leads outside it is an error record
+    (not read: a folder of images must not reach into the rest of the file system)."""
     items = []
+    top = root.resolve()
     for p in sorted(root.rglob("*")):
         if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         rel = printable(p.relative_to(root).as_posix())
         parts = PurePosixPath(rel).parts
-        items.append(SourceItem(rel, make_key(rel), p.read_bytes,
-                                class_name=parts[0] if len(parts) > 1 else None))
+        item = SourceItem(rel, make_key(rel), p.read_bytes,
+                          class_name=parts[0] if len(parts) > 1 else None)
+        if not p.resolve().is_relative_to(top):
+            item.error = f"symbolic link to a file outside the source folder: {rel!r}"
+        items.append(item)
     return items
 
 
@@ -91,7 +97,9 @@ class _TarFile:
             path = plain
         self.path = path
         with tarfile.open(path, mode="r:") as tar:
-            self.members = [m for m in tar if m.isfile()]  # headers only
+            everything = list(tar)  # headers only
+        self.members = [m for m in everything if m.isfile()]
+        self.links = [m for m in everything if m.issym() or m.islnk()]
 
     def _temp(self) -> Path:
         t = tempfile.NamedTemporaryFile(prefix="prism-tar-", suffix=".tar")
@@ -125,6 +133,14 @@ def _from_tar(url: str) -> list[SourceItem]:
         if _unsafe(name):
             item.error = f"unsafe path in tar member name: {name!r}"
         items.append(item)
+    for m in tar.links:  # recorded, not followed
+        name = printable(m.name)
+        if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES:
+            kind = "symbolic" if m.issym() else "hard"
+            items.append(SourceItem(f"{url}:{name}", make_key(name.lstrip("/")), bytes,
+                                    class_name=PurePosixPath(name).parent.name or None,
+                                    error=f"tar {kind} link to {printable(m.linkname)!r}: "
+                                          "links are not followed"))
     if len({i.class_name for i in items}) <= 1:  # one folder: no classes
         for i in items:
             i.class_name = None

@@ -103,9 +103,9 @@ def test_bad_files_in_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 def test_unsafe_tar_member_and_duplicate_keys(tmp_path: Path) -> None:
     tar_path = tmp_path / "in.tar"
-    good = _png(RGB)
     with tarfile.open(tar_path, "w") as tar:
-        for name in ("a/x.png", "a/y.png", "../evil.png", "b/x.png", "a/x.png"):
+        for i, name in enumerate(("a/x.png", "a/y.png", "../evil.png", "b/x.png", "a/x.png")):
+            good = _png(RGB ^ np.uint8(i))  # distinct images (identical ones are duplicates)
             info = tarfile.TarInfo(name)
             info.size = len(good)
             tar.addfile(info, io.BytesIO(good))
@@ -147,10 +147,9 @@ def test_resharding_does_not_copy_dangerous_keys(tmp_path: Path) -> None:
     # a hostile shard in prism's format: keys that are paths out of the tar
     shard = tmp_path / "in" / "evil-000000.tar"
     shard.parent.mkdir()
-    good = _png(RGB)
     with tarfile.open(shard, "w") as tar:
-        for key in ("ok", "../../evil", "/abs/evil2", "dir/fine"):
-            for ext, data in (("png", good), ("cls", b"0")):
+        for i, key in enumerate(("ok", "../../evil", "/abs/evil2", "dir/fine")):
+            for ext, data in (("png", _png(RGB ^ np.uint8(i))), ("cls", b"0")):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -159,3 +158,37 @@ def test_resharding_does_not_copy_dangerous_keys(tmp_path: Path) -> None:
     assert names and not any(n.startswith("/") or ".." in n or "/" in n for n in names), names
     errors = pq.read_table(tmp_path / "out" / "errors.parquet").column("reason").to_pylist()
     assert sorted(e.split(":")[0] for e in errors) == ["unsafe path in shard key"] * 2
+
+
+def test_links_animations_and_duplicates_are_recorded_not_dropped(tmp_path: Path) -> None:
+    import os
+
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(_png(RGB ^ np.uint8(7)))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(_png(RGB))
+    (src / "copy_of_a.png").write_bytes(_png(RGB))  # byte-identical
+    os.symlink(outside, src / "link.png")  # leads out of the folder
+    frames = [Image.fromarray(RGB ^ np.uint8(k)) for k in range(3)]
+    frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:])
+    ingest(str(src), str(tmp_path / "out"), IngestConfig(shard_size=10, size=None))
+    written, errors = _check_counts(tmp_path / "out", 4)
+    assert len(written) == 1
+    reasons = sorted(r.split(":")[0].split(" (")[0] for r in errors.values())
+    assert reasons == ["animated image", "duplicate content",
+                       "symbolic link to a file outside the source folder"], errors
+    # in a tar: link members are records too
+    tar_path = tmp_path / "in.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        data = _png(RGB)
+        info = tarfile.TarInfo("img/real.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        for kind, name in ((tarfile.SYMTYPE, "img/sym.png"), (tarfile.LNKTYPE, "img/hard.png")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "img/real.png"
+            tar.addfile(info)
+    ingest(str(tar_path), str(tmp_path / "out2"), IngestConfig(shard_size=10, size=None))
+    written, errors = _check_counts(tmp_path / "out2", 3)
+    assert sorted(r.split(" link")[0] for r in errors.values()) == ["tar hard", "tar symbolic"]

@@ -221,13 +221,13 @@ def test_tar_ingest_memory_does_not_grow_with_the_tar(tmp_path) -> None:
     # the ingest may grow by a few images' worth, not by the tar (it grew by about 3x the tar)
     rng = np.random.default_rng(0)
     big, small = tmp_path / "big.tar", tmp_path / "small.tar"
-    png = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (1200, 1200, 3), dtype=np.uint8)).save(
-        png, format="PNG", compress_level=0)
-    data = png.getvalue()
     for path, n in ((big, 30), (small, 1)):
         with tarfile.open(path, "w") as tar:
             for i in range(n):
+                png = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (1200, 1200, 3), dtype=np.uint8)).save(
+                    png, format="PNG", compress_level=0)
+                data = png.getvalue()
                 info = tarfile.TarInfo(f"img/{i:03d}.png")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
