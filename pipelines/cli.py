@@ -77,7 +77,10 @@ def spectra(shards: str = typer.Argument(..., help="folder or s3:// prefix of sh
             workers: Optional[int] = typer.Option(None, help="tasks in flight"),
             shards_per_task: Optional[int] = typer.Option(None),
             eps_lo: Optional[float] = typer.Option(None),
-            eps_hi: Optional[float] = typer.Option(None)) -> None:
+            eps_hi: Optional[float] = typer.Option(None),
+            fresh: bool = typer.Option(False, "--fresh", help="recompute outputs made with "
+                                       "other settings or from changed shards (a re-run "
+                                       "refuses without it)")) -> None:
     """Per-image spectra, fits and schedule bounds on Ray (RAY_ADDRESS or a local cluster)."""
     from pipelines.spectra_job import run_spectra
     from pipelines.storage import StorageError
@@ -85,7 +88,7 @@ def spectra(shards: str = typer.Argument(..., help="folder or s3:// prefix of sh
     over = {"workers": workers, "shards_per_task": shards_per_task, "eps_lo": eps_lo,
             "eps_hi": eps_hi}
     try:
-        result = run_spectra(shards, out, load_section(params, "spectra", over))
+        result = run_spectra(shards, out, load_section(params, "spectra", over), fresh=fresh)
     except (ValueError, OSError, StorageError) as exc:
         _fail(exc)
     typer.echo(json.dumps(result, indent=1))

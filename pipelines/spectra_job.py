@@ -13,7 +13,10 @@ are in the file's key-value metadata under ``prism.spectra``):
     lambda_min, lambda_max float64 (bounds; with log_A and beta the schedule parameters)
 
 Tasks take ``shards_per_task`` shards, are retried (``max_retries``), and a rerun skips shards
-whose output exists. Then ``summary.json``, ``rapsd.png`` and ``histograms.png`` are written.
+whose output exists and was computed with the same settings (``eps_lo``, ``eps_hi``,
+``min_span``) from a shard of the same size; an output made otherwise makes the rerun refuse,
+naming the difference (``fresh=True``, ``prism data spectra --fresh``, recomputes it). Then
+``summary.json``, ``rapsd.png`` and ``histograms.png`` are written.
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ def process_shards(shard_urls: list[str], out: str, cfg_json: str,
     for url in shard_urls:
         table = shard_statistics(url, params, cfg.batch_size)
         meta = {b"prism.spectra": json.dumps(cfg.model_dump()).encode(), b"prism.shard":
-                url.encode()}
+                url.encode(), b"prism.shard_bytes": str(storage.size(url)).encode()}
         table = table.replace_schema_metadata(meta)
         buf = io.BytesIO()
         pq.write_table(table, buf)
@@ -136,8 +139,28 @@ def _chunks(items: list[str], n: int) -> Iterable[list[str]]:
         yield items[i : i + n]
 
 
+RESULT_SETTINGS = ("eps_lo", "eps_hi", "min_span")  # the settings the numbers depend on
+
+
+def stale_reason(out_url: str, shard_url: str, cfg: SpectraJobConfig) -> str | None:
+    """Why an existing output does not belong to this run (settings or shard changed), or
+    None when it does."""
+    meta = pq.read_schema(io.BytesIO(storage.read_bytes(out_url))).metadata or {}
+    made = json.loads(meta.get(b"prism.spectra", b"{}"))
+    now = cfg.model_dump()
+    diffs = [f"{k} {made.get(k)!r} -> {now[k]!r}" for k in RESULT_SETTINGS
+             if made.get(k) != now[k]]
+    size = meta.get(b"prism.shard_bytes")
+    if size is None:
+        diffs.append("no record of its shard (an older prism)")
+    elif int(size) != storage.size(shard_url):
+        diffs.append(f"its shard changed ({int(size)} -> {storage.size(shard_url)} bytes)")
+    return "; ".join(diffs) or None
+
+
 def run_spectra(shards: str, out: str, cfg: SpectraJobConfig | None = None,
-                progress: bool = True, summary: bool = True) -> dict[str, Any]:
+                progress: bool = True, summary: bool = True,
+                fresh: bool = False) -> dict[str, Any]:
     """Run the job over every shard under SHARDS; returns counts and timings."""
     from tqdm import tqdm
 
@@ -145,7 +168,20 @@ def run_spectra(shards: str, out: str, cfg: SpectraJobConfig | None = None,
     storage.check_access(shards)
     storage.check_access(out)
     urls = list_shards(shards)
-    todo = [u for u in urls if not storage.exists(output_url(out, u))]
+    todo, stale = [], []
+    for u in urls:
+        o = output_url(out, u)
+        if not storage.exists(o):
+            todo.append(u)
+        elif (why := stale_reason(o, u, cfg)) is not None:
+            stale.append(f"{o}: {why}")
+            todo.append(u)
+    if stale and not fresh:
+        raise ValueError(
+            f"{len(stale)} existing outputs under {out} were made otherwise: "
+            + "; ".join(stale[:3]) + (" ..." if len(stale) > 3 else "")
+            + ". Mixing them would give statistics under the wrong settings: run again with "
+            "--fresh to recompute them, or use another output folder.")
     ray = _init_ray()
     task = ray.remote(process_shards).options(
         num_cpus=1, max_retries=cfg.max_retries, retry_exceptions=True)

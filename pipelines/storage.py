@@ -148,6 +148,20 @@ def read_bytes(url: str) -> bytes:
         raise _s3_error("read", url, exc) from None
 
 
+def size(url: str) -> int:
+    """Bytes of a file or S3 object."""
+    if not is_s3(url):
+        try:
+            return Path(url).stat().st_size
+        except OSError as exc:
+            raise StorageError(f"stat {url}: {exc.strerror or exc}") from None
+    bucket, key = split_s3(url)
+    try:
+        return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    except Exception as exc:  # noqa: BLE001
+        raise _s3_error("head", url, exc) from None
+
+
 def download(url: str, local_path: str | Path) -> None:
     """Copy ``url`` (local or S3) to a local file, streaming (never whole in memory)."""
     if not is_s3(url):

@@ -65,6 +65,17 @@ def test_spectra_job_outputs_rerun_and_schedule_model(ray_local, tmp_path: Path)
     files[1].unlink()
     again = run_spectra(str(tmp_path / "shards"), str(out), progress=False, summary=False)
     assert again["shards_done_now"] == 1 and files[1].exists()
+    # a rerun with another setting refuses (the old numbers would be kept under it) ...
+    with pytest.raises(ValueError, match=r"4 existing outputs.*eps_lo 0.01 -> 0.05.*--fresh"):
+        run_spectra(str(tmp_path / "shards"), str(out), SpectraJobConfig(eps_lo=0.05),
+                    progress=False, summary=False)
+    assert json.loads(pq.read_schema(files[0]).metadata[b"prism.spectra"])["eps_lo"] == 0.01
+    # ... and with --fresh recomputes every output under the new one
+    again = run_spectra(str(tmp_path / "shards"), str(out), SpectraJobConfig(eps_lo=0.05),
+                        progress=False, summary=False, fresh=True)
+    assert again["shards_done_now"] == 4
+    assert json.loads(pq.read_schema(files[0]).metadata[b"prism.spectra"])["eps_lo"] == 0.05
+    run_spectra(str(tmp_path / "shards"), str(out), progress=False, summary=False, fresh=True)
     # schedule model through the CLI
     r = CliRunner().invoke(data_app, ["schedules", str(out), str(tmp_path / "m"), "--per-class",
                                       "--n-components", "2"])
