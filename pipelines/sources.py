@@ -108,10 +108,9 @@ class _TarFile:
 
     def reader(self, member: tarfile.TarInfo) -> Callable[[], bytes]:
         """``load()`` of one member: its bytes, read from the local copy."""
-        path, offset, size, owner = self.path, member.offset_data, member.size, self
-
-        def read() -> bytes:
-            assert owner.path == path  # the closure holds the owner: its temporaries live
+        def read(path: Path = self.path, offset: int = member.offset_data,
+                 size: int = member.size, owner: _TarFile = self) -> bytes:
+            del owner  # bound above so that the temporary copies live as long as this reader
             with open(path, "rb") as f:
                 f.seek(offset)
                 return f.read(size)
