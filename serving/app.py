@@ -24,8 +24,9 @@ api = FastAPI(
     "on its seed. Resolutions above the native one use upsample guidance or cascaded "
     "upscaling.",
 )
+# 400: a body that is not UTF-8 JSON text (FastAPI's "error parsing the body")
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorBody} for s in (404, 413, 503)
+    s: {"model": ErrorBody} for s in (400, 404, 413, 503)
 }
 # The largest valid request (64 seeds and labels, every option) is about 4 KB.
 MAX_BODY_BYTES = 1 << 20

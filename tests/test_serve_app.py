@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -354,3 +355,16 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read():
 
     r = client.post("/v1/generate", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
+
+
+def test_a_body_that_is_not_utf8_is_a_listed_400():
+    from fastapi.testclient import TestClient
+
+    from serving.app import api
+
+    client = TestClient(api)
+    r = client.post("/v1/generate", content=b'{"num_images": "\xe9"}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "detail" in r.json()
+    responses = client.get("/openapi.json").json()["paths"]["/v1/generate"]["post"]["responses"]
+    assert "400" in responses and "ErrorBody" in json.dumps(responses["400"])
