@@ -49,6 +49,8 @@ def ingest(src: str = typer.Argument(..., help="folder, .tar[.gz], .npz, or shar
            shard_bytes: Optional[int] = typer.Option(None, help="bytes per shard (instead)"),
            gzip: Optional[bool] = typer.Option(None, "--gzip/--no-gzip"),
            seed: Optional[int] = typer.Option(None, help="shuffle seed"),
+           small: Optional[str] = typer.Option(
+               None, help="images smaller than --size: reject (default), upscale or pad"),
            fresh: bool = typer.Option(False, "--fresh", help="delete shards of an earlier run "
                                       "into OUT first (a re-run with other inputs or settings "
                                       "refuses without it)")) -> None:
@@ -60,7 +62,7 @@ def ingest(src: str = typer.Argument(..., help="folder, .tar[.gz], .npz, or shar
     from pipelines.storage import StorageError
 
     over = {"name": name, "size": size, "shard_size": shard_size, "shard_bytes": shard_bytes,
-            "gzip": gzip, "seed": seed}
+            "gzip": gzip, "seed": seed, "small": small}
     try:
         cfg = load_section(params, "ingest", over)
         if shard_bytes is not None:

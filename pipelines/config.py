@@ -48,6 +48,10 @@ class IngestConfig(_Section):
     seed: int = 0
     max_pixels: int = Field(40_000_000, ge=1, description="larger images are decompression "
                                                           "bombs and are rejected")
+    small: Literal["reject", "upscale", "pad"] = Field(
+        "reject", description="images whose shorter side is below `size`: reject them (an "
+        "error record each), upscale (center-crop, Lanczos up), or pad (centered on a black "
+        "square, never resampled)")
 
     @model_validator(mode="after")
     def _one_limit(self) -> IngestConfig:

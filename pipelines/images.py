@@ -60,9 +60,24 @@ def _png(im: Image.Image) -> bytes:
 ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
 
-def prepare_image(data: bytes | np.ndarray, size: int | None,
-                  max_pixels: int) -> tuple[str, bytes, int, int]:
-    """One input -> (ext, stored bytes, width, height); raises BadImage with the reason."""
+def _pad(im: Image.Image, size: int) -> Image.Image:
+    """Center an image no larger than ``size`` in each side on a black ``size`` square (a side
+    above ``size`` is center-cropped first)."""
+    w, h = im.size
+    cw, ch = min(w, size), min(h, size)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    im = im.crop((left, top, left + cw, top + ch))
+    canvas = Image.new("RGB", (size, size))
+    canvas.paste(im, ((size - cw) // 2, (size - ch) // 2))
+    return canvas
+
+
+def prepare_image(data: bytes | np.ndarray, size: int | None, max_pixels: int,
+                  small: str = "reject") -> tuple[str, bytes, int, int]:
+    """One input -> (ext, stored bytes, width, height); raises BadImage with the reason.
+
+    ``small``: what happens to an image whose shorter side is below ``size`` ("reject",
+    "upscale" or "pad"; see ``IngestConfig.small``)."""
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8 or data.ndim not in (2, 3):
             raise BadImage(f"array input: expected uint8 (H, W[, C]), got {data.dtype} "
@@ -91,8 +106,10 @@ def prepare_image(data: bytes | np.ndarray, size: int | None,
         im.load()
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"truncated or corrupt image: {exc}") from None
-    if size is not None and min(w, h) < size:
-        raise BadImage(f"smaller than target size: {w}x{h} < {size}x{size}")
+    too_small = size is not None and min(w, h) < size
+    if too_small and small == "reject":
+        raise BadImage(f"smaller than target size: {w}x{h} < {size}x{size} "
+                       "(--small upscale or pad keeps such images)")
     # EXIF orientation (a phone's portrait JPEG is stored sideways with a rotate tag): the
     # pixels are turned upright, and such a file is re-encoded, never kept as it was
     orientation = im.getexif().get(ORIENTATION_TAG, 1) if original is not None else 1
@@ -106,6 +123,8 @@ def prepare_image(data: bytes | np.ndarray, size: int | None,
     if keep:
         return KEEP_FORMATS[im.format], original, w, h
     rgb = _to_rgb(im)
-    if size is not None:
+    if too_small and small == "pad":
+        rgb = _pad(rgb, size)
+    elif size is not None:
         rgb = _fit(rgb, size)
     return "png", _png(rgb), rgb.size[0], rgb.size[1]

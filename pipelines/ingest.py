@@ -78,7 +78,7 @@ def _write_item(item: SourceItem, cfg: IngestConfig, writer: ShardWriter, shard:
     if item.error is not None:
         return {**row, "reason": item.error}
     try:
-        ext, data, w, h = prepare_image(item.load(), cfg.size, cfg.max_pixels)
+        ext, data, w, h = prepare_image(item.load(), cfg.size, cfg.max_pixels, cfg.small)
     except BadImage as exc:
         return {**row, "reason": str(exc)}
     checksum = hashlib.sha256(data).hexdigest()
@@ -232,6 +232,11 @@ def _finish(dest: str, rows: list[dict[str, Any]], shards: list[str], skipped: i
     storage.write_bytes(storage.join(dest, "ingest.json"),
                         json.dumps(summary, indent=2).encode())
     log(result.line())
+    if bad:  # why, grouped by reason, with an example and where the full list is
+        for reason, n in sorted(summary["error_reasons"].items(), key=lambda kv: -kv[1]):
+            example = next(r for r in bad if r["reason"].split(":")[0] == reason)
+            log(f"  rejected {n}: {reason} (e.g. {example['source']}: {example['reason']})")
+        log(f"  every rejection: {storage.join(dest, 'errors.parquet')}")
     return result
 
 

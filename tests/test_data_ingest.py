@@ -236,3 +236,30 @@ def test_tar_ingest_memory_does_not_grow_with_the_tar(tmp_path) -> None:
     peak = _peak_rss_mib(big, tmp_path / "o2")
     assert peak - base < 60, (base, peak)
     assert len(pq.read_table(tmp_path / "o2" / "manifest.parquet")) == 30
+
+
+@pytest.mark.parametrize("small", ["reject", "upscale", "pad"])
+def test_images_below_the_size_follow_the_policy_and_rejections_are_explained(tmp_path, small):
+    src = tmp_path / "src"
+    src.mkdir()
+    tiny = np.full((16, 16, 3), 200, dtype=np.uint8)
+    Image.fromarray(tiny).save(src / "tiny.png")
+    Image.fromarray(_images(1, size=40)[0]).save(src / "big.png")
+    lines: list[str] = []
+    r = ingest(str(src), str(tmp_path / "out"), IngestConfig(size=32, small=small),
+               log=lines.append)
+    if small == "reject":
+        assert r.written == 1 and r.errors == 1
+        assert any("rejected 1: smaller than target size" in x and "tiny.png" in x
+                   for x in lines), lines
+        assert any(x.strip().startswith("every rejection:") and "errors.parquet" in x
+                   for x in lines), lines
+        return
+    assert r.written == 2 and not any("rejected" in x for x in lines)
+    out = {s["source"]: s["image"] for s in _all(tmp_path / "out").values()}
+    up = out["tiny.png"]
+    assert up.shape == (32, 32, 3)
+    if small == "upscale":
+        assert abs(float(up.mean()) - 200) < 2  # a flat image stays flat when enlarged
+    else:  # centered on black, never resampled
+        assert (up[8:24, 8:24] == 200).all() and up[:8].max() == 0 and up[:, 24:].max() == 0
