@@ -23,9 +23,9 @@ from torch import Tensor
 from components.spectra import POWER_FLOOR, luminance, power_law_fit, rapsd
 
 
-def log_rapsd_profile(images: Tensor, *, channel: str = "luminance",
-                      batch_size: int = 1024) -> Tensor:
-    """Mean log-RAPSD of images (N, C, H, W) in [-1, 1] -> (n_bins,) float64.
+def log_rapsd_profiles(images: Tensor, *, channel: str = "luminance",
+                       batch_size: int = 1024) -> Tensor:
+    """Log-RAPSD of each image (N, C, H, W) in [-1, 1] -> (N, n_bins) float64.
 
     channel: ``"luminance"`` (RGB only) or ``"mean"`` (mean of the per-channel log spectra).
     """
@@ -34,16 +34,20 @@ def log_rapsd_profile(images: Tensor, *, channel: str = "luminance",
                          f"got {tuple(images.shape)}")
     if channel not in ("luminance", "mean"):
         raise ValueError(f"channel must be 'luminance' or 'mean', got {channel!r}")
-    total: Tensor | None = None
+    parts = []
     for start in range(0, images.shape[0], batch_size):
         x = images[start : start + batch_size].double()
         planes = luminance(x) if channel == "luminance" else x  # (B, H, W) or (B, C, H, W)
         logs = torch.log(rapsd(planes).clamp_min(POWER_FLOOR))
-        part = logs.reshape(-1, logs.shape[-1]).sum(0) if channel == "luminance" \
-            else logs.mean(1).sum(0)
-        total = part if total is None else total + part
-    assert total is not None
-    return total / images.shape[0]
+        parts.append(logs if channel == "luminance" else logs.mean(1))
+    return torch.cat(parts)
+
+
+def log_rapsd_profile(images: Tensor, *, channel: str = "luminance",
+                      batch_size: int = 1024) -> Tensor:
+    """Mean log-RAPSD of images (N, C, H, W) in [-1, 1] -> (n_bins,) float64 (the mean of
+    ``log_rapsd_profiles``)."""
+    return log_rapsd_profiles(images, channel=channel, batch_size=batch_size).mean(0)
 
 
 def spectral_distance(generated: Tensor, real: Tensor, *, channel: str = "luminance",

@@ -144,6 +144,12 @@ def _quantiles(sorted_x: Tensor, n: int) -> Tensor:
     return sorted_x[:, lo] * (1 - frac) + sorted_x[:, hi] * frac
 
 
+def _unit_directions(gen: torch.Generator, dim: int, k: int, like: Tensor) -> Tensor:
+    """(dim, k) random unit directions (drawn on the CPU from ``gen``), on ``like``'s device."""
+    u = torch.randn(dim, k, generator=gen).to(like.device, like.dtype)
+    return u / u.norm(dim=0, keepdim=True)
+
+
 def sliced_wasserstein(
     a: Tensor, b: Tensor, *, directions: int = 512, repeats: int = 4, seed: int = 0
 ) -> float:
@@ -158,8 +164,7 @@ def sliced_wasserstein(
     n = min(a.shape[0], b.shape[0])
     total = 0.0
     for _ in range(repeats):
-        u = torch.randn(a.shape[1], directions, generator=gen).to(a.device, a.dtype)
-        u = u / u.norm(dim=0, keepdim=True)  # (D, K) unit directions
+        u = _unit_directions(gen, a.shape[1], directions, a)  # (D, K)
         pa = _quantiles(_sorted_rows(u.T @ a.T), n)  # (K, n)
         pb = _quantiles(_sorted_rows(u.T @ b.T), n)
         total += ((pa - pb).abs().sum(dtype=torch.float64) / pa.numel()).item()
@@ -230,8 +235,7 @@ def swd_replicates(
         n = min(rows.shape[1], b.shape[0])
         level = torch.zeros(index.shape[0], dtype=torch.float64)
         for _ in range(repeats):
-            u = torch.randn(b.shape[1], directions, generator=gen).to(b.device, b.dtype)
-            u = u / u.norm(dim=0, keepdim=True)
+            u = _unit_directions(gen, b.shape[1], directions, b)
             pb = _quantiles(_sorted_rows(u.T @ b.T), n)
             for r in range(index.shape[0]):
                 da = normalise_descriptors(a[rows[r].to(a.device)])
