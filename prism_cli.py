@@ -19,6 +19,7 @@ from serving.cli import serving_app; app.add_typer(serving_app)  # noqa: E402, E
 from pipelines.science_cli import science_app; app.add_typer(science_app, name="science")  # noqa: E402, E702, I001, E501
 from pipelines.eval_cli import eval_app; app.add_typer(eval_app, name="eval")  # noqa: E402, E702, I001
 from pipelines.pipeline_cli import pipeline_app; app.add_typer(pipeline_app, name="pipeline")  # noqa: E402, E702, I001, E501
+from pipelines.experiment_cli import experiment_app; app.add_typer(experiment_app, name="experiment")  # noqa: E402, E702, I001, E501
 
 
 def main() -> None:

@@ -1,0 +1,83 @@
+"""``prism experiment``: reproduce a seed paper's claim with one command.
+
+    prism experiment list
+    prism experiment show NAME [--setting small|gpu]
+    prism experiment run NAME [--setting small|gpu] [--set key=value ...] [--out DIR]
+    prism experiment log DIR          (log a results folder made without MLflow)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+experiment_app = typer.Typer(help="Reproduce the seed papers' claims: train or reuse reference "
+                                  "models, sample at fixed seeds, measure, write results.",
+                             no_args_is_help=True)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    from training.config import ConfigError, parse_overrides
+
+    try:
+        return parse_overrides(pairs)
+    except ConfigError as err:
+        raise typer.BadParameter(str(err), param_hint="--set") from None
+
+
+@experiment_app.command("list")
+def list_command() -> None:
+    """The experiments, their settings and the claim each one tests."""
+    from pipelines.experiments import EXPERIMENTS
+
+    for exp in EXPERIMENTS.values():
+        typer.echo(f"{exp.name}  [{', '.join(exp.presets)}]\n    {exp.claim}")
+
+
+@experiment_app.command("show")
+def show_command(name: str = typer.Argument(..., help="experiment name"),
+                 setting: str = typer.Option("small", "--setting"),
+                 set_: list[str] = typer.Option([], "--set", help="override key=value")) -> None:
+    """The resolved settings of NAME (JSON)."""
+    from pipelines.experiments import ExperimentError, resolve
+
+    try:
+        s = resolve(name, setting, _overrides(set_))
+    except ExperimentError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(s.model_dump(mode="json"), indent=1))
+
+
+@experiment_app.command("run")
+def run_command(name: str = typer.Argument(..., help="experiment name (prism experiment list)"),
+                setting: str = typer.Option("small", "--setting",
+                                            help="small (CPU, a minute) or gpu"),
+                set_: list[str] = typer.Option([], "--set", help="override, e.g. --set "
+                                               "n_images=2000 --set device=cuda"),
+                out: Path = typer.Option(None, "--out", help="results folder (default "
+                                         "<work_dir>/<name>/<setting>)")) -> None:
+    """Run NAME: references trained or reused, samples, metrics, results.json and figures."""
+    from pipelines.experiments import ExperimentError, run
+
+    try:
+        results = run(name, setting, _overrides(set_), str(out) if out else None)
+    except ExperimentError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    v = results.get("verdict", {})
+    typer.echo(json.dumps({"experiment": name, "setting": setting, "verdict": v.get("verdict"),
+                           "mlflow_run_id": results.get("mlflow_run_id")}, indent=1))
+
+
+@experiment_app.command("log")
+def log_command(out: Path = typer.Argument(..., help="a results folder with results.json")) -> None:
+    """Log a results folder to MLflow (for runs made where MLflow was not installed)."""
+    from pipelines.experiments import log_results
+
+    if not (out / "results.json").exists():
+        typer.echo(f"error: no results.json in {out}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"logged: run {log_results(str(out))}")
