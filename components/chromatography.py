@@ -113,6 +113,32 @@ def chromatogram(
     return {"t": t, "lambda": lam, "a": a, "c": c, "dominant": dominant_level(lam)}
 
 
+def crossing_time(t: Tensor, e: Tensor, level: float = 0.5) -> Tensor:
+    """The latest t at which each curve is at or above ``level``, (L,) float64.
+
+    t: (n_t,) grid; e: (L, n_t) curves over it. Between the latest grid point ``t_i`` with
+    ``e_i >= level`` and its neighbour ``t_j > t_i`` (``e_j < level``) the crossing is linear:
+    ``t_i + (e_i - level) / (e_i - e_j) (t_j - t_i)``. The largest t when the curve is already
+    at the level there; NaN when it never reaches it.
+    """
+    t = _f64(t).flatten().cpu()
+    e = _f64(e).cpu().reshape(-1, t.numel())
+    order = torch.argsort(t)
+    t, e = t[order], e[:, order]
+    out = torch.full((e.shape[0],), float("nan"), dtype=torch.float64)
+    for k in range(e.shape[0]):
+        above = (e[k] >= level).nonzero().flatten()
+        if not len(above):
+            continue
+        i = int(above.max())
+        if i == t.numel() - 1:
+            out[k] = t[i]
+            continue
+        ei, ej = e[k, i], e[k, i + 1]  # ei >= level > ej
+        out[k] = t[i] + (ei - level) / (ei - ej) * (t[i + 1] - t[i])
+    return out
+
+
 def measured_chromatogram(
     denoiser,
     images: Tensor,
@@ -128,35 +154,108 @@ def measured_chromatogram(
     For each t: ``x_t = alpha x0 + sigma eps`` (one fixed eps per image), ``x0_hat = D(x_t)``,
     band energies ``E_k(t)`` of x0_hat (per full-resolution pixel, batch-averaged), normalised
     by the clean images' band energies: ``e_k(t) = E_k(t) / E_k(x0)``, which rises from ~0 to
-    ~1 as t -> 0. ``emergence[k]`` is the largest t at which ``e_k >= 1/2`` (NaN if never).
+    ~1 as t -> 0. ``emergence[k]`` is the largest grid t at which ``e_k >= 1/2`` (NaN if
+    never); ``emergence_interp[k]`` the same crossing interpolated between grid points
+    (:func:`crossing_time`).
 
-    images: (B, C, H, W) in [-1, 1]; t_grid: (n_t,). Returns float64 tensors ``t``,
+    images: (B, C, H, W) in [-1, 1]; t_grid: (n_t,). Returns float64 CPU tensors ``t``,
     ``lambda``, ``energy_fraction`` (levels, n_t), ``emergence`` (levels,),
-    ``clean_energy`` (levels,).
+    ``emergence_interp`` (levels,), ``clean_energy`` (levels,).
     """
     from components.diffusion import Cond, as_prediction, check_image_range, q_sample
     from components.scale import band_energies
 
     check_image_range(images, "measured_chromatogram images")
     cond = cond if cond is not None else Cond()
-    t_grid = _f64(t_grid).flatten()
+    t_grid = _f64(t_grid).flatten().cpu()
     eps = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
-    clean = band_energies(images.double(), levels, kind).mean(0)  # (L,)
+    clean = band_energies(images.double(), levels, kind).mean(0).cpu()  # (L,)
     frac = []
     with torch.no_grad():
         for t in t_grid:
             lam = schedule.lambda_(t).to(torch.float64).expand(images.shape[0])
+            lam = lam.to(images.device)
             x_t = q_sample(images, lam, eps)
             x0_hat = as_prediction(denoiser, x_t, lam.to(images.dtype), cond, "x0")
-            frac.append(band_energies(x0_hat.double(), levels, kind).mean(0) / clean)
+            frac.append(band_energies(x0_hat.double(), levels, kind).mean(0).cpu() / clean)
     e = torch.stack(frac, dim=1)  # (L, n_t)
     emergence = torch.full((levels,), float("nan"), dtype=torch.float64)
     for k in range(levels):
         above = (e[k] >= 0.5).nonzero().flatten()
         if len(above):
             emergence[k] = t_grid[above].max()
-    return {"t": t_grid, "lambda": schedule.lambda_(t_grid).double(), "energy_fraction": e,
-            "emergence": emergence, "clean_energy": clean}
+    return {"t": t_grid, "lambda": schedule.lambda_(t_grid).double().cpu(),
+            "energy_fraction": e, "emergence": emergence,
+            "emergence_interp": crossing_time(t_grid, e), "clean_energy": clean}
+
+
+# --------------------------------------------------------------------------- band SNR
+# For a Gaussian (Wiener) denoiser the x0-prediction energy at a frequency of data power S
+# (orthonormal DFT, unit white noise has power 1 per frequency) is ``S sigmoid(lambda + ln S)``.
+# A band therefore emerges (half its energy) about where its own SNR is 1:
+# ``lambda = -ln rho_k``, ``rho_k = E_k / N_k`` (clean band energy over the band energy of unit
+# white noise). The paper's ``a_k`` is the case ``rho_k = 4^k``. A data mean is in the
+# x0-prediction from the start: ``e_k = m_k + (1 - m_k) sigmoid(lambda + ln rho_k)``.
+
+
+def noise_band_energies(levels: int, kind: str = "box", size: int = 32) -> Tensor:
+    """Band energies per pixel of unit white noise, (levels,) float64.
+
+    ``kind="box"`` (exact, any size): ``N_k = 3 / 4^(k+1)`` for k < L-1 and
+    ``N_{L-1} = 1 / 4^(L-1)`` (the level-k mean has variance 1/4^k; the bands are
+    orthogonal). Other kinds: ``E||B_k eps||^2 = sum_i ||B_k e_i||^2`` over the pixel basis of
+    a ``size`` x ``size`` image (exact too, by linearity).
+    """
+    if levels < 1:
+        raise ValueError(f"noise_band_energies: need levels >= 1, got {levels}")
+    if kind == "box":
+        k = torch.arange(levels, dtype=torch.float64)
+        n = 3.0 / 4.0 ** (k + 1)
+        n[-1] = 1.0 / 4.0 ** (levels - 1)
+        return n
+    from components.scale import band_energies
+
+    basis = torch.eye(size * size, dtype=torch.float64).reshape(-1, 1, size, size)
+    return band_energies(basis, levels, kind).sum(0)  # (L,)
+
+
+def band_snr(images: Tensor, levels: int, kind: str = "box") -> dict[str, Tensor]:
+    """Per-band signal statistics of ``images`` (B, C, H, W), float64 (levels,) each:
+    ``E`` clean band energies (batch mean), ``M`` band energies of the batch-mean image,
+    ``N`` band energies of unit white noise, ``rho = (E - M) / N`` the band SNR at
+    lambda = 0 of the fluctuation about the mean, ``m = M / E`` the share of the mean."""
+    from components.scale import band_energies
+
+    x = images.detach().double().cpu()
+    e = band_energies(x, levels, kind).mean(0)
+    m = band_energies(x.mean(0, keepdim=True), levels, kind)[0]
+    n = noise_band_energies(levels, kind, x.shape[-1])
+    return {"E": e, "M": m, "N": n, "rho": (e - m) / n, "m": m / e}
+
+
+def band_prediction(schedule: Schedule, stats: dict[str, Tensor], t: Tensor) -> Tensor:
+    """Predicted energy fraction ``m_k + (1 - m_k) sigmoid(lambda(t) + ln rho_k)``,
+    (levels, n_t), from :func:`band_snr` statistics."""
+    lam = schedule.lambda_(_f64(t).flatten()).double()[None, :]  # (1, n_t)
+    rho, m = stats["rho"].double()[:, None], stats["m"].double()[:, None]  # (L, 1)
+    return m + (1 - m) * torch.sigmoid(lam + rho.log())
+
+
+def predicted_emergence(schedule: Schedule, stats: dict[str, Tensor]) -> Tensor:
+    """Where :func:`band_prediction` is 1/2, (levels,): ``lambda = logit((1/2 - m) / (1 - m))
+    - ln rho`` mapped to t by the schedule (clipped to [0, 1]); t = 1 where ``m >= 1/2``."""
+    rho, m = stats["rho"].double(), stats["m"].double()
+    q = ((0.5 - m) / (1 - m)).clamp(1e-12, 1 - 1e-12)
+    lam = torch.logit(q) - rho.log()
+    t = _f64(schedule.t_of_lambda(lam)).clamp(0.0, 1.0)
+    return torch.where(m >= 0.5, torch.ones_like(t), t)
+
+
+def paper_emergence(schedule: Schedule, levels: int) -> Tensor:
+    """Where the paper's ``a_k = sigmoid(lambda + k ln 4)`` is 1/2: ``lambda = -k ln 4``,
+    mapped to t (clipped to [0, 1]); (levels,)."""
+    lam = -torch.arange(levels, dtype=torch.float64) * LN4
+    return _f64(schedule.t_of_lambda(lam)).clamp(0.0, 1.0)
 
 
 def plot_chromatogram(

@@ -9,18 +9,24 @@ import torch
 
 from components.analytic import GaussianDenoiser, stationary_covariance
 from components.chromatography import (
+    band_prediction,
+    band_snr,
     chromatogram,
+    crossing_time,
     dominant_level,
     lambda_of_level,
     measured_chromatogram,
+    noise_band_energies,
+    paper_emergence,
     plot_chromatogram,
     power,
+    predicted_emergence,
     signal_fraction,
     tau,
     tau_discrete,
 )
 from components.diffusion import q_sample
-from components.scale import downsample_mean
+from components.scale import band_energies, downsample_mean
 from components.schedules import CosineSchedule, alpha_sigma, ddpm_linear, sd_scaled_linear
 
 
@@ -123,3 +129,77 @@ def test_plot_chromatogram_writes_png(tmp_path):
     fig = plot_chromatogram(sd_scaled_linear(), levels=4, path=str(path))
     assert path.stat().st_size > 10_000
     assert len(fig.axes) >= 3
+
+
+def test_crossing_time_interpolates_the_latest_crossing():
+    t = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    e = torch.tensor([[1.0, 0.8, 0.6, 0.2, 0.0],   # crosses 1/2 between 0.5 and 0.75
+                      [1.0, 0.9, 0.8, 0.7, 0.6],   # above at the largest t
+                      [0.4, 0.3, 0.2, 0.1, 0.0],   # never
+                      [0.2, 0.6, 0.4, 0.5, 0.3]])  # the latest crossing counts: 0.75 -> 1.0
+    got = crossing_time(t, e)
+    assert got[0].item() == pytest.approx(0.5 + 0.25 * 0.1 / 0.4)
+    assert got[1].item() == 1.0
+    assert math.isnan(got[2].item())
+    assert got[3].item() == pytest.approx(0.75)
+    assert crossing_time(t.flip(0), e.flip(1))[0].item() == pytest.approx(got[0].item())
+
+
+@pytest.mark.parametrize("kind", ["box", "gaussian"])
+def test_noise_band_energies_match_white_noise(kind):
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(4000, 1, 16, 16, generator=g, dtype=torch.float64)
+    measured = band_energies(eps, 3, kind).mean(0)
+    exact = noise_band_energies(3, kind, size=16)
+    assert torch.allclose(measured, exact, rtol=0.03)
+    if kind == "box":
+        assert exact.tolist() == pytest.approx([3 / 4, 3 / 16, 1 / 16])
+        assert exact.sum().item() == pytest.approx(1.0)
+
+
+def _gaussian_field(mu: torch.Tensor | None = None, size: int = 32):
+    """The |f|^-2 field (variance 0.09) of ``science chromatogram``, measured with its exact
+    denoiser on a cosine schedule: (measurement, band statistics)."""
+    cov = stationary_covariance(size, size, beta=2.0, var=0.09)
+    mu = torch.zeros(size * size, dtype=torch.float64) if mu is None else mu
+    den = GaussianDenoiser(mu, cov, (1, size, size))
+    g = torch.Generator().manual_seed(0)
+    images = den.sample(64, generator=g).clamp(-1, 1)
+    out = measured_chromatogram(den, images, torch.linspace(0.0, 1.0, 26), CosineSchedule(),
+                                levels=4, generator=g)
+    return out, band_snr(images, 4)
+
+
+def test_band_snr_explains_the_measured_emergence():
+    """Each band emerges where its own SNR is 1 (lambda = -ln rho_k), not at -k ln 4."""
+    s = CosineSchedule()
+    out, stats = _gaussian_field()
+    measured = out["emergence_interp"]
+    ours = predicted_emergence(s, stats)
+    paper = paper_emergence(s, 4)
+    assert (ours - measured).abs().max() < 0.1, (ours.tolist(), measured.tolist())
+    assert (paper[0] - measured[0]).abs() > 0.25
+    assert ((paper - measured).abs() > (ours - measured).abs()).all()
+    # the closed form is where the predicted curve crosses 1/2
+    t = torch.linspace(0, 1, 2001, dtype=torch.float64)
+    assert torch.allclose(crossing_time(t, band_prediction(s, stats, t)), ours, atol=1e-3)
+    # octave spacing ln(rho_{k+1} / rho_k) ~ beta ln 2 = ln 4 for beta = 2, not the scale
+    assert (stats["rho"][1:] / stats["rho"][:-1]).log()[:2].sub(math.log(4)).abs().max() < 0.4
+
+
+def test_a_data_mean_needs_the_m_term():
+    size = 32
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    # a fine checkerboard (band 0 only) and 8x8 blocks (the coarsest band only)
+    mu = 0.08 * (-1.0) ** (xx + yy) + 0.12 * (-1.0) ** (xx // 8 + yy // 8)
+    s = CosineSchedule()
+    out, stats = _gaussian_field(mu.double().flatten(), size)
+    measured = out["emergence_interp"]
+    assert stats["m"][0] > 0.15 and stats["m"][3] > 0.15
+    with_mean = predicted_emergence(s, stats)
+    without = predicted_emergence(s, {"rho": stats["E"] / stats["N"],
+                                      "m": torch.zeros_like(stats["m"])})
+    err_with, err_without = (with_mean - measured).abs(), (without - measured).abs()
+    assert err_with.max() < 0.1, (with_mean.tolist(), measured.tolist())
+    assert err_without.max() > 0.1  # without m_k the same criterion fails
+    assert (err_with[[0, 3]] < err_without[[0, 3]]).all()

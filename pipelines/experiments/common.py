@@ -112,7 +112,7 @@ def train_references(specs: dict[str, ReferenceSpec], s: ExperimentSettings, pro
         todo.append((label, cmd, run_dir))
     if todo:
         _run_trainings(todo, s.parallel_training, log)
-    for label, info in out.items():
+    for info in out.values():
         metrics = Path(info["run_dir"]) / "metrics.jsonl"
         info["training"] = training_summary(metrics) if metrics.exists() else {}
     return out
@@ -243,12 +243,29 @@ def environment() -> dict[str, Any]:
             "command": " ".join(sys.argv)}
 
 
-def save_samples(out_dir: Path, tag: str, images: torch.Tensor) -> str:
-    """``samples/<tag>.npy`` (uint8 N, C, H, W); returns the path relative to out_dir."""
+def save_samples(out_dir: Path, tag: str, images: torch.Tensor, seconds: float = 0.0) -> str:
+    """``samples/<tag>.npy`` (uint8 N, C, H, W) and ``samples/<tag>.json`` (the sampling
+    seconds); returns the .npy path relative to out_dir."""
     p = out_dir / "samples" / f"{tag}.npy"
     p.parent.mkdir(parents=True, exist_ok=True)
     np.save(p, images.numpy())
+    p.with_suffix(".json").write_text(json.dumps({"n": len(images), "seconds": seconds}))
     return str(p.relative_to(out_dir))
+
+
+def saved_samples(out_dir: Path, tag: str, n: int) -> tuple[torch.Tensor, float] | None:
+    """(images, sampling seconds) saved by :func:`save_samples` with ``n`` images, else None.
+
+    Samples come from fixed seeds, so a re-run of an interrupted experiment into the same
+    ``out_dir`` reuses them instead of sampling again."""
+    p = out_dir / "samples" / f"{tag}.npy"
+    meta = p.with_suffix(".json")
+    if not (p.exists() and meta.exists()):
+        return None
+    info = json.loads(meta.read_text())
+    if info.get("n") != n:
+        return None
+    return torch.from_numpy(np.load(p)), float(info["seconds"])
 
 
 def slim(details: dict[str, Any]) -> dict[str, Any]:

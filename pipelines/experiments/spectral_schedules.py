@@ -40,6 +40,7 @@ from pipelines.experiments.common import (
     real_images,
     sample_uint8,
     save_samples,
+    saved_samples,
     slim,
     train_references,
 )
@@ -189,14 +190,20 @@ def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
             for steps in s.steps:
                 n = s.n_at(steps)
                 tag = f"{label}-{sampler}-{steps}"
-                with timer("sampling"):
-                    t0 = timer.seconds.get("sampling", 0.0)
-                    images = sample_uint8(
-                        model, list(range(s.seed, s.seed + n)), device=device,
-                        batch_size=s.batch_size, steps=steps, sampler=sampler,
-                        schedule="spectral" if label == "spectral" else "model")
-                sample_s = timer.seconds["sampling"] - t0
-                path = save_samples(out, tag, images)
+                saved = saved_samples(out, tag, n)
+                if saved is None:
+                    with timer("sampling"):
+                        t0 = timer.seconds.get("sampling", 0.0)
+                        images = sample_uint8(
+                            model, list(range(s.seed, s.seed + n)), device=device,
+                            batch_size=s.batch_size, steps=steps, sampler=sampler,
+                            schedule="spectral" if label == "spectral" else "model")
+                    sample_s = timer.seconds["sampling"] - t0
+                    path = save_samples(out, tag, images, sample_s)
+                else:
+                    images, sample_s = saved
+                    path = f"samples/{tag}.npy"
+                    log(f"{tag}: reusing {n} saved samples")
                 with timer("metrics"):
                     row, det = measure(images, real, spaces, s.metrics, device)
                 row = {"tag": tag, "model": label, "sampler": sampler, "steps": steps, "n": n,

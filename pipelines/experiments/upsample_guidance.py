@@ -1,6 +1,8 @@
 """placeholder"""
 from typing import Any
+
 from pipelines.experiments.common import ExperimentSettings
+
 NAME = "upsample-guidance"
 CLAIM = "(not yet)"
 class Settings(ExperimentSettings):
