@@ -183,11 +183,15 @@ def as_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def measure(generated: torch.Tensor, real: torch.Tensor, spaces: list[FeatureSpace],
-            settings: MetricSettings, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """compute_metrics of uint8 ``generated`` against float ``real``: (summary row, details);
-    the details drop the bootstrap replicates' lists except those of the headline metrics."""
+            settings: MetricSettings, device: str, real_key: str | None = "real"
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """compute_metrics of uint8 ``generated`` against float ``real``: (summary row, details).
+
+    ``real_key`` names the cache of the real features in ``spaces``: one key per real set
+    (``None`` for a set measured once, such as a floor's half).
+    """
     m = compute_metrics(as_float(generated).to(device), real.to(device), settings=settings,
-                        spaces=spaces)
+                        spaces=spaces, real_key=real_key)
     return summary_row(m), m
 
 
@@ -226,6 +230,26 @@ def real_images(src: str, n: int | None, seed: int, resolution: int | None = Non
         g = torch.Generator().manual_seed(seed)
         s = s.subset(torch.randperm(len(s), generator=g)[:n].sort().values.numpy())
     return s.as_float(), s.labels
+
+
+def real_floors(floor_src: str, real_src: str, real: torch.Tensor, sizes: list[int],
+                spaces: list[FeatureSpace], metrics: MetricSettings, seed: int, device: str
+                ) -> dict[str, Any]:
+    """The metrics' real-vs-real floors at each n: ``floor_src`` images against the real set
+    ``real``; when both are one set, two disjoint random halves of it."""
+    settings = MetricSettings(**{**metrics.model_dump(), "bootstrap": 0})
+    out = {}
+    for n in sizes:
+        if floor_src == real_src:
+            idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed + 1))
+            a, b = real[idx[: len(idx) // 2]][:n], real[idx[len(idx) // 2:]]
+            what = f"two disjoint halves of {real_src}"
+        else:
+            a, _ = real_images(floor_src, n, seed + 1, resolution=real.shape[-1])
+            b, what = real, f"{floor_src} against {real_src}"
+        row, _ = measure(quantise(a), b, spaces, settings, device, real_key=None)
+        out[str(n)] = {"n": int(a.shape[0]), "n_real": int(b.shape[0]), "what": what, **row}
+    return out
 
 
 def environment() -> dict[str, Any]:

@@ -36,7 +36,7 @@ from pipelines.experiments.common import (
     feature_space,
     measure,
     paired_difference,
-    quantise,
+    real_floors,
     real_images,
     sample_uint8,
     save_samples,
@@ -183,7 +183,8 @@ def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
     with timer("floors"):
-        floors = _floors(s, train, real_src, real, sizes, spaces, device)
+        floors = real_floors(s.floor_data or train, real_src, real, sizes, spaces, s.metrics,
+                             s.seed, device)
     models = {label: load_model(info["model_dir"], device) for label, info in refs.items()}
     for label, model in models.items():
         for sampler in s.samplers:
@@ -224,29 +225,6 @@ def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
     (out / "details.json").write_text(json.dumps(
         {k: v for k, v in details.items()}, default=float))  # with bootstrap replicates
     return results
-
-
-def _floors(s: Settings, train: str, real_src: str, real: torch.Tensor, sizes: list[int],
-            spaces: list, device: str) -> dict[str, Any]:
-    """Real-vs-real at each n: ``floor_data`` images (default: the training images) against
-    the real set; when both are one set, two disjoint random halves of it."""
-    from pipelines.eval_metrics import MetricSettings
-
-    floor_src = s.floor_data or train
-    floor_settings = MetricSettings(**{**s.metrics.model_dump(), "bootstrap": 0})
-    out = {}
-    for n in sizes:
-        if floor_src == real_src:
-            idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(s.seed + 1))
-            a, b = real[idx[: len(idx) // 2]][:n], real[idx[len(idx) // 2:]]
-            what = f"two disjoint halves of {real_src}"
-        else:
-            a, _ = real_images(floor_src, n, s.seed + 1, resolution=real.shape[-1])
-            b, what = real, f"{floor_src} against {real_src}"
-        a_u8 = quantise(a)
-        row, _ = measure(a_u8, b, spaces, floor_settings, device)
-        out[str(n)] = {"n": int(a.shape[0]), "n_real": int(b.shape[0]), "what": what, **row}
-    return out
 
 
 def _compare(s: Settings, details: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict]:
