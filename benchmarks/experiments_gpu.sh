@@ -3,8 +3,21 @@
 # device call (10 minutes); the work folder (/tmp/px) stays on a warm machine between calls and
 # every stage resumes what an earlier, interrupted one left.
 #
-#   bash benchmarks/experiments_gpu.sh train   # S1's two references (S5 reuses the SiD2 one)
-#   bash benchmarks/experiments_gpu.sh eval    # S1 sampling + metrics, then S5
+#   bash benchmarks/experiments_gpu.sh train     # S1's two references (S5 reuses the SiD2 one)
+#   bash benchmarks/experiments_gpu.sh eval      # S1 sampling + metrics, then S5
+#   bash benchmarks/experiments_gpu.sh s2-train  # S2's native model (needs all of tin64-train)
+#   bash benchmarks/experiments_gpu.sh s2-eval   # S2's feature network, sampling, metrics
+#
+# Tiny-ImageNet's 64x64 training shards (61 MB) exceed what one call carries with the wheels,
+# so they travel in two calls: carry .gpudata/tin64-a (shards 0-1 and the manifest) with
+# s2-train's first call and .gpudata/tin64-b (shards 2-4 and the manifest) and
+# .gpudata/tin64-val with a later one; each stage merges what arrived into /tmp/px/data and
+# stops until all of it is there:
+#   mkdir -p .gpudata/tin64-a .gpudata/tin64-b
+#   cp .gpudata/tin64-train/{manifest.parquet,ingest.json} .gpudata/tin64-a/
+#   cp .gpudata/tin64-train/{manifest.parquet,ingest.json} .gpudata/tin64-b/
+#   mv .gpudata/tin64-train/shard-00000[01].tar.gz .gpudata/tin64-a/
+#   mv .gpudata/tin64-train/shard-00000[234].tar.gz .gpudata/tin64-b/
 #
 # Inputs (ignored, made here and carried): .gpudata/cifar10-{train,test} from
 # `prism data ingest ../shared/data/cifar10/{train,test}.tar ... --size 32 --shard-size 10000
@@ -16,8 +29,11 @@ set -uo pipefail
 stage=${1:?usage: experiments_gpu.sh train|eval [seconds]}
 budget=${2:-560}
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+if [ -d .whl ]; then  # a later call on the warm machine may leave the wheels behind
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+fi
+[ -d /tmp/site/pydantic ] || { echo "carry .whl (no wheels installed on this machine)"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/px/out}
 mkdir -p "$OUT" /tmp/px
@@ -42,6 +58,26 @@ case $stage in
     tar czf "$OUT/s1.tgz" -C /tmp/px/spectral-schedules --exclude samples .
     run chromatogram gpu
     tar czf "$OUT/s5.tgz" -C /tmp/px/chromatogram . ;;
+  s2-*)
+    d=/tmp/px/data
+    mkdir -p $d/tin64-train $d/tin64-val
+    for part in .gpudata/tin64-a .gpudata/tin64-b; do
+      [ -d "$part" ] && cp -n "$part"/* $d/tin64-train/
+    done
+    [ -d .gpudata/tin64-val ] && cp -rn .gpudata/tin64-val/* $d/tin64-val/
+    have=$(ls $d/tin64-train/shard-*.tar.gz 2>/dev/null | wc -l)
+    echo "tin64-train shards on this machine: $have of 5"
+    [ "$have" = 5 ] && [ -f $d/tin64-val/manifest.parquet ] || {
+      echo "carry the missing parts (tin64-a, tin64-b, tin64-val) first"; exit 3; }
+    sets=(--set train_data=$d/tin64-train --set feature_data=$d/tin64-train
+          --set real_data=$d/tin64-val)
+    if [ "$stage" = s2-train ]; then
+      run upsample-guidance gpu "${sets[@]}" --set stop_after_training=true
+      for f in /tmp/px/references/native-*.log; do tail -n 4 "$f"; done
+    else
+      run upsample-guidance gpu "${sets[@]}"
+      tar czf "$OUT/s2.tgz" -C /tmp/px/upsample-guidance --exclude samples .
+    fi ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
 echo "stage $stage: $((SECONDS - start)) s"

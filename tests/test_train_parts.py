@@ -126,3 +126,17 @@ def test_spectral_parquet_is_joined_by_key(tmp_path):
     for key, row in zip(batch["keys"], batch["spectral_params"], strict=True):
         np.testing.assert_allclose(row.numpy(), params[keys.index(key)], rtol=1e-6)
     torch.testing.assert_close(batch["lambda_bounds"], batch["spectral_params"][:, [3, 2]])
+
+
+def test_stream_batches_are_mean_downsampled_to_the_training_resolution():
+    from training.data import to_batch
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, 64, 64, 3), dtype=np.uint8)
+    full = to_batch(images, None, None, ["a", "b", "c"], torch.device("cpu"), 0, 64)["images"]
+    half = to_batch(images, None, None, ["a", "b", "c"], torch.device("cpu"), 0, 32)["images"]
+    assert half.shape == (3, 3, 32, 32)
+    want = full.reshape(3, 3, 32, 2, 32, 2).mean((3, 5))
+    assert torch.allclose(half, want, atol=1e-6)
+    with pytest.raises(ValueError, match="data.resolution is 48 but the shards hold 64x64"):
+        to_batch(images, None, None, ["a", "b", "c"], torch.device("cpu"), 0, 48)

@@ -30,10 +30,22 @@ from training.streams import ShardStreamDataset, load_spectral_params
 
 def to_batch(images: np.ndarray | torch.Tensor, labels: np.ndarray | None,
              params: np.ndarray | torch.Tensor | None, keys: list[str], device: torch.device,
-             num_classes: int) -> dict[str, Any]:
-    """uint8 (b, H, W, C) -> float (b, C, H, W) in [-1, 1] on ``device`` (converted there)."""
+             num_classes: int, resolution: int | None = None) -> dict[str, Any]:
+    """uint8 (b, H, W, C) -> float (b, C, H, W) in [-1, 1] on ``device`` (converted there).
+
+    With ``resolution`` (``data.resolution``) images larger by an integer factor f are
+    mean-downsampled f x f (the box pyramid of SCIENCE.md, so that one set of shards trains
+    models at several resolutions); any other size is refused.
+    """
     x = torch.as_tensor(images).to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    if resolution is not None and x.shape[-1] != resolution:
+        side = x.shape[-1]
+        if side % resolution or x.shape[-2] != side:
+            raise ValueError(f"data.resolution is {resolution} but the shards hold "
+                             f"{x.shape[-2]}x{side} images: ingest at --size {resolution} or "
+                             f"a multiple of it")
+        x = torch.nn.functional.avg_pool2d(x, side // resolution)
     y = None
     if num_classes > 0 and labels is not None:
         y = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(device)
@@ -158,7 +170,7 @@ class ShardData:
         self.batches += 1
         self.streams[int(raw["stream"])] = [int(v) for v in raw["state"]]
         return to_batch(raw["images"], raw["labels"], raw["params"], raw["keys"], self.device,
-                        self.cfg.data.num_classes)
+                        self.cfg.data.num_classes, self.cfg.data.resolution)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "shards", "world": self.world, "workers": self.workers,
