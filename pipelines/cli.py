@@ -28,7 +28,7 @@ def demo(dest: str = typer.Argument(..., help="output folder"),
          params: Optional[str] = PARAMS,
          size: Optional[int] = typer.Option(None, help="image side (default 32)"),
          per_class: Optional[int] = typer.Option(None, help="images per class (default 64)"),
-         seed: Optional[int] = typer.Option(None)) -> None:
+         seed: Optional[int] = typer.Option(None, help="crop seed (default 0)")) -> None:
     """Build the embedded demo corpus (crops of scikit-image's photographs; no download)."""
     from pipelines.demo import build_demo
 
@@ -43,12 +43,15 @@ def demo(dest: str = typer.Argument(..., help="output folder"),
 def ingest(src: str = typer.Argument(..., help="folder, .tar[.gz], .npz, or shards (local/s3)"),
            dest: str = typer.Argument(..., help="output folder or s3://bucket/prefix"),
            params: Optional[str] = PARAMS,
-           name: Optional[str] = typer.Option(None, help="shard prefix"),
-           size: Optional[int] = typer.Option(None, help="target side (crop + resize)"),
-           shard_size: Optional[int] = typer.Option(None, help="samples per shard"),
+           name: Optional[str] = typer.Option(None, help="shard prefix (default shard)"),
+           size: Optional[int] = typer.Option(None, help="target side, centre crop + resize "
+                                              "(default: each image keeps its size)"),
+           shard_size: Optional[int] = typer.Option(None, help="samples per shard "
+                                                    "(default 10000)"),
            shard_bytes: Optional[int] = typer.Option(None, help="bytes per shard (instead)"),
-           gzip: Optional[bool] = typer.Option(None, "--gzip/--no-gzip"),
-           seed: Optional[int] = typer.Option(None, help="shuffle seed"),
+           gzip: Optional[bool] = typer.Option(None, "--gzip/--no-gzip", help="gzip each shard "
+                                               "(.tar.gz; default: no)"),
+           seed: Optional[int] = typer.Option(None, help="shuffle seed (default 0)"),
            small: Optional[str] = typer.Option(
                None, help="images smaller than --size: reject (default), upscale or pad"),
            fresh: bool = typer.Option(False, "--fresh", help="delete shards of an earlier run "
@@ -77,9 +80,13 @@ def spectra(shards: str = typer.Argument(..., help="folder or s3:// prefix of sh
             out: str = typer.Argument(..., help="output folder or s3:// prefix"),
             params: Optional[str] = PARAMS,
             workers: Optional[int] = typer.Option(None, help="tasks in flight"),
-            shards_per_task: Optional[int] = typer.Option(None),
-            eps_lo: Optional[float] = typer.Option(None),
-            eps_hi: Optional[float] = typer.Option(None),
+            shards_per_task: Optional[int] = typer.Option(
+                None, help="shards per Ray task (default 1)"),
+            eps_lo: Optional[float] = typer.Option(
+                None, help="SNR of the image's strongest spectral component at lambda_min "
+                "(default 0.01)"),
+            eps_hi: Optional[float] = typer.Option(
+                None, help="SNR of its weakest component at lambda_max (default 10)"),
             fresh: bool = typer.Option(False, "--fresh", help="recompute outputs made with "
                                        "other settings or from changed shards (a re-run "
                                        "refuses without it)")) -> None:
@@ -100,9 +107,12 @@ def spectra(shards: str = typer.Argument(..., help="folder or s3:// prefix of sh
 def schedules(stats: str = typer.Argument(..., help="folder of spectra .parquet files"),
               out: str = typer.Argument(..., help="schedule.json path or folder"),
               params: Optional[str] = PARAMS,
-              n_components: Optional[int] = typer.Option(None),
-              per_class: Optional[bool] = typer.Option(None, "--per-class/--global"),
-              seed: Optional[int] = typer.Option(None)) -> None:
+              n_components: Optional[int] = typer.Option(
+                  None, help="Gaussian mixture components (default 4)"),
+              per_class: Optional[bool] = typer.Option(
+                  None, "--per-class/--global", help="one mixture per class label, or one "
+                  "for all images (default --global)"),
+              seed: Optional[int] = typer.Option(None, help="fit seed (default 0)")) -> None:
     """Fit the Gaussian mixture over per-image schedule parameters; save JSON."""
     from pipelines.schedule_model import fit_schedule_model
     from pipelines.storage import StorageError

@@ -58,16 +58,21 @@ def run(model: str = typer.Argument(..., help="model directory, runs:/ID/model o
         n: Optional[int] = typer.Option(None, "--n", help="images per setting"),
         steps: Optional[str] = typer.Option(None, help="comma-separated, e.g. 8,16,32,64"),
         schedules: Optional[str] = typer.Option(None, help="comma-separated: model,spectral"),
-        sampler: Optional[str] = typer.Option(None),
+        sampler: Optional[str] = typer.Option(None, help="ddim, ddpm or dpmpp_2m "
+                                              "(default ddim)"),
         seed: Optional[int] = typer.Option(None, help="first seed"),
-        cfg_scale: Optional[float] = typer.Option(None),
+        cfg_scale: Optional[float] = typer.Option(None, help="classifier-free guidance "
+                                                  "scale of class-conditional models "
+                                                  "(default 1: off)"),
         feature_net: Optional[str] = typer.Option(None, help="in-house feature net .safetensors"),
         inception: Optional[str] = typer.Option(None, help="pt_inception-2015-12-05 weights: "
                                                            "enables standard FID"),
         train_images: Optional[str] = typer.Option(None, help="training images: memorisation"),
-        max_real: Optional[int] = typer.Option(None),
-        batch_size: Optional[int] = typer.Option(None),
-        device: Optional[str] = typer.Option(None),
+        max_real: Optional[int] = typer.Option(None, help="real images used at most "
+                                               "(a seeded random subset)"),
+        batch_size: Optional[int] = typer.Option(None, help="images per sampling batch "
+                                                 "(default 250)"),
+        device: Optional[str] = typer.Option(None, help="cpu (default) or cuda"),
         mlflow: Optional[bool] = typer.Option(None, "--mlflow/--no-mlflow",
                                               help="log to the model's MLflow run")) -> None:
     """Sample at fixed seeds and write metrics.json, metrics_table.json/.md and plots."""
@@ -91,11 +96,14 @@ def run(model: str = typer.Argument(..., help="model directory, runs:/ID/model o
 def feature_net(train: str = typer.Argument(..., help="labelled training images"),
                 test: Optional[str] = typer.Option(None, help="labelled test images"),
                 out: str = typer.Option("outputs/feature_net", help="output folder"),
-                name: str = typer.Option("feature_net"),
-                width: Optional[int] = typer.Option(None),
-                epochs: Optional[int] = typer.Option(None),
-                seed: int = typer.Option(0),
-                device: str = typer.Option("cpu"),
+                name: str = typer.Option("feature_net", help="file name of the weights "
+                                         "(<name>.safetensors)"),
+                width: Optional[int] = typer.Option(None, help="base channel width "
+                                                    "(default 64)"),
+                epochs: Optional[int] = typer.Option(None, help="training epochs "
+                                                     "(default 24)"),
+                seed: int = typer.Option(0, help="training seed"),
+                device: str = typer.Option("cpu", help="cpu or cuda"),
                 debug: bool = typer.Option(False, help="the tiny debug recipe (CPU, seconds)")
                 ) -> None:
     """Train the in-house feature network (fixed recipe); writes weights + sidecar JSON."""
@@ -120,9 +128,11 @@ def feature_net(train: str = typer.Argument(..., help="labelled training images"
 def compare(generated: str = typer.Argument(..., help="images to judge (folder, npz, tar...)"),
             real: str = typer.Argument(..., help="reference images"),
             out: Optional[str] = typer.Option(None, help="write metrics.json here"),
-            feature_net: Optional[str] = typer.Option(None),
-            inception: Optional[str] = typer.Option(None),
-            device: str = typer.Option("cpu")) -> None:
+            feature_net: Optional[str] = typer.Option(None, help="in-house feature net "
+                                                      ".safetensors (FD-prism)"),
+            inception: Optional[str] = typer.Option(None, help="pt_inception-2015-12-05 "
+                                                    "weights: enables standard FID"),
+            device: str = typer.Option("cpu", help="cpu or cuda")) -> None:
     """All metrics between two image sets that are already on disk (no sampling)."""
     from pipelines.eval_data import load_images
     from pipelines.eval_metrics import MetricSettings, compute_metrics, feature_spaces

@@ -38,7 +38,8 @@ def list_command() -> None:
 
 @experiment_app.command("show")
 def show_command(name: str = typer.Argument(..., help="experiment name"),
-                 setting: str = typer.Option("small", "--setting"),
+                 setting: str = typer.Option("small", "--setting", help="small or gpu "
+                                             "(prism experiment list)"),
                  set_: list[str] = typer.Option([], "--set", help="override key=value")) -> None:
     """The resolved settings of NAME (JSON)."""
     from pipelines.experiments import ExperimentError, resolve

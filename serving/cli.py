@@ -156,19 +156,21 @@ def sample_cmd(
     model: str = typer.Option(None, help="Model: NAME@ALIAS (service) or a URI (--local)."),
     n: int = typer.Option(4, help="Number of images."),
     seed: int = typer.Option(0, help="Base seed: image i gets seed + i."),
-    steps: int = typer.Option(32),
-    sampler: str = typer.Option("ddim"),
-    eta: float = typer.Option(0.0),
+    steps: int = typer.Option(32, help="Sampling steps."),
+    sampler: str = typer.Option("ddim", help="ddim, ddpm or dpmpp_2m."),
+    eta: float = typer.Option(0.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like."),
     class_label: str = typer.Option(
         None, help="Class for every image, or a comma-separated list, one class per image "
         "(e.g. 0,0,1,1 with --n 4)."),
-    cfg_scale: float = typer.Option(1.0),
+    cfg_scale: float = typer.Option(1.0, help="Classifier-free guidance scale (1: off; "
+                                    "needs --class-label)."),
     resolution: int = typer.Option(None, help="Output side (m x native)."),
     upscale: str = typer.Option("ug", help="ug or cascade"),
-    ug_theta: float = typer.Option(1.3),
-    ug_eta: float = typer.Option(1.0),
+    ug_theta: float = typer.Option(1.3, help="Upsample-guidance strength (0: off)."),
+    ug_eta: float = typer.Option(1.0, help="Fraction of the trajectory, from the noisy end, "
+                                 "in which upsample guidance is active."),
     schedule: str = typer.Option("model", help="model or spectral"),
-    timeout_s: float = typer.Option(600.0),
+    timeout_s: float = typer.Option(600.0, help="HTTP timeout of the request, seconds."),
 ) -> None:
     """Get images from the service (or in-process with --local) and write them as PNGs."""
     body: dict[str, Any] = dict(

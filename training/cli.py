@@ -15,7 +15,7 @@ def train_command(
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set optim.lr=1e-4"),
     section: str = typer.Option(None, "--section",
                                 help="dotted sub-mapping of CONFIG holding the sections, e.g. "
-                                     "models.demo-eps of params.yaml"),
+                                     "models.demo-v of params.yaml"),
     ray: bool = typer.Option(False, "--ray", help="run on Ray Train (RAY_ADDRESS or local)"),
     workers: int = typer.Option(1, "--workers", min=1, help="Ray Train workers"),
     gpu: bool = typer.Option(False, "--gpu", help="one GPU per Ray Train worker"),
