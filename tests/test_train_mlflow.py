@@ -86,3 +86,30 @@ def test_run_is_tracked_registered_and_loadable(tmp_path, mlflow_server, monkeyp
     local = load_file(str(Path(result["model_dir"]) / "model.safetensors"))
     for k, v in model.net.state_dict().items():
         torch.testing.assert_close(v, local[k], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_rerun_and_extension_continue_one_run_and_version_only_new_weights(
+        tmp_path, mlflow_server, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    base = [f"run.output_dir={tmp_path}", "run.name=again", "run.project=prism-rerun",
+            "sampling.num_images=0"]
+    run_local(load_config(DEBUG, [*base, "train.total_images=32"]))
+    run_local(load_config(DEBUG, [*base, "train.total_images=32"]))  # nothing left to train
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("prism-rerun")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, "a re-run opened a second MLflow run"
+    versions = client.search_model_versions("name = 'prism-rerun-again'")
+    assert [v.version for v in versions] == ["1"], "identical weights were registered again"
+    run_local(load_config(DEBUG, [*base, "train.total_images=64"]))  # extended: new weights
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    versions = sorted(v.version for v in client.search_model_versions(
+        "name = 'prism-rerun-again'"))
+    assert versions == ["1", "2"]
+    assert client.get_model_version_by_alias("prism-rerun-again", "candidate").version == "2"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    assert steps == list(range(1, 9)), "the loss curve is split or repeated across runs"

@@ -78,7 +78,8 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         fwd = torch.compile(fwd, dynamic=False)
     cb.on_start(cfg, {"rank": ctx.rank, "world": ctx.world, "device": str(device),
-                      "start_step": step, "total_steps": cfg.total_steps, "family": family,
+                      "run_dir": str(run_dir), "start_step": step,
+                      "total_steps": cfg.total_steps, "family": family,
                       "parameters": sum(p.numel() for p in net.parameters())})
 
     # -- the loop

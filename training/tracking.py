@@ -9,11 +9,20 @@ directory (``model.safetensors``, ``config.json``, ``schedule.json``) is logged 
 given the alias ``tracking.alias`` (default ``candidate``).
 
 Tracking URI: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in
-the working directory. A restarted run with the same name continues its unfinished MLflow run.
+the working directory.
+
+One MLflow run per training run, across resumes: the run id is kept in ``<run_dir>/mlflow.json``
+and a restarted or extended run (``--set train.total_images=...``) continues that MLflow run,
+finished or not; without the file, a run with the same name that did not finish is continued.
+A model version is registered only when the weights changed: the run carries the sha256 of
+the registered ``model.safetensors`` (tag ``prism.weights_sha256``), and a re-run whose weights
+hash the same registers nothing new.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -67,6 +76,7 @@ class MLflowLogger(Callback):
         self.cfg: Config | None = None
         self.run_id: str | None = None
         self.version: str | None = None
+        self.record: Path | None = None
 
     def on_start(self, cfg: Config, info: dict[str, Any]) -> None:
         self.active = info["rank"] == 0 and cfg.tracking.enabled
@@ -75,16 +85,18 @@ class MLflowLogger(Callback):
         import mlflow
 
         self.cfg = cfg
+        self.record = Path(info["run_dir"]) / "mlflow.json" if info.get("run_dir") else None
         mlflow.set_tracking_uri(tracking_uri(cfg))
         exp = mlflow.set_experiment(cfg.run.project)
-        previous = mlflow.search_runs(
-            [exp.experiment_id], filter_string=f"tags.`prism.run_name` = '{cfg.run.name}' "
-            "and attributes.status != 'FINISHED'", output_format="list", max_results=1)
+        previous = self._previous_run(exp.experiment_id, cfg)
         system = cfg.tracking.system_metrics and _has_psutil()
-        run = mlflow.start_run(run_id=previous[0].info.run_id if previous else None,
-                               run_name=None if previous else cfg.run.name,
+        run = mlflow.start_run(run_id=previous, run_name=None if previous else cfg.run.name,
                                log_system_metrics=system)
         self.run_id = run.info.run_id
+        if self.record is not None:
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            self.record.write_text(json.dumps({"run_id": self.run_id,
+                                               "experiment_id": exp.experiment_id}))
         if not previous:  # params are immutable: log them once
             mlflow.log_params(flatten(cfg.public_dump()))
         mlflow.set_tags({"prism.run_name": cfg.run.name, "git_commit": git_commit(),
@@ -93,6 +105,26 @@ class MLflowLogger(Callback):
                          "parameters": str(info.get("parameters", ""))})
         if info.get("start_step"):
             mlflow.set_tag("resumed_at_step", str(info["start_step"]))
+
+    def _previous_run(self, experiment_id: str, cfg: Config) -> str | None:
+        """The MLflow run this training run continues: the one recorded in its run folder
+        (when it still exists in this tracking store), else an unfinished run of its name."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        if self.record is not None and self.record.exists():
+            try:
+                rec = json.loads(self.record.read_text())
+                run = mlflow.MlflowClient().get_run(rec["run_id"])
+                if run.info.experiment_id == experiment_id \
+                        and run.info.lifecycle_stage == "active":
+                    return run.info.run_id
+            except (MlflowException, KeyError, ValueError):
+                pass  # another store, or a deleted run: a new MLflow run
+        found = mlflow.search_runs(
+            [experiment_id], filter_string=f"tags.`prism.run_name` = '{cfg.run.name}' "
+            "and attributes.status != 'FINISHED'", output_format="list", max_results=1)
+        return found[0].info.run_id if found else None
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self.active:
@@ -121,11 +153,16 @@ class MLflowLogger(Callback):
 
 def register_model(cfg: Config, run_id: str, model_dir: Path) -> str:
     """Log ``model_dir`` as the run's ``model/`` artifacts, register it, set the alias;
-    returns the new version."""
+    returns the version. Weights identical to the run's last registered ones (same sha256)
+    register nothing new: their version is returned."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
+    digest = _sha256(model_dir / "model.safetensors")
+    tags = client.get_run(run_id).data.tags
+    if tags.get("prism.weights_sha256") == digest and tags.get("prism.model_version"):
+        return tags["prism.model_version"]
     mlflow.log_artifacts(str(model_dir), artifact_path="model")
     name = model_name(cfg)
     try:
@@ -135,10 +172,20 @@ def register_model(cfg: Config, run_id: str, model_dir: Path) -> str:
             raise
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
     mv = client.create_model_version(name, source, run_id=run_id,
-                                     tags={"git_commit": git_commit()})
+                                     tags={"git_commit": git_commit(),
+                                           "weights_sha256": digest})
     client.set_registered_model_alias(name, cfg.tracking.alias, mv.version)
-    mlflow.set_tag("registered_model", f"{name}/{mv.version}@{cfg.tracking.alias}")
+    mlflow.set_tags({"registered_model": f"{name}/{mv.version}@{cfg.tracking.alias}",
+                     "prism.weights_sha256": digest, "prism.model_version": str(mv.version)})
     return str(mv.version)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _has_psutil() -> bool:
