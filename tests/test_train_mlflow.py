@@ -113,3 +113,25 @@ def test_rerun_and_extension_continue_one_run_and_version_only_new_weights(
     assert client.get_model_version_by_alias("prism-rerun-again", "candidate").version == "2"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
     assert steps == list(range(1, 9)), "the loss curve is split or repeated across runs"
+
+
+@pytest.mark.slow
+def test_run_carries_its_dataset_and_the_experiment_opens_on_runs(
+        tmp_path, mlflow_server, monkeypatch):
+    import mlflow
+    from train_helpers import write_shards
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    write_shards(tmp_path / "shards", [12, 12], resolution=16)
+    run_local(load_config(DEBUG, [
+        f"run.output_dir={tmp_path}", "run.name=withdata", "run.project=prism-data",
+        "data.source=shards", f"data.url={tmp_path / 'shards'}", "data.version=v7",
+        "train.total_images=16", "sampling.num_images=0"]))
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("prism-data")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    [run] = client.search_runs([exp.experiment_id])
+    [inp] = run.inputs.dataset_inputs
+    assert inp.dataset.name == "v7"
+    assert str(tmp_path / "shards") in inp.dataset.source
+    assert [t.value for t in inp.tags if t.key == "mlflow.data.context"] == ["training"]

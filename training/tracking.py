@@ -99,6 +99,8 @@ class MLflowLogger(Callback):
                                                "experiment_id": exp.experiment_id}))
         if not previous:  # params are immutable: log them once
             mlflow.log_params(flatten(cfg.public_dump()))
+            log_dataset(cfg)
+        mark_model_development(exp)
         mlflow.set_tags({"prism.run_name": cfg.run.name, "git_commit": git_commit(),
                          "data_version": cfg.data.version or cfg.data.url or cfg.data.source,
                          "model_family": info.get("family", ""),
@@ -149,6 +151,39 @@ class MLflowLogger(Callback):
                 self.version = register_model(self.cfg, self.run_id, model_dir)  # type: ignore
         finally:
             mlflow.end_run()
+
+
+def mark_model_development(experiment: Any) -> None:
+    """Tag the experiment as model development (``mlflow.experimentKind``), so that the MLflow
+    UI opens it on its runs rather than on the GenAI overview (traces, assistant)."""
+    import mlflow
+
+    if "mlflow.experimentKind" not in (experiment.tags or {}):
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id,
+                                                 "mlflow.experimentKind",
+                                                 "custom_model_development")
+
+
+def log_dataset(cfg: Config) -> None:
+    """The training data as the run's dataset input (the runs table's Dataset column): name
+    and digest from ``data.version`` (else the location), source the shards' folder or S3
+    prefix. In-memory synthetic data has no source and is not logged."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.exceptions import MlflowException
+
+    if cfg.data.source == "synthetic" or not cfg.data.url:
+        return
+    url = cfg.data.url if "://" in cfg.data.url else str(Path(cfg.data.url).resolve())
+    digest = hashlib.sha256((cfg.data.version or url).encode()).hexdigest()[:12]
+    name = cfg.data.version or Path(url.rstrip("/")).name
+    try:
+        source = resolve_dataset_source(url)
+    except MlflowException:  # a scheme MLflow has no dataset source for: not logged
+        source = None
+    if source is not None:
+        mlflow.log_input(MetaDataset(source, name=name, digest=digest), context="training")
 
 
 def register_model(cfg: Config, run_id: str, model_dir: Path) -> str:

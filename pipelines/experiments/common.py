@@ -328,7 +328,9 @@ def log_to_mlflow(experiment: str, out_dir: Path, results: dict[str, Any],
     except ImportError:
         log("mlflow is not installed: the run is not logged (prism experiment log DIR later)")
         return None
-    mlflow.set_experiment(experiment)
+    from training.tracking import mark_model_development
+
+    mark_model_development(mlflow.set_experiment(experiment))
     with mlflow.start_run(run_name=f"{results['setting']}-{results['environment']['commit']}") \
             as run:
         flat = _flatten(results["settings"])
