@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.encode import grid_png, png_base64, png_bytes
 from serving.model import Sampler
@@ -26,7 +27,7 @@ api = FastAPI(
 )
 # 400: a body that is not UTF-8 JSON text (FastAPI's "error parsing the body")
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorBody} for s in (400, 404, 413, 503)
+    s: {"model": ErrorBody} for s in (400, 404, 413, 422, 503)
 }
 # The largest valid request (64 seeds and labels, every option) is about 4 KB.
 MAX_BODY_BYTES = 1 << 20
@@ -76,7 +77,7 @@ class BodyLimit:
 
     async def _reject(self, send: Any) -> None:
         body = json.dumps({"detail": f"request body over {self.max_bytes} bytes",
-                           "field": None}).encode()
+                           "fields": []}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
@@ -86,14 +87,38 @@ class BodyLimit:
 api.add_middleware(BodyLimit)
 
 
+def error_fields(detail: Any) -> list[str]:
+    """The request fields named by a list of pydantic-style errors: the first name in each
+    error's ``loc`` after its place (``body``, ``query``); none for a body that is not JSON."""
+    if not isinstance(detail, list):
+        return []
+    out = set()
+    for err in detail:
+        loc = err.get("loc", ()) if isinstance(err, dict) else ()
+        names = [p for p in loc[1:] if isinstance(p, str)]
+        if names and err.get("type") != "json_invalid":
+            out.add(names[0])
+    return sorted(out)
+
+
+def error_response(status: int, detail: Any, headers: dict[str, str] | None = None
+                   ) -> JSONResponse:
+    """Every 4xx in one shape (:class:`serving.schemas.ErrorBody`)."""
+    return JSONResponse(status_code=status, headers=headers, content=json.loads(json.dumps(
+        {"detail": detail, "fields": error_fields(detail)}, default=str)))
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_request: Any, exc: RequestValidationError) -> JSONResponse:
-    """422 naming the field(s): ``detail`` lists pydantic's errors (``loc`` ends with the
-    field), ``fields`` the field names."""
+    """422: ``detail`` lists pydantic's errors (``loc``, ``msg``, ``type``)."""
     errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-    fields = sorted({str(e["loc"][-1]) for e in errors if e.get("loc")})
-    return JSONResponse(status_code=422, content=json.loads(json.dumps(
-        {"detail": errors, "fields": fields}, default=str)))
+    return error_response(422, errors)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Any, exc: StarletteHTTPException) -> JSONResponse:
+    """Every other 4xx and 5xx the routes or FastAPI raise, in the same shape."""
+    return error_response(exc.status_code, exc.detail, getattr(exc, "headers", None))
 
 
 def _raise(result: dict[str, Any]) -> None:

@@ -204,13 +204,13 @@ def test_registry_path_train_register_serve_by_alias(service, monkeypatch):
     ({"num_images": 65}, "num_images"),
     ({"cfg_scale": 50.0}, "cfg_scale"),
     ({"class_labels": [9]}, "class_labels"),
-    ({"cfg_scale": 2.0}, "cfg_scale"),  # CFG without labels
+    ({"cfg_scale": 2.0}, "class_labels"),  # CFG without labels: the missing field
     ({"bogus": 1}, "bogus"),
 ])
 def test_invalid_values_get_422_naming_the_field(service, body, field):
     r = post(service["url"], **{"steps": STEPS, **body})
     assert r.status_code == 422, r.text
-    assert field in r.text
+    assert set(r.json()) == {"detail", "fields"} and r.json()["fields"] == [field]
 
 
 def test_malformed_json_unknown_model_and_caps(service):
