@@ -17,7 +17,6 @@ Each model's evaluate table is also logged to its MLflow run (``eval/...``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import statistics
@@ -27,6 +26,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from components.metrics.inception import sha256_file
 
 
 class RegisterConfig(BaseModel):
@@ -172,14 +173,6 @@ def decide(best: str, value: float, comparisons: dict[str, dict[str, Any]],
                   + "; ".join(words(n, c) for n, c in comparisons.items()))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _version_sha(client: Any, mv: Any) -> str | None:
     import mlflow
 
@@ -189,7 +182,7 @@ def _version_sha(client: Any, mv: Any) -> str | None:
                 artifact_uri=f"{mv.source}/model.safetensors", dst_path=tmp)
         except Exception:  # noqa: BLE001 - an unreadable version simply does not match
             return None
-        return _sha256(Path(local))
+        return sha256_file(Path(local))
 
 
 def find_version(model_dir: Path) -> tuple[str, Any]:
@@ -205,7 +198,7 @@ def find_version(model_dir: Path) -> tuple[str, Any]:
     tcfg = config_from_dict(meta["training"], f"{model_dir}/config.json")
     mlflow.set_tracking_uri(tracking_uri(tcfg))
     client, name = mlflow.MlflowClient(), model_name(tcfg)
-    want = _sha256(model_dir / "model.safetensors")
+    want = sha256_file(model_dir / "model.safetensors")
     candidates = []
     try:
         candidates.append(client.get_model_version_by_alias(name, tcfg.tracking.alias))

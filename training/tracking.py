@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from components.metrics.inception import sha256_file
 from training.callbacks import Callback
 from training.config import Config
 
@@ -194,7 +195,7 @@ def register_model(cfg: Config, run_id: str, model_dir: Path) -> str:
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
-    digest = _sha256(model_dir / "model.safetensors")
+    digest = sha256_file(model_dir / "model.safetensors")
     tags = client.get_run(run_id).data.tags
     if tags.get("prism.weights_sha256") == digest and tags.get("prism.model_version"):
         return tags["prism.model_version"]
@@ -213,14 +214,6 @@ def register_model(cfg: Config, run_id: str, model_dir: Path) -> str:
     mlflow.set_tags({"registered_model": f"{name}/{mv.version}@{cfg.tracking.alias}",
                      "prism.weights_sha256": digest, "prism.model_version": str(mv.version)})
     return str(mv.version)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _has_psutil() -> bool:
