@@ -8,6 +8,9 @@
 #   bash benchmarks/experiments_gpu.sh s2-train  # S2's native model (needs all of tin64-train)
 #   bash benchmarks/experiments_gpu.sh s2-eval   # S2's feature network, sampling, metrics
 #
+# Arguments after the stage and its seconds go to `prism experiment run` (for example
+# --set n_images=2000 to fit a smaller device budget).
+#
 # Tiny-ImageNet's 64x64 training shards (61 MB) exceed what one call carries with the wheels,
 # so they travel in two calls: carry .gpudata/tin64-a (shards 0-1 and the manifest) with
 # s2-train's first call and .gpudata/tin64-b (shards 2-4 and the manifest) and
@@ -26,8 +29,9 @@
 # ../shared/tools/gpu-wheels --no-ray. Results come back under $OUT; log them to MLflow here
 # with `prism experiment log DIR`.
 set -uo pipefail
-stage=${1:?usage: experiments_gpu.sh train|eval [seconds]}
+stage=${1:?usage: experiments_gpu.sh train|eval|s2-train|s2-eval [seconds [--set k=v ...]]}
 budget=${2:-560}
+extra=("${@:3}")
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then  # a later call on the warm machine may leave the wheels behind
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -44,7 +48,7 @@ left() { echo $((budget - (SECONDS - start))); }
 run() {  # name setting [--set ...]
   local name=$1 setting=$2; shift 2
   timeout "$(left)" python3 -m prism_cli experiment run "$name" --setting "$setting" \
-      --set work_dir=/tmp/px --set mlflow=false --out "/tmp/px/$name" "$@"
+      --set work_dir=/tmp/px --set mlflow=false --out "/tmp/px/$name" "$@" "${extra[@]}"
 }
 case $stage in
   train)
@@ -62,9 +66,9 @@ case $stage in
     d=/tmp/px/data
     mkdir -p $d/tin64-train $d/tin64-val
     for part in .gpudata/tin64-a .gpudata/tin64-b; do
-      [ -d "$part" ] && cp -n "$part"/* $d/tin64-train/
+      [ -d "$part" ] && cp --update=none "$part"/* $d/tin64-train/
     done
-    [ -d .gpudata/tin64-val ] && cp -rn .gpudata/tin64-val/* $d/tin64-val/
+    [ -d .gpudata/tin64-val ] && cp -r --update=none .gpudata/tin64-val/* $d/tin64-val/
     have=$(ls $d/tin64-train/shard-*.tar.gz 2>/dev/null | wc -l)
     echo "tin64-train shards on this machine: $have of 5"
     [ "$have" = 5 ] && [ -f $d/tin64-val/manifest.parquet ] || {

@@ -140,3 +140,20 @@ def test_stream_batches_are_mean_downsampled_to_the_training_resolution():
     assert torch.allclose(half, want, atol=1e-6)
     with pytest.raises(ValueError, match="data.resolution is 48 but the shards hold 64x64"):
         to_batch(images, None, None, ["a", "b", "c"], torch.device("cpu"), 0, 48)
+
+
+def test_a_corpus_with_more_classes_than_the_model_is_refused_before_training(tmp_path):
+    import json
+
+    from training.data import ShardData
+
+    write_shards(tmp_path / "shards", [4])
+    (tmp_path / "shards" / "ingest.json").write_text(
+        json.dumps({"classes": [f"c{i}" for i in range(6)]}))
+    ok = debug_config(tmp_path, "data.source=shards", f"data.url={tmp_path / 'shards'}",
+                      "data.num_classes=6")
+    ShardData(ok, 0, 1, 4, torch.device("cpu"))
+    few = debug_config(tmp_path, "data.source=shards", f"data.url={tmp_path / 'shards'}",
+                       "data.num_classes=4")
+    with pytest.raises(ValueError, match="has 6 classes .* set data.num_classes=6"):
+        ShardData(few, 0, 1, 4, torch.device("cpu"))

@@ -25,7 +25,7 @@ import torch
 
 from components.spectral_schedules import lambda_bounds, params_from_stats
 from training.config import Config
-from training.streams import ShardStreamDataset, load_spectral_params
+from training.streams import ShardStreamDataset, check_class_count, load_spectral_params
 
 
 def to_batch(images: np.ndarray | torch.Tensor, labels: np.ndarray | None,
@@ -144,6 +144,7 @@ class ShardData:
                  device: torch.device) -> None:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.workers = max(cfg.data.num_workers, 1)
+        check_class_count(cfg.data.url or "", cfg.data.num_classes)
         self.params = load_spectral_params(cfg.data.spectral_stats) \
             if cfg.data.spectral_stats and cfg.objective.per_instance else None
         self.dataset = ShardStreamDataset(cfg.data.url or "", cfg.run.seed, rank, world,

@@ -41,6 +41,26 @@ def read_shard(url: str) -> list[dict[str, Any]]:
     return list(iter_samples(url))
 
 
+def check_class_count(url: str, num_classes: int) -> None:
+    """Refuse a corpus whose ingest record names more classes than ``data.num_classes``.
+
+    Without this the first out-of-range label surfaces as a model error after compilation;
+    a corpus without ``ingest.json`` (hand-made shards) is not checked.
+    """
+    import json
+
+    from pipelines import storage
+
+    record = storage.join(url, "ingest.json")
+    if num_classes <= 0 or not storage.exists(record):
+        return
+    classes = json.loads(storage.read_bytes(record)).get("classes") or []
+    if len(classes) > num_classes:
+        raise ValueError(f"the corpus at {url} has {len(classes)} classes (its ingest.json) "
+                         f"but data.num_classes is {num_classes}: set "
+                         f"data.num_classes={len(classes)}")
+
+
 def load_spectral_params(path: str) -> dict[str, np.ndarray]:
     """Per-image spectral parameters ``(log_A, beta, lambda_min, lambda_max)`` (4,) float32
     keyed by sample key, from the data pipeline's spectral statistics Parquet (a file or a
