@@ -149,3 +149,28 @@ def test_resume_keeps_one_record_per_step_and_removes_orphaned_checkpoints(tmp_p
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 21)), steps
     assert not orphan.exists()
+
+
+def test_resumed_optimizer_moments_take_channels_last_strides(tmp_path):
+    """The fused CUDA AdamW refuses moments laid out unlike their parameters (a resumed
+    channels_last run failed at its first step); CPU does not check, so strides are asserted."""
+    from training.checkpoint import load_checkpoint, save_checkpoint
+
+    def parts():
+        torch.manual_seed(0)
+        net = torch.nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+        ema = torch.nn.Conv2d(4, 8, 3)
+        return net, ema, torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+    net, ema, opt = parts()
+    net(torch.randn(2, 4, 8, 8)).square().mean().backward()
+    opt.step()
+    ckpt = save_checkpoint(tmp_path, 1, net, ema, opt, {"step": 1}, keep_last=1)
+    net2, ema2, opt2 = parts()
+    load_checkpoint(ckpt, net2, ema2, opt2)
+    w = net2.weight
+    assert w.stride() != w.contiguous().stride()  # the case that failed: non-default strides
+    for name in ("exp_avg", "exp_avg_sq"):
+        moment = opt2.state[w][name]
+        assert moment.stride() == w.stride()
+        torch.testing.assert_close(moment, opt.state[net.weight][name])

@@ -146,5 +146,21 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, ema: torch.nn.Modu
     ema.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(device)))
     opt.load_state_dict(optimizer_state(load_file(str(path / "optimizer.safetensors")),
                                         state["optimizer"]))
+    match_param_layout(opt)
     set_rng_state(state["rng"])
     return state
+
+
+def match_param_layout(opt: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor its parameter's strides, in place.
+
+    The file holds contiguous tensors and ``Optimizer.load_state_dict`` keeps them so; the
+    fused CUDA AdamW refuses moments whose strides differ from a channels_last parameter's
+    ("must have same dtype, device, and layout"), so a resumed run failed at its first step.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for name, val in st.items():
+                if torch.is_tensor(val) and val.shape == p.shape and val.stride() != p.stride():
+                    st[name] = torch.empty_like(p, dtype=val.dtype).copy_(val)

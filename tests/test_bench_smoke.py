@@ -1,0 +1,50 @@
+"""The training benchmarks' CPU smoke runs: the harnesses work and report what they claim."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300, check=True)
+
+
+def test_train_throughput_smoke_reports_both_models_and_a_ratio(tmp_path):
+    pytest.importorskip("diffusers", reason="the reference model is diffusers' UNet2DModel")
+    _run("train_throughput.py", tmp_path)
+    row = json.loads((tmp_path / "train_throughput.json").read_text())["results"][0]
+    assert row["ours"]["images_per_second"] > 0 and row["diffusers"]["images_per_second"] > 0
+    assert row["ratio"] == pytest.approx(
+        row["ours"]["images_per_second"] / row["diffusers"]["images_per_second"])
+
+
+def test_train_profile_smoke_accounts_for_the_step_by_op_class(tmp_path):
+    from benchmarks.train_profile import op_class
+
+    # the classes of real CUDA kernel names (H100, compiled UNet step)
+    assert op_class("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc") == "conv"
+    assert op_class("flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
+    assert op_class("triton_red_fused_native_group_norm_silu_3") == "norm"
+    assert op_class("void at::native::(anonymous)::multi_tensor_apply_kernel<...Adam") == \
+        "optimizer"
+    assert op_class("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert op_class("nvjet_tst_128x64_64x8_1x2_h_bz_TNN") == "matmul"
+    assert op_class("aten::mm") == "matmul" and op_class("aten::convolution") == "conv"
+    assert op_class("triton_poi_fused_add_mul_silu_7") == "elementwise"
+    proc = _run("train_profile.py", tmp_path)
+    row = json.loads((tmp_path / "train_profile.json").read_text())["results"][0]
+    per_class = row["per_class_ms"]
+    assert per_class["conv"] > 0 and per_class["norm"] > 0 and per_class["attention"] > 0
+    assert row["kernel_ms"] == pytest.approx(sum(per_class.values()))
+    assert row["kernel_ms"] <= row["wall_ms"] * 1.5  # profiled op time is of the step's order
+    assert "ms per step" in proc.stdout
