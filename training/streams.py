@@ -34,11 +34,14 @@ def list_shard_urls(url: str) -> list[str]:
     return sorted(str(s) for s in list_shards(url))
 
 
-def read_shard(url: str) -> list[dict[str, Any]]:
-    """All samples of one shard as dicts (key, image uint8 HWC, label)."""
-    from pipelines.shards import iter_samples
+def read_shard(url: str, mod: int = 1, res: int = 0) -> list[dict[str, Any]]:
+    """The samples of one shard whose index is ``res`` mod ``mod`` as dicts (key, image uint8
+    HWC, label); only those are decoded (streams that share a shard keep disjoint parts)."""
+    from pipelines.shards import decode_rgb, iter_records
 
-    return list(iter_samples(url))
+    return [{"key": r["key"], "image": decode_rgb(r["data"]), "label": r["label"],
+             "source": r["source"]}
+            for i, r in enumerate(iter_records(url)) if i % mod == res]
 
 
 def check_class_count(url: str, num_classes: int) -> None:
@@ -115,7 +118,7 @@ def iter_stream(shards: list[str], g: int, n_streams: int, seed: int, start: lis
         got = 0
         for sp in range(shard_pos, len(plan)):
             s, mod, res = plan[sp]
-            samples = [x for i, x in enumerate(read_shard(shards[s])) if i % mod == res]
+            samples = read_shard(shards[s], mod, res)
             rng = np.random.default_rng([seed, 13, epoch, s, g])
             order, flips = rng.permutation(len(samples)), rng.random(len(samples)) < 0.5
             for k in range(sample_pos, len(order)):
