@@ -95,7 +95,10 @@ def profile_case(preset: str, res: int, batch: int, mode: str, device: torch.dev
     per_class = dict.fromkeys(CLASSES, 0.0)
     kernels = []
     for ev in prof.key_averages():
-        if device.type == "cuda":
+        if device.type == "cuda":  # kernels only: CPU-side ops and graph calls carry their
+            # children's device time too, and counting them would count a kernel twice
+            if ev.device_type != torch.autograd.DeviceType.CUDA:
+                continue
             us = ev.self_device_time_total
         else:  # CPU: leaf aten ops' own time
             us = ev.self_cpu_time_total if ev.key.startswith("aten::") else 0.0

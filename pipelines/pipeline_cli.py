@@ -40,9 +40,10 @@ def promote_cmd(params: str = typer.Option("params.yaml", help="params.yaml with
 
 @pipeline_app.command("records")
 def records_cmd(kind: str = typer.Argument(..., help="loss, rapsd, chromatogram, schedules, "
-                                                     "eval or eval-steps"),
+                                                     "eval, eval-steps or register"),
                 src: str = typer.Argument(..., help="the stage's JSON / JSONL"),
-                dest: str = typer.Argument(..., help="JSON for dvc metrics / dvc plots")) -> None:
+                dest: str = typer.Argument(..., help="JSON for dvc metrics / dvc plots (eval: "
+                                                     "a directory, one file per row)")) -> None:
     """Convert a stage output into a DVC metrics mapping or a DVC plots record list."""
     from pipelines.records import write_records
 

@@ -1,7 +1,8 @@
 """Stage outputs -> the flat files that ``dvc metrics`` and ``dvc plots`` read.
 
 DVC plots want a JSON list of records (one object per x value, one field per series); DVC
-metrics want a JSON mapping of numbers. The stages write richer JSON (columns, nested
+metrics want a JSON mapping of numbers, and ``dvc metrics show`` prints one row per file with
+the union of every file's keys as columns. The stages write richer JSON (columns, nested
 settings); each function here reads one of those and returns the flat form:
 
 =============  ============================================  ===================================
@@ -11,10 +12,17 @@ loss           ``runs/<name>/metrics.jsonl`` (training)      [{step, images_seen
 rapsd          ``stats/summary.json`` (prism data spectra)   [{frequency, mean, q05, q50, q95}]
 chromatogram   ``prism science chromatogram`` JSON           [{t, lambda, tau, level_0, ...}]
 schedules      ``prism science schedules`` JSON              [{t, cosine, sid2_32, ...}] (lambda)
-eval           ``metrics_table.json`` (prism eval run)       {"<schedule>-<steps>": {metric: x}}
-                                                             (timings left out: not reproducible)
+eval           ``metrics_table.json`` (prism eval run)       a directory: one
+                                                             ``<schedule>-<steps>.json`` per row
+                                                             with the headline metrics (the
+                                                             same columns for every model)
 eval-steps     ``metrics_table.json``                        [{steps, schedule, metric: x, ...}]
+register       ``register.json`` (prism pipeline promote)    {best, value, threshold, passed}
 =============  ============================================  ===================================
+
+So ``dvc metrics show`` is a table of one row per (model, schedule, steps) with eight columns;
+standard errors, timings (not reproducible) and the promotion's comparisons stay in the
+stages' own files.
 """
 
 from __future__ import annotations
@@ -124,11 +132,34 @@ def _eval_rows(path: Path) -> Records:
     return rows
 
 
+def _headline(key: str) -> str | None:
+    """The metrics column of a metrics_table key, or None for one left out of ``dvc metrics``
+    (standard errors, timings); FD-prism's feature-network hash is dropped from the name so
+    that every model's rows share one column."""
+    if key.endswith(("_se", "_seconds")) or key in ("schedule", "sampler"):
+        return None
+    return "fd_prism" if key.startswith("FD-prism-") else key
+
+
 def eval_metrics(path: Path) -> dict[str, dict[str, float]]:
-    """Evaluate table -> ``{"<schedule>-<steps>": {metric: value}}`` for ``dvc metrics``."""
-    return {f"{r['schedule']}-{r['steps']}": {k: v for k, v in r.items() if _finite(v)
-                                              and k != "steps" and not k.endswith("_seconds")}
-            for r in _eval_rows(path)}
+    """Evaluate table -> ``{"<schedule>-<steps>": {metric: value}}``, one file each."""
+    out = {}
+    for r in _eval_rows(path):
+        row = {}
+        for k, v in r.items():
+            name = _headline(k)
+            if name is not None and _finite(v):
+                row[name] = v
+        out[f"{r['schedule']}-{r['steps']}"] = row
+    return out
+
+
+def register_metrics(path: Path) -> dict[str, Any]:
+    """register.json -> the promotion's summary (the chosen model, its score, the gate)."""
+    doc = _read_json(path)
+    _need(doc, ("best", "value", "threshold", "passed"), path)
+    return {"metric": doc.get("metric"), "best": doc["best"], "value": doc["value"],
+            "threshold": doc["threshold"], "passed": doc["passed"]}
 
 
 def eval_step_records(path: Path) -> Records:
@@ -140,7 +171,9 @@ def eval_step_records(path: Path) -> Records:
 KINDS: dict[str, Callable[[Path], Any]] = {
     "loss": loss_records, "rapsd": rapsd_records, "chromatogram": chromatogram_records,
     "schedules": schedules_records, "eval": eval_metrics, "eval-steps": eval_step_records,
+    "register": register_metrics,
 }
+DIRECTORY_KINDS = ("eval",)  # written as one file per entry into the destination directory
 
 
 def write_records(kind: str, src: str | Path, dest: str | Path) -> int:
@@ -150,6 +183,16 @@ def write_records(kind: str, src: str | Path, dest: str | Path) -> int:
         raise ValueError(f"unknown kind {kind!r}; one of {sorted(KINDS)}")
     data = KINDS[kind](Path(src))
     dest = Path(dest)
+    if kind in DIRECTORY_KINDS:
+        if dest.suffix == ".json":
+            raise ValueError(f"records {kind} writes a directory (one file per entry); "
+                             f"got {dest}")
+        dest.mkdir(parents=True, exist_ok=True)
+        for old in dest.glob("*.json"):  # entries of an earlier run that this one lacks
+            old.unlink()
+        for name, entry in data.items():
+            (dest / f"{name}.json").write_text(json.dumps(entry, indent=1))
+        return len(data)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(data, indent=1))
     return len(data)

@@ -54,7 +54,13 @@ def test_metrics_and_plots_render(clone, tmp_path):
     doc = json.loads(shown.stdout[shown.stdout.index("{"):])
     data = json.dumps(doc)
     assert "swd_x1e3" in data and "passed" in data
-    assert "FD-prism-" in data  # the evaluate stages use the feature_net stage's network
+    assert "fd_prism" in data  # the evaluate stages use the feature_net stage's network
+    # one row per (model, schedule, steps), one shared set of columns: a table to scan
+    rows = [p for rev in doc.values() for p in rev.get("data", {})]
+    assert any(p.startswith("outputs/metrics/eval/demo-v/") for p in rows), rows
+    table = clone.run("dvc", "metrics", "show", "--md")
+    header = table.stdout.splitlines()[0]
+    assert header.count("|") - 1 <= 16, header
     reg = json.loads((clone.path / "outputs/register.json").read_text())
     assert reg["best"] in ("demo-v", "demo-v-sd") and reg["value"] == min(reg["scores"].values())
     plots = clone.run("dvc", "plots", "show", "-o", str(tmp_path / "plots"))

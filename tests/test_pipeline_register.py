@@ -179,9 +179,28 @@ def test_records_for_dvc(tmp_path):
     assert json.loads((tmp_path / "loss.json").read_text())[1] == {"step": 2, "loss": 0.25,
                                                                    "lr": 0.1}
     _eval(tmp_path, "m", 10.0)
-    write_records("eval", tmp_path / "eval/m/metrics_table.json", tmp_path / "m.json")
-    assert json.loads((tmp_path / "m.json").read_text()) == {"model-4": {"swd_x1e3": 20.0},
-                                                             "model-16": {"swd_x1e3": 10.0}}
+    table = tmp_path / "eval/m/metrics_table.json"
+    rows = json.loads(table.read_text())
+    rows[1].update({"FD-prism-1ad5a799": 3.5, "FD-prism-1ad5a799_se": 0.2, "sampler": "ddim"})
+    table.write_text(json.dumps(rows))
+    (tmp_path / "metrics/m").mkdir(parents=True)
+    (tmp_path / "metrics/m/model-64.json").write_text("{}")  # a row the new table lacks
+    assert write_records("eval", table, tmp_path / "metrics/m") == 2
+    # one file per row, the same columns for every model: dvc metrics show reads a table
+    assert sorted(p.name for p in (tmp_path / "metrics/m").iterdir()) == \
+        ["model-16.json", "model-4.json"]
+    assert json.loads((tmp_path / "metrics/m/model-4.json").read_text()) == \
+        {"steps": 4, "swd_x1e3": 20.0}
+    assert json.loads((tmp_path / "metrics/m/model-16.json").read_text()) == \
+        {"steps": 16, "swd_x1e3": 10.0, "fd_prism": 3.5}
+    with pytest.raises(ValueError, match="writes a directory"):
+        write_records("eval", table, tmp_path / "m.json")
+    reg = {"metric": "swd_x1e3", "best": "m", "value": 10.0, "threshold": 50.0,
+           "passed": True, "comparisons": {"other": {"lo": -1.0, "hi": 2.0}}}
+    (tmp_path / "register.json").write_text(json.dumps(reg))
+    write_records("register", tmp_path / "register.json", tmp_path / "reg.json")
+    assert json.loads((tmp_path / "reg.json").read_text()) == \
+        {k: reg[k] for k in ("metric", "best", "value", "threshold", "passed")}
     chrom = {"t": [0.0, 1.0], "lambda": [float("inf"), -10.0], "a": [[1.0, 0.0], [1.0, 0.1]]}
     (tmp_path / "c.json").write_text(json.dumps(chrom))
     write_records("chromatogram", tmp_path / "c.json", tmp_path / "cr.json")
