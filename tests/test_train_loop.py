@@ -174,3 +174,17 @@ def test_resumed_optimizer_moments_take_channels_last_strides(tmp_path):
         moment = opt2.state[w][name]
         assert moment.stride() == w.stride()
         torch.testing.assert_close(moment, opt.state[net.weight][name])
+
+
+@pytest.mark.slow  # inductor's CPU compile: about a minute per mode
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_modes_train_the_same_losses_as_eager(tmp_path, mode):
+    """A compile mode is a speed path only: the loss curve of a few steps matches eager (on
+    CPU no CUDA graphs are recorded; the GPU side is benchmarks/train_profile.py)."""
+    sets = ("train.total_images=24", "train.log_every_images=8")
+    run_local(debug_config(tmp_path / "eager", "run.compile=off", *sets))
+    run_local(debug_config(tmp_path / "compiled", "run.compile=on",
+                           f"run.compile_mode={mode}", *sets))
+    want, got = losses(tmp_path / "eager/debug"), losses(tmp_path / "compiled/debug")
+    assert len(got) == len(want) == 3
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-6)

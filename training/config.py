@@ -40,6 +40,10 @@ class RunConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA only
     compile: Switch = "auto"  # auto: torch.compile on CUDA only
+    # torch.compile's mode; "reduce-overhead" records the network's forward and backward as
+    # CUDA graphs (benchmarks/train_profile.py measures the modes side by side)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"
     channels_last: Switch = "auto"
 
 

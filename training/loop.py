@@ -76,7 +76,9 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
         # one static graph per input shape: SSD trains on several resolution pairs, and
         # automatic dynamic shapes would turn its int arguments symbolic (slow, recompiling)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        fwd = torch.compile(fwd, dynamic=False)
+        fwd = torch.compile(fwd, dynamic=False, mode=cfg.run.compile_mode)
+    graphs = device.type == "cuda" and fwd is not (ddp or net) and \
+        cfg.run.compile_mode in ("reduce-overhead", "max-autotune")
     cb.on_start(cfg, {"rank": ctx.rank, "world": ctx.world, "device": str(device),
                       "run_dir": str(run_dir), "start_step": step,
                       "total_steps": cfg.total_steps, "family": family,
@@ -91,6 +93,8 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
         lr = parts.learning_rate(cfg, images_seen)
         for group in opt.param_groups:
             group["lr"] = lr
+        if graphs:  # the graphs' outputs of the last step are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
         for a in range(accum):  # gradient accumulation; DDP syncs on the last micro-step
             slot = ctx.rank * accum + a
             batch = data.batch(step, slot)
