@@ -246,11 +246,6 @@ def edm_sigma_grid(
     return (hi + ramp * (lo - hi)) ** rho
 
 
-def edm_lambda_grid(n: int, **kw: float) -> Tensor:
-    """The EDM grid as log-SNR values (decreasing noise: increasing lambda)."""
-    return -2.0 * torch.log(edm_sigma_grid(n, **kw))
-
-
 @dataclass(frozen=True)
 class EDMSchedule:
     """The EDM rho-warped schedule as a continuous schedule: ``sigma(t)`` from

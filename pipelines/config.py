@@ -87,15 +87,6 @@ class SchedulesConfig(_Section):
     kind: Literal["frequency", "power", "mixed"] = "mixed"
 
 
-class DataParams(_Section):
-    """The ``data:`` section of params.yaml."""
-
-    demo: DemoConfig = DemoConfig()
-    ingest: IngestConfig = IngestConfig()
-    spectra: SpectraJobConfig = SpectraJobConfig()
-    schedules: SchedulesConfig = SchedulesConfig()
-
-
 SECTIONS: dict[str, type[_Section]] = {
     "demo": DemoConfig, "ingest": IngestConfig, "spectra": SpectraJobConfig,
     "schedules": SchedulesConfig,

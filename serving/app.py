@@ -37,7 +37,8 @@ class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` is answered 413 without being read
     further: at once from its Content-Length, or as soon as a chunked body passes the limit
     (the app then sees the client disconnect, and whatever it would send is dropped).
-    (Without it a 400 MB JSON body was read and parsed before the 422.)"""
+    Without it, FastAPI would read and parse a body of any size (400 MB of JSON, say)
+    before answering 422."""
 
     def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES) -> None:
         self.app, self.max_bytes = app, max_bytes

@@ -31,9 +31,3 @@ def grid_png(images: np.ndarray, nrow: int | None = None) -> bytes:
     x = torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, 1).float()  # (N, C, H, W)
     grid = image_grid(x, nrow=nrow, pad_value=255.0)  # (C, H', W') in 0..255
     return png_bytes(grid.movedim(0, -1).to(torch.uint8).numpy())
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> (H, W, C) uint8."""
-    arr = np.asarray(Image.open(io.BytesIO(data)))
-    return arr[..., None] if arr.ndim == 2 else arr

@@ -1,11 +1,11 @@
 """Merge the requests that queue up while the device is busy into the next device call.
 
 ``serve.batch`` alone forms the next batch while the current one still runs: under a steady
-load the clients split into groups that return at different times and never meet again (32
-closed-loop clients were served in batches of about 11). With ``DeviceMerger`` every caller
-registers its jobs (the sampler's ``generate_many`` calls, each a group the ingress gathered),
-one call at a time holds the device, and the holder takes every registered job (up to
-``max_jobs``) into one call.
+load the clients split into groups that return at different times and never meet again, so
+each device call holds one group, a fraction of the clients. With ``DeviceMerger`` every
+caller registers its jobs (the sampler's ``generate_many`` calls, each a group the ingress
+gathered), one call at a time holds the device, and the holder takes every registered job (up
+to ``max_jobs``) into one call.
 Before it does, it waits until the jobs it expects are there, or ``wait_s`` has passed since the
 oldest waiting job arrived or the device came free, whichever is later. It expects the jobs that
 were waiting when the device came free plus those the call that just ended answered (their

@@ -15,7 +15,6 @@ Layout of a model directory (also the MLflow artifact path ``model/`` of a train
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -131,12 +130,3 @@ def _load_dir(d: Path, device: str | torch.device) -> GenerativeModel:
         schedule=build_schedule(schedule["name"], **schedule.get("kwargs", {})),
         kind=config.get("kind", "standard"), spectral=schedule.get("spectral"), extra=extra,
     )
-
-
-def copy_model(src: str | Path, dst: str | Path) -> Path:
-    """Copy a model directory (the three files) to ``dst``."""
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in ("model.safetensors", "config.json", "schedule.json"):
-        shutil.copy2(Path(src) / f, dst / f)
-    return dst
