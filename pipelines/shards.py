@@ -97,9 +97,12 @@ def decode_rgb(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB") if im.mode != "RGB" else im)
 
 
-def iter_samples(shard_url: str) -> Iterator[dict[str, Any]]:
-    """Decoded samples of one shard: dict(key str, image uint8 (H, W, 3), label int, source)."""
-    for rec in iter_records(shard_url):
+def iter_samples(shard_url: str, mod: int = 1, res: int = 0) -> Iterator[dict[str, Any]]:
+    """Decoded samples of one shard: dict(key str, image uint8 (H, W, 3), label int, source);
+    with ``mod`` only those whose index is ``res`` mod ``mod`` (the others are not decoded)."""
+    for i, rec in enumerate(iter_records(shard_url)):
+        if i % mod != res:
+            continue
         yield {"key": rec["key"], "image": decode_rgb(rec["data"]), "label": rec["label"],
                "source": rec["source"]}
 

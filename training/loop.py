@@ -72,12 +72,13 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
     # -- wrappers for DDP and speed (checkpoints and EMA use the raw ``net``)
     ddp = DistributedDataParallel(net) if ctx.world > 1 else None
     fwd = ddp or net
-    if parts.switch(cfg.run.compile, device):
+    compiled = parts.switch(cfg.run.compile, device)
+    if compiled:
         # one static graph per input shape: SSD trains on several resolution pairs, and
         # automatic dynamic shapes would turn its int arguments symbolic (slow, recompiling)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         fwd = torch.compile(fwd, dynamic=False, mode=cfg.run.compile_mode)
-    graphs = device.type == "cuda" and fwd is not (ddp or net) and \
+    graphs = compiled and device.type == "cuda" and \
         cfg.run.compile_mode in ("reduce-overhead", "max-autotune")
     cb.on_start(cfg, {"rank": ctx.rank, "world": ctx.world, "device": str(device),
                       "run_dir": str(run_dir), "start_step": step,

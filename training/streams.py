@@ -37,11 +37,9 @@ def list_shard_urls(url: str) -> list[str]:
 def read_shard(url: str, mod: int = 1, res: int = 0) -> list[dict[str, Any]]:
     """The samples of one shard whose index is ``res`` mod ``mod`` as dicts (key, image uint8
     HWC, label); only those are decoded (streams that share a shard keep disjoint parts)."""
-    from pipelines.shards import decode_rgb, iter_records
+    from pipelines.shards import iter_samples
 
-    return [{"key": r["key"], "image": decode_rgb(r["data"]), "label": r["label"],
-             "source": r["source"]}
-            for i, r in enumerate(iter_records(url)) if i % mod == res]
+    return list(iter_samples(url, mod, res))
 
 
 def check_class_count(url: str, num_classes: int) -> None:
