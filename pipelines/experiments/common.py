@@ -159,15 +159,17 @@ def training_summary(metrics_jsonl: Path) -> dict[str, Any]:
 
 
 def sample_uint8(model: Any, seeds: list[int], *, device: str, batch_size: int,
-                 **generate_kw: Any) -> torch.Tensor:
-    """``generate`` over ``seeds`` in batches -> (N, C, H, W) uint8 on the CPU (bf16 autocast
-    of the network on CUDA)."""
+                 class_labels: list[int] | None = None, **generate_kw: Any) -> torch.Tensor:
+    """``generate`` over ``seeds`` (and their ``class_labels``) in batches -> (N, C, H, W) uint8
+    on the CPU (bf16 autocast of the network on CUDA)."""
     from components.generate import generate
 
     chunks = []
     for i in range(0, len(seeds), batch_size):
+        labels = None if class_labels is None else class_labels[i:i + batch_size]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-            x = generate(model, seeds=seeds[i:i + batch_size], device=device, **generate_kw)
+            x = generate(model, seeds=seeds[i:i + batch_size], device=device,
+                         class_labels=labels, **generate_kw)
         chunks.append(quantise(x))
     return torch.cat(chunks)
 

@@ -129,7 +129,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU, a minute: the demo corpus (8 classes) at 16x16, sampled at 32x32
     "small": {
         "reference_config": "tin32-ug", "training_images": 2048, "n_images": 32, "steps": 4,
-        "thetas": [0.6, 1.3], "etas": [0.5], "grid_images": 4, "batch_size": 32,
+        "thetas": [0.6, 1.3], "etas": [0.5], "grid_images": 4, "batch_size": 16,
         "feature_recipe": {"width": 4, "epochs": 1, "batch_size": 32, "compile": False},
         "reference_sets": ["model.preset=unet-debug", "model.overrides.resolution=16",
                            "model.overrides.channel_mult=[1, 2]",
