@@ -42,7 +42,7 @@ export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/px/out}
 mkdir -p "$OUT" /tmp/px
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-git rev-parse --short HEAD 2>/dev/null
+# no commit printed: the device gets the working tree, not its .git; record the commit here
 start=$SECONDS
 left() { echo $((budget - (SECONDS - start))); }
 run() {  # name setting [--set ...]
