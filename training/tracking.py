@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +180,10 @@ def log_dataset(cfg: Config) -> None:
     url = cfg.data.url if "://" in cfg.data.url else str(Path(cfg.data.url).resolve())
     digest = hashlib.sha256((cfg.data.version or url).encode()).hexdigest()[:12]
     name = cfg.data.version or Path(url.rstrip("/")).name
-    try:
-        source = resolve_dataset_source(url)
+    try:  # MLflow registers its local-file source twice and warns that a path is ambiguous
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*interpreted in multiple ways")
+            source = resolve_dataset_source(url)
     except MlflowException:  # a scheme MLflow has no dataset source for: not logged
         source = None
     if source is not None:
