@@ -148,6 +148,7 @@ def local_service(model_uri: str, max_batch: int, batch_wait_s: float | None = N
     proxy in the path)."""
     import ray
 
+    from common.ray_local import init_ray
     from serving.launch import (
         apply_overrides,
         direct_ingress,
@@ -171,7 +172,7 @@ def local_service(model_uri: str, max_batch: int, batch_wait_s: float | None = N
         cfg = direct_ingress(cfg, ingress_replicas)
     elif ingress_replicas is not None:
         cfg = with_ingress_replicas(cfg, ingress_replicas)
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         url = start(cfg)
         wait_ready(url, timeout_s=300)

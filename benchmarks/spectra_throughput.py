@@ -142,7 +142,9 @@ def main() -> None:
         try:
             import ray
 
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+            from common.ray_local import init_ray
+
+            init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
             warm = ray.remote(num_cpus=1)(_warm)
             ray.get([warm.remote(0.5) for _ in range(2)])  # two workers, modules imported

@@ -125,12 +125,12 @@ def process_shards(shard_urls: list[str], out: str, cfg_json: str,
 def _init_ray() -> Any:
     import ray
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from common.ray_local import init_ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        init_ray(log_to_driver=False)
+    else:
+        init_ray(include_dashboard=False, log_to_driver=False, configure_logging=False)
     return ray
 
 

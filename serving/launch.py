@@ -20,6 +20,7 @@ from serving.app import AppArgs, Ingress
 from serving.model import Sampler
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+_STARTED_RAY = False  # whether start() started the local Ray that stop() shuts down
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG, *, model: str | None = None,
@@ -121,15 +122,14 @@ def base_url(cfg: dict[str, Any]) -> str:
 
 def start(cfg: dict[str, Any], ray_init: dict[str, Any] | None = None) -> str:
     """Start Ray (if needed), the HTTP proxy and the application; return the base URL."""
-    import ray
-
+    from common.ray_local import init_ray
     from serving.direct import check_port_free
 
     http = cfg.get("http_options", {})
     # before Ray starts: a clear error (PortInUse), nothing to clean up
     check_port_free(http.get("host", "127.0.0.1"), int(http.get("port", 8000)))
-    if not ray.is_initialized():
-        ray.init(**(ray_init or {}))
+    global _STARTED_RAY
+    _STARTED_RAY = init_ray(**(ray_init or {}))
     serve.start(http_options={"host": http.get("host", "127.0.0.1"),
                               "port": int(http.get("port", 8000)),
                               **({"request_timeout_s": http["request_timeout_s"]}
@@ -161,5 +161,9 @@ def stop() -> None:
     :class:`~serving.direct.PortInUse`)."""
     import ray
 
+    global _STARTED_RAY
     if ray.is_initialized():
         serve.shutdown()
+        if _STARTED_RAY:  # the local cluster this process started: its agents go with it
+            ray.shutdown()
+            _STARTED_RAY = False

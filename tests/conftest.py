@@ -82,8 +82,8 @@ def s3_server():
 def ray_local():
     """One real local Ray cluster for the whole session (2 CPUs)."""
     ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+    from common.ray_local import init_ray
+
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

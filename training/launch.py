@@ -79,10 +79,10 @@ def run_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_path: str 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from common.ray_local import init_ray
     from training.tracking import tracking_uri
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+    init_ray(configure_logging=False)
     out = Path(cfg.run.output_dir).resolve()
     raw = cfg.model_dump(mode="json")
     raw["run"]["output_dir"] = str(out)
