@@ -27,7 +27,7 @@ api = FastAPI(
 )
 # 400: a body that is not UTF-8 JSON text (FastAPI's "error parsing the body")
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorBody} for s in (400, 404, 413, 422, 503)
+    s: {"model": ErrorBody} for s in (400, 404, 413, 422, 503, 504)
 }
 # The largest valid request (64 seeds and labels, every option) is about 4 KB.
 MAX_BODY_BYTES = 1 << 20
@@ -132,6 +132,18 @@ def _raise(result: dict[str, Any]) -> None:
     raise HTTPException(err["status"], detail=err["detail"])
 
 
+# A request of at least this many image-steps (or several upscaled images) may run in several
+# device turns (the Sampler's max_turn_image_steps): it goes to the Sampler alone, because a
+# grouped handle call answers all of its requests together, and the small requests grouped
+# with it would wait for its last part.
+SOLO_IMAGE_STEPS = 1000
+
+
+def _may_run_in_parts(req: GenerateRequest) -> bool:
+    n = len(req.image_seeds())
+    return n > 1 and (n * req.steps >= SOLO_IMAGE_STEPS or req.resolution is not None)
+
+
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
@@ -195,7 +207,11 @@ class Ingress:
             **_ERRORS, 200: {"content": {"image/png": {}}, "description":
                              "JSON (format=json) or a PNG (format=png or grid)"}})
     async def generate(self, req: GenerateRequest) -> Any:
-        result = await self._generate_many(req.model_dump(mode="json"))
+        payload = req.model_dump(mode="json")
+        if _may_run_in_parts(req):  # its own handle call: see _may_run_in_parts
+            result = await self.sampler.generate.remote(payload)
+        else:
+            result = await self._generate_many(payload)
         _raise(result)
         images = result["images"]  # (N, H, W, C) uint8
         headers = {"X-Seeds": ",".join(map(str, result["seeds"])),

@@ -6,6 +6,12 @@ one device call at a time of everything waiting. Inside it, requests whose setti
 compatible (same model, steps, sampler, resolution, guidance, schedule...) run as one
 ``generate`` call, split so that each call stays under the memory cap. Images depend only on
 their seeds, so batching never changes a result.
+
+Fairness: a request whose work (images x steps x m^2) exceeds ``max_turn_image_steps`` is cut
+into parts of whole images, each under it, submitted one after another; every other request
+that arrives meanwhile joins the next device turn, so a large request delays a small one by
+about one part's time, not by its whole run. A request not answered within
+``request_deadline_s`` of its arrival gets 504, and its parts still to run are dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import ValidationError
 from ray import serve
@@ -66,6 +73,7 @@ class Job:
     labels: list[int] | None
     received: float
     extra: dict[str, Any] = field(default_factory=dict)
+    deadline: float = float("inf")  # perf_counter time after which it is answered 504
 
 
 def _options(req: GenerateRequest) -> GenerateOptions:
@@ -106,6 +114,8 @@ class Sampler:
         self.load_error: str | None = None
         self.memory_cap_bytes = 8 * 2**30
         self.max_image_steps = 64 * 1000 * 4
+        self.max_turn_image_steps = 16 * 1000  # a request's work per device turn (fairness)
+        self.request_deadline_s = 600.0
         self.batches: Counter[int] = Counter()  # images per generate call -> count
         self.grouped: Counter[int] = Counter()  # requests per generate_many call -> count
         self._merger: DeviceMerger[Job, dict[str, Any]] = DeviceMerger(self._execute, 32, 0.2)
@@ -115,13 +125,19 @@ class Sampler:
     # ------------------------------------------------------------------ configuration
     def reconfigure(self, config: dict[str, Any]) -> None:
         """user_config: max_batch_size, batch_wait_timeout_s, memory_cap_bytes,
-        max_image_steps."""
+        max_image_steps, max_turn_image_steps, request_deadline_s."""
         if "max_batch_size" in config or "batch_wait_timeout_s" in config:
             self._merger = DeviceMerger(  # validates: max_batch_size >= 1, wait >= 0
                 self._execute, int(config.get("max_batch_size", self._merger.max_jobs)),
                 float(config.get("batch_wait_timeout_s", self._merger.wait_s)))
         self.memory_cap_bytes = int(config.get("memory_cap_bytes", self.memory_cap_bytes))
         self.max_image_steps = int(config.get("max_image_steps", self.max_image_steps))
+        turn = int(config.get("max_turn_image_steps", self.max_turn_image_steps))
+        deadline = float(config.get("request_deadline_s", self.request_deadline_s))
+        if turn < 1 or deadline <= 0:
+            raise ValueError(f"max_turn_image_steps must be >= 1 and request_deadline_s > 0, "
+                             f"got {turn} and {deadline}")
+        self.max_turn_image_steps, self.request_deadline_s = turn, deadline
 
     # ------------------------------------------------------------------ loading
     def _load_default(self, delay_s: float) -> None:
@@ -253,9 +269,53 @@ class Sampler:
             except ServiceError as err:
                 results[i] = err.as_dict()
         if jobs:
-            for i, res in zip(where, await self._merger.submit(jobs), strict=True):
+            parts = [self._parts(job) for job in jobs]
+            # every request's first part in one registration; the rest, request by request
+            firsts = await self._merger.submit([p[0] for p in parts])
+            answers = await asyncio.gather(*(self._finish(p, first)
+                                             for p, first in zip(parts, firsts, strict=True)))
+            for i, res in zip(where, answers, strict=True):
                 results[i] = res
         return results
+
+    def _parts(self, job: Job) -> list[Job]:
+        """``job`` cut into parts of whole images, each at most ``max_turn_image_steps`` of
+        work (a part has one image at least)."""
+        per_image = job.opts.steps * job.extra["m"] ** 2
+        k = max(1, self.max_turn_image_steps // per_image)
+        if len(job.seeds) <= k:
+            return [job]
+        return [Job(job.key, job.uri, job.opts, job.seeds[a:a + k],
+                    None if job.labels is None else job.labels[a:a + k], job.received,
+                    job.extra, job.deadline) for a in range(0, len(job.seeds), k)]
+
+    async def _finish(self, parts: list[Job], first: dict[str, Any]) -> dict[str, Any]:
+        """Run a request's remaining parts one by one (others' requests join each turn) and
+        join their answers; the first error (or the deadline) answers the whole request."""
+        answers = [first]
+        for part in parts[1:]:
+            if "error" in answers[-1]:
+                return answers[-1]
+            if time.perf_counter() > part.deadline:
+                return self._late(part)
+            answers += await self._merger.submit([part])
+        if len(answers) == 1 or "error" in answers[-1]:
+            return answers[-1]
+        job = parts[0]
+        out = dict(answers[0], images=np.concatenate([a["images"] for a in answers]),
+                   seeds=job.seeds + [s for p in parts[1:] for s in p.seeds],
+                   labels=None if job.labels is None else
+                   [c for p in parts for c in p.labels], parts=len(parts))
+        end = time.perf_counter()
+        out["timings"] = {"queue_s": answers[0]["timings"]["queue_s"],
+                          "generate_s": sum(a["timings"]["generate_s"] for a in answers),
+                          "total_s": end - job.received}
+        return out
+
+    def _late(self, job: Job) -> dict[str, Any]:
+        return ServiceError(504, f"request not answered within its deadline of "
+                                 f"{self.request_deadline_s:g} s: ask for fewer images or steps, "
+                                 "or try again when the service is less busy").as_dict()
 
     async def _validated(self, payload: dict[str, Any], received: float) -> Job:
         try:
@@ -288,7 +348,7 @@ class Sampler:
         key = (uri, opts, labels is None)
         return Job(key, uri, opts, seeds, labels, received,
                    {"model": loaded.info["name"], "version": loaded.info["version"],
-                    "resolution": res})
+                    "resolution": res, "m": m}, received + self.request_deadline_s)
 
     # ------------------------------------------------------------------ batching
     # The merger makes the device calls: everything waiting when the device comes free, up to
@@ -297,9 +357,13 @@ class Sampler:
     async def _execute(self, jobs: list[Job]) -> list[dict[str, Any]]:
         """One device turn: compatible jobs grouped, each group split under the caps."""
         groups: dict[tuple, list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(job.key, []).append(i)
         results: list[dict[str, Any]] = [{} for _ in jobs]
+        now = time.perf_counter()
+        for i, job in enumerate(jobs):
+            if now > job.deadline:  # waited past its deadline: not run
+                results[i] = self._late(job)
+            else:
+                groups.setdefault(job.key, []).append(i)
         for idx in groups.values():
             for chunk in self._chunks([jobs[i] for i in idx], idx):
                 try:

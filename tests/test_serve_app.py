@@ -55,8 +55,8 @@ def test_config(model_uri: str, port: int, tracking_uri: str, **args) -> dict:
     from serving.launch import apply_overrides, load_config
 
     cfg = load_config(model=model_uri, port=port, user_config={
-        "max_batch_size": 32, "batch_wait_timeout_s": 0.25, "max_image_steps": 256,
-        "memory_cap_bytes": 256 * 2**20})
+        "max_batch_size": 32, "batch_wait_timeout_s": 0.25, "max_image_steps": 4096,
+        "max_turn_image_steps": 512, "memory_cap_bytes": 256 * 2**20})
     cfg = apply_overrides(cfg, args=args)
     for dep in cfg["applications"][0]["deployments"]:
         if dep["name"] == "Sampler":
@@ -224,6 +224,51 @@ def test_malformed_json_unknown_model_and_caps(service):
     assert r.status_code == 413 and "cap" in r.text
     r = post(url, num_images=64, steps=100)
     assert r.status_code == 413 and "image-steps" in r.text
+
+
+def _small_latencies(url: str, clients: int, each: int) -> list[float]:
+    def one(c: int) -> list[float]:
+        out = []
+        session = requests.Session()  # kept alive: no connection set-up (SYN retries under load)
+        for k in range(each):
+            r = session.post(f"{url}/v1/generate", json={"seeds": [1000 * c + k], "steps": 2},
+                             timeout=120)
+            assert r.status_code == 200, r.text
+            out.append(r.elapsed.total_seconds())
+        return out
+
+    with ThreadPoolExecutor(clients) as pool:
+        return [t for ts in pool.map(one, range(clients)) for t in ts]
+
+
+def test_small_requests_keep_their_latency_beside_a_maximal_one(service):
+    """32 clients of 1-image requests, alone and beside a client that sends maximal requests
+    (64 images x 64 steps, the cap) back to back. The maximal ones run in 8 parts of 512
+    image-steps that take turns with the small ones, so a small request's p99 grows by about
+    one part's time; the bound is three parts (a whole maximal request is eight)."""
+    url = service["url"]
+    p99 = lambda ts: float(np.percentile(ts, 99))  # noqa: E731
+    _small_latencies(url, 8, 2)  # warm: workers, graphs of both shapes
+    assert post(url, num_images=64, seed=0, steps=64, format="grid").status_code == 200
+    alone = _small_latencies(url, 32, 3)
+    stop, large = [], []
+
+    def maximal() -> None:
+        session = requests.Session()
+        while not stop:
+            r = session.post(f"{url}/v1/generate", timeout=120, json={
+                "num_images": 64, "seed": 0, "steps": 64, "format": "grid"})  # little to encode
+            assert r.status_code == 200, r.text
+            large.append(float(r.headers["X-Generate-Seconds"]))
+
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(maximal)
+        beside = _small_latencies(url, 32, 3)
+        stop.append(True)
+        fut.result()
+    assert large, "the maximal client got no answer while the small ones ran"
+    part_s = float(np.median(large)) / 8
+    assert p99(beside) <= p99(alone) + 3 * part_s, (p99(alone), p99(beside), part_s)
 
 
 @pytest.mark.slow  # about 25 s: deploys a second application
