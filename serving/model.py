@@ -183,6 +183,13 @@ class Sampler:
             self.loading.discard(uri)
 
     # ------------------------------------------------------------------ endpoints
+    def check_health(self) -> None:
+        """Ray Serve's periodic replica check: a replica whose default model failed to load
+        is unhealthy, so Serve replaces it (a new replica loads the model again) instead of
+        answering 503 for ever."""
+        if self.load_error is not None:
+            raise RuntimeError(f"model {self.default_uri} failed to load: {self.load_error}")
+
     async def health(self) -> dict[str, Any]:
         ready = self.default_uri in self.models
         return {"ready": ready, "model": self.default_uri, "error": self.load_error,

@@ -140,6 +140,16 @@ def test_rayservice_builds_prisms_sampler_app() -> None:
     assert set(sampler.user_config) == set(local_sampler.user_config)
     assert sampler.ray_actor_options.num_gpus == 1
     assert sampler.max_ongoing_requests >= sampler.user_config["max_batch_size"]
+    # Serve may scale the GPU Sampler beyond one replica: KubeRay must add the GPU pods, and
+    # the spec carries no field KubeRay stopped reading (the unhealthy thresholds)
+    max_replicas = sampler.autoscaling_config["max_replicas"]
+    gpu_group = next(g for g in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+                     if "nvidia.com/gpu" in str(g))
+    assert max_replicas <= gpu_group["maxReplicas"]
+    if max_replicas > gpu_group["replicas"]:
+        assert doc["spec"]["rayClusterConfig"].get("enableInTreeAutoscaling") is True
+    assert not {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"} & \
+        set(doc["spec"])
 
 
 def test_runtime_env_upload_leaves_out_heavy_paths() -> None:

@@ -90,6 +90,16 @@ def test_a_request_past_its_deadline_gets_504_and_the_next_one_runs(model_dir):
     assert ok["images"].shape == (1, 16, 16, 3)
 
 
+def test_a_replica_whose_model_failed_to_load_is_unhealthy(model_dir, tmp_path):
+    _sampler(model_dir).check_health()  # loaded: healthy
+    broken = Sampler.func_or_class(model_uri=str(tmp_path / "nothing"), device="cpu")
+    deadline = time.monotonic() + 30
+    while broken.load_error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(RuntimeError, match="failed to load"):
+        broken.check_health()  # Serve replaces the replica
+
+
 def test_bad_fairness_settings_are_refused(model_dir):
     s = _sampler(model_dir)
     with pytest.raises(ValueError, match="max_turn_image_steps"):
