@@ -42,11 +42,28 @@ def stack():
                             capture_output=True, text=True, timeout=240)
         assert up.returncode == 0, up.stderr[-3000:]
         info = json.loads((root / "stack.json").read_text())
-        assert up.stdout.strip() == f"export MLFLOW_TRACKING_URI={info['MLFLOW_TRACKING_URI']}"
-        yield info
+        exports = dict(line.removeprefix("export ").split("=", 1)
+                       for line in up.stdout.strip().splitlines())
+        assert exports["MLFLOW_TRACKING_URI"] == info["MLFLOW_TRACKING_URI"]
+        assert exports["MLFLOW_TRACKING_PASSWORD"] not in (root / "stack.json").read_text()
+        assert (root / "credentials.env").stat().st_mode & 0o077 == 0
+        yield {**info, **exports}
     finally:
         subprocess.run([sys.executable, str(STACK), "down", "--dir", str(root)], timeout=120)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_server_refuses_requests_without_its_credentials(stack):
+    import requests
+
+    url = f"{stack['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search"
+    body = {"max_results": 10}
+    assert requests.get(f"{stack['MLFLOW_TRACKING_URI']}/health", timeout=10).ok
+    assert requests.post(url, json=body, timeout=10).status_code == 401
+    wrong = (stack["MLFLOW_TRACKING_USERNAME"], "not-the-password")
+    assert requests.post(url, json=body, auth=wrong, timeout=10).status_code == 401
+    right = (stack["MLFLOW_TRACKING_USERNAME"], stack["MLFLOW_TRACKING_PASSWORD"])
+    assert requests.post(url, json=body, auth=right, timeout=10).status_code == 200
 
 
 def test_training_run_logs_and_registers_in_postgres_and_s3(stack, tmp_path, monkeypatch):
@@ -63,6 +80,8 @@ def test_training_run_logs_and_registers_in_postgres_and_s3(stack, tmp_path, mon
     # the client has no S3 settings at all: the server proxies the artifacts
     for k in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"):
         monkeypatch.delenv(k, raising=False)
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # the server's users
+        monkeypatch.setenv(k, stack[k])
     with mlflow_tracking(url):  # through MLFLOW_TRACKING_URI, as a user would
         cfg = load_config(ROOT / "training" / "configs" / "debug.yaml",
                           [f"run.output_dir={tmp_path}", "run.name=prod", "sampling.num_images=4"])

@@ -7,8 +7,13 @@ It starts (1) PostgreSQL from Debian's package in DIR/pg, (2) an S3-protocol ser
 loopback (moto_server; point S3_ENDPOINT at a real S3/MinIO instead to skip it), and (3)
 ``mlflow server`` with ``--backend-store-uri postgresql://...`` and
 ``--artifacts-destination s3://BUCKET/mlflow``, proxying artifacts so that clients need no S3
-credentials. In production the same ``mlflow server`` line runs against a managed PostgreSQL
-and a real bucket (infra/README.md). Everything binds to 127.0.0.1.
+credentials, behind MLflow's basic-auth app (``--app-name basic-auth``: every request but
+``/health`` needs a user and password; its users live in the same PostgreSQL database). The
+admin user is ``$MLFLOW_TRACKING_USERNAME`` (default ``admin``) with the password
+``$MLFLOW_TRACKING_PASSWORD`` or, without it, a random one; ``up`` prints the exports a client
+needs and keeps them in DIR/credentials.env (mode 600), never in stack.json. In production the
+same ``mlflow server`` line runs against a managed PostgreSQL and a real bucket
+(infra/README.md). Everything binds to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -61,12 +67,14 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return cmd
 
 
-def _health(url: str, timeout_s: float, log: Path) -> None:
-    """Wait until ``url/health`` answers 200 (the server has migrated its schema and serves)."""
+def _health(url: str, timeout_s: float, log: Path,
+            proc: subprocess.Popen | None = None) -> None:
+    """Wait until ``url/health`` answers 200 (the server has migrated its schema and serves);
+    fail at once when ``proc`` (the server) has exited."""
     import urllib.request
 
     deadline = time.time() + timeout_s
-    while time.time() < deadline:
+    while time.time() < deadline and (proc is None or proc.poll() is None):
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                 if r.status == 200:
@@ -74,8 +82,9 @@ def _health(url: str, timeout_s: float, log: Path) -> None:
         except OSError:
             time.sleep(0.5)
     tail = log.read_text()[-2000:] if log.exists() else ""
-    raise RuntimeError(f"mlflow server at {url} not healthy within {timeout_s:.0f} s; "
-                       f"its log ends with:\n{tail}")
+    why = f"exited ({proc.returncode})" if proc is not None and proc.poll() is not None \
+        else f"not healthy within {timeout_s:.0f} s"
+    raise RuntimeError(f"mlflow server at {url} {why}; its log ends with:\n{tail}")
 
 
 def _start_postgres(root: Path, logs: Path) -> int:
@@ -119,6 +128,33 @@ def _ensure_bucket(s3: str, bucket: str, env: dict[str, str]) -> None:
         client.create_bucket(Bucket=bucket)
 
 
+def _admin(root: Path) -> tuple[str, str]:
+    """The admin user and password: from the environment, from an earlier ``up`` in ``root``
+    (the user store in PostgreSQL keeps the first password), or a new random password; written
+    to ``root/credentials.env`` with mode 600."""
+    creds = root / "credentials.env"
+    saved = dict(line.removeprefix("export ").split("=", 1)
+                 for line in creds.read_text().splitlines()) if creds.exists() else {}
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or saved.get(
+        "MLFLOW_TRACKING_USERNAME", "admin")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or saved.get(
+        "MLFLOW_TRACKING_PASSWORD") or secrets.token_urlsafe(18)
+    creds.touch(mode=0o600)
+    creds.write_text(f"export MLFLOW_TRACKING_USERNAME={user}\n"
+                     f"export MLFLOW_TRACKING_PASSWORD={password}\n")
+    return user, password
+
+
+def _auth_config(root: Path, database_uri: str, admin: str) -> Path:
+    """MLflow's basic-auth settings: users and permissions in ``database_uri``; an
+    authenticated user may read every experiment and model by default."""
+    path = root / "basic_auth.ini"
+    path.write_text("[mlflow]\ndefault_permission = READ\n"
+                    f"database_uri = {database_uri}\nadmin_username = {admin}\n"
+                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return path
+
+
 def up(root: Path) -> dict[str, Any]:
     """Start PostgreSQL, S3 (unless ``S3_ENDPOINT`` is set) and ``mlflow server`` under
     ``root``; write and return ``root/stack.json`` (tracking URI, backend, artifact
@@ -152,8 +188,13 @@ def up(root: Path) -> dict[str, Any]:
         _ensure_bucket(s3, bucket, env)
         port = _free_port()
         backend = f"postgresql+psycopg2://mlflow@127.0.0.1:{pg_port}/mlflow"
+        user, password = _admin(root)
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(_auth_config(root, backend, user))
+        env["MLFLOW_AUTH_ADMIN_PASSWORD"] = password  # read when the admin user is created
+        env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))  # CSRF tokens
         server = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            [str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
+             "--host", "127.0.0.1", "--port", str(port),
              "--backend-store-uri", backend, "--artifacts-destination", f"s3://{bucket}/mlflow",
              "--workers", "1"],
             env=env, stdout=open(logs / "mlflow.log", "w"), stderr=subprocess.STDOUT,
@@ -164,7 +205,7 @@ def up(root: Path) -> dict[str, Any]:
                     artifacts_destination=f"s3://{bucket}/mlflow", s3_endpoint=s3,
                     bucket=bucket)
         (root / "stack.json").write_text(json.dumps(info, indent=2))
-        _health(url, 180, logs / "mlflow.log")
+        _health(url, 180, logs / "mlflow.log", server)
     except BaseException:
         (root / "stack.json").write_text(json.dumps(info, indent=2))
         down(root)
@@ -198,6 +239,7 @@ def main() -> None:
         if args.action == "up":
             info = up(args.dir)
             print(f"export MLFLOW_TRACKING_URI={info['MLFLOW_TRACKING_URI']}")
+            print((args.dir.resolve() / "credentials.env").read_text(), end="")
             print(json.dumps(info, indent=2), file=sys.stderr)
         else:
             down(args.dir)
