@@ -3,6 +3,7 @@ format the response. Build the application with :func:`build_app` (the Serve con
 ``import_path: serving.app:build_app``).
 """
 
+import asyncio
 import json
 from typing import Any, Literal
 
@@ -137,6 +138,7 @@ def _raise(result: dict[str, Any]) -> None:
 # grouped handle call answers all of its requests together, and the small requests grouped
 # with it would wait for its last part.
 SOLO_IMAGE_STEPS = 1000
+HEALTH_WAIT_S = 3.0  # /healthz waits this long for a ready Sampler replica
 
 
 def _may_run_in_parts(req: GenerateRequest) -> bool:
@@ -180,11 +182,15 @@ class Ingress:
 
     @api.get("/healthz", responses={503: {"model": ErrorBody}})
     async def healthz(self) -> dict[str, Any]:
-        """200 once the default model is loaded, 503 before."""
-        state = await self.sampler.health.remote()
+        """200 once a Sampler replica holds the default model, 503 before (no replica has
+        finished loading it within a few seconds)."""
+        try:
+            state = await asyncio.wait_for(self.sampler.health.remote(), HEALTH_WAIT_S)
+        except asyncio.TimeoutError:
+            raise HTTPException(503, detail="no Sampler replica is ready yet: the model is still "
+                                "loading (or failing to load: see the Serve logs)") from None
         if not state["ready"]:
-            raise HTTPException(503, detail=f"model {state['model']} not ready"
-                                + (f": {state['error']}" if state["error"] else ""))
+            raise HTTPException(503, detail=f"model {state['model']} not ready")
         return {"status": "ok", **state}
 
     @api.get("/v1/models", response_model=ModelsResponse)

@@ -86,6 +86,9 @@ def serve_cmd(
             start(cfg)
         except PortInUse as exc:  # raised before Ray starts
             _fail(str(exc))
+        except RuntimeError as exc:  # the application failed to deploy (a model that fails
+            stop_service()           # to load, a bad config): its error, not a traceback
+            _fail(str(exc))
         typer.echo(f"serving {cfg['applications'][0]['args'].get('model_uri')} at {url} "
                    f"(docs: {url}/docs); Ctrl-C to stop")
         try:
@@ -123,10 +126,15 @@ def _detach(config: Path, model: str | None, host: str | None, port: int | None,
                                 start_new_session=True)
     pidfile.write_text(str(proc.pid))
     try:
-        wait_ready(url, timeout_s=timeout_s)
+        wait_ready(url, timeout_s=timeout_s, alive=lambda: proc.poll() is None)
     except TimeoutError as exc:
         _stop(pidfile)
         _fail(f"{exc} (log: {log})")
+    except RuntimeError:  # it exited: its last line says why (a model that fails to load)
+        pidfile.unlink(missing_ok=True)
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        last = lines[-1].removeprefix("error: ") if lines else "the service exited"
+        _fail(f"{last} (log: {log})")
     typer.echo(json.dumps({"url": url, "pid": proc.pid, "pidfile": str(pidfile),
                            "log": str(log)}))
 

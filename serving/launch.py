@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,15 +137,32 @@ def start(cfg: dict[str, Any], ray_init: dict[str, Any] | None = None) -> str:
                                  if "request_timeout_s" in http else {})},
                 proxy_location=cfg.get("proxy_location", "HeadOnly"))
     app_cfg = cfg["applications"][0]
-    serve.run(build_from_config(cfg), name=app_cfg.get("name", "prism"),
-              route_prefix=app_cfg.get("route_prefix", "/"))
+    name = app_cfg.get("name", "prism")
+    try:
+        serve.run(build_from_config(cfg), name=name, route_prefix=app_cfg.get("route_prefix", "/"))
+    except RuntimeError as exc:  # Serve says which deployment failed; add why
+        raise RuntimeError(f"{exc} {_deploy_errors(name)}".strip()) from exc
     return base_url(cfg)
 
 
-def wait_ready(url: str, timeout_s: float = 120.0) -> dict[str, Any]:
-    """Poll ``/healthz`` until 200; raise TimeoutError (with the last answer) otherwise."""
+def _deploy_errors(app: str) -> str:
+    """The failed deployments' messages (their constructors' errors), from Serve's status."""
+    try:
+        deps = serve.status().applications[app].deployments
+    except Exception:  # no status to add
+        return ""
+    return " ".join(f"{n}: {d.message.strip().splitlines()[-1]}"
+                    for n, d in deps.items() if d.message and "fail" in d.status.lower())
+
+
+def wait_ready(url: str, timeout_s: float = 120.0,
+               alive: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Poll ``/healthz`` until 200; raise TimeoutError (with the last answer) otherwise, or
+    RuntimeError as soon as ``alive()`` (the serving process) turns false."""
     deadline, last = time.monotonic() + timeout_s, "no answer"
     while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise RuntimeError(f"the service stopped before it was ready (last: {last})")
         try:
             r = requests.get(f"{url}/healthz", timeout=5)
             if r.status_code == 200:

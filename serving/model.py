@@ -97,7 +97,13 @@ def _field_of(message: str) -> str | None:
 
 @serve.deployment(name="Sampler", max_ongoing_requests=64)
 class Sampler:
-    """Holds the default model (loaded in the background) and a small cache of others."""
+    """Holds the default model and a small cache of others.
+
+    Readiness: the constructor loads the default model, and Ray Serve routes requests only to
+    replicas whose constructor has returned, so a new replica (autoscaling, a rolling upgrade
+    of a RayService) takes traffic only once it can answer. A model that fails to load fails
+    the constructor: Serve retries the replica and reports the error (``serve.run`` raises
+    it, ``prism serve`` prints it)."""
 
     def __init__(self, model_uri: str, device: str = "auto", load_delay_s: float = 0.0,
                  max_models: int = 2, allow_other_models: bool = True,
@@ -110,8 +116,7 @@ class Sampler:
         self.max_models, self.allow_other = max_models, allow_other_models
         self.cuda_graphs = cuda_graphs  # on CUDA only (load_served_model)
         self.models: OrderedDict[str, Loaded] = OrderedDict()
-        self.loading: set[str] = {self.default_uri}
-        self.load_error: str | None = None
+        self.loading: set[str] = set()
         self.memory_cap_bytes = 8 * 2**30
         self.max_image_steps = 64 * 1000 * 4
         self.max_turn_image_steps = 16 * 1000  # a request's work per device turn (fairness)
@@ -120,7 +125,12 @@ class Sampler:
         self.grouped: Counter[int] = Counter()  # requests per generate_many call -> count
         self._merger: DeviceMerger[Job, dict[str, Any]] = DeviceMerger(self._execute, 32, 0.2)
         self._lock = threading.Lock()
-        threading.Thread(target=self._load_default, args=(load_delay_s,), daemon=True).start()
+        time.sleep(load_delay_s)  # a slow load, for tests of readiness and rollouts
+        try:
+            self._load(self.default_uri)
+        except Exception as exc:
+            raise RuntimeError(f"model {self.default_uri} failed to load: "
+                               f"{type(exc).__name__}: {exc}") from exc
 
     # ------------------------------------------------------------------ configuration
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -140,16 +150,6 @@ class Sampler:
         self.max_turn_image_steps, self.request_deadline_s = turn, deadline
 
     # ------------------------------------------------------------------ loading
-    def _load_default(self, delay_s: float) -> None:
-        time.sleep(delay_s)
-        try:
-            self._load(self.default_uri)
-        except Exception as exc:  # reported by /healthz
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            log.exception("loading %s failed", self.default_uri)
-        finally:
-            self.loading.discard(self.default_uri)
-
     def _load(self, uri: str) -> Loaded:
         model, info = load_served_model(uri, self.device, self.cuda_graphs)
         loaded = Loaded(model, info)
@@ -170,8 +170,6 @@ class Sampler:
             return self.models[uri]
         if uri in self.loading:
             raise ServiceError(503, f"model {uri} is still loading")
-        if uri == self.default_uri:
-            raise ServiceError(503, f"model {uri} failed to load: {self.load_error}")
         if not self.allow_other or not uri.startswith("models:/"):
             raise ServiceError(404, f"model {ref!r} is not served here", "model")
         self.loading.add(uri)
@@ -184,15 +182,14 @@ class Sampler:
 
     # ------------------------------------------------------------------ endpoints
     def check_health(self) -> None:
-        """Ray Serve's periodic replica check: a replica whose default model failed to load
-        is unhealthy, so Serve replaces it (a new replica loads the model again) instead of
-        answering 503 for ever."""
-        if self.load_error is not None:
-            raise RuntimeError(f"model {self.default_uri} failed to load: {self.load_error}")
+        """Ray Serve's periodic replica check: a replica without its default model (it
+        cannot answer) is unhealthy, so Serve replaces it with one that loads it again."""
+        if self.default_uri not in self.models:
+            raise RuntimeError(f"model {self.default_uri} is not loaded")
 
     async def health(self) -> dict[str, Any]:
         ready = self.default_uri in self.models
-        return {"ready": ready, "model": self.default_uri, "error": self.load_error,
+        return {"ready": ready, "model": self.default_uri,
                 "device": self.device}
 
     async def list_models(self) -> list[dict[str, Any]]:

@@ -271,20 +271,35 @@ def test_small_requests_keep_their_latency_beside_a_maximal_one(service):
     assert p99(beside) <= p99(alone) + 3 * part_s, (p99(alone), p99(beside), part_s)
 
 
-@pytest.mark.slow  # about 25 s: deploys a second application
-def test_model_still_loading_gives_503(service, tmp_path):
+@pytest.mark.slow  # about 30 s: deploys a second application
+def test_a_loading_replica_takes_no_traffic_until_its_model_is_there(service, tmp_path):
+    """Readiness: a Sampler replica is ready when its constructor has loaded the model; until
+    then /healthz answers 503 at once and a request waits for the replica (not an error)."""
+    import time
+
+    from ray import serve as ray_serve
+
     from serving.launch import build_from_config
 
-    serve = service["serve"]
-    cfg = test_config(str(service["model_dir"]), 0, "sqlite:///:memory:", load_delay_s=600)
-    serve.run(build_from_config(cfg), name="slow", route_prefix="/slow")
+    cfg = test_config(str(service["model_dir"]), 0, "sqlite:///:memory:", load_delay_s=10)
+    ray_serve._run(build_from_config(cfg), name="slow", route_prefix="/slow", _blocking=False)
     try:
         base = service["url"].rstrip("/") + "/slow"
-        assert requests.get(f"{base}/healthz", timeout=10).status_code == 503
-        r = post(base, steps=STEPS)
-        assert r.status_code == 503 and "loading" in r.text
+        deadline = time.monotonic() + 60
+        while True:  # the Ingress comes up first; the Sampler is still loading
+            r = requests.get(f"{base}/healthz", timeout=10)
+            if r.status_code == 503:
+                assert "loading" in r.text
+                break
+            assert r.status_code == 404 and time.monotonic() < deadline, r.text
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        r = post(base, seeds=[3], steps=STEPS)  # waits for the replica, then answers
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - t0 > 1.0  # it did wait for the load
+        assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
     finally:
-        serve.delete("slow")
+        ray_serve.delete("slow")
 
 
 # --------------------------------------------------------------------------- fuzz

@@ -142,3 +142,18 @@ def test_serve_direct_ingress_replicas_share_the_port_without_the_proxy(tmp_path
                                text=True, timeout=120)
         assert again.returncode == 2 and "already in use" in again.stderr, again.stderr
     assert not _listener_pids(port)  # every replica let the port go
+
+
+@pytest.mark.slow  # about 30 s: Serve retries the failing replica before it gives up
+def test_serve_detach_with_a_model_that_fails_to_load_says_why(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pidfile = tmp_path / "serve.pid"
+    started = subprocess.run([*CLI, "serve", "--model", str(tmp_path / "nothing"), "--port",
+                              str(port), "--detach", "--pidfile", str(pidfile)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert started.returncode == 2, started.stdout + started.stderr
+    assert "failed to load" in started.stderr and "does not exist" in started.stderr
+    assert "error: error" not in started.stderr and not pidfile.exists()
+    assert not _listener_pids(port)

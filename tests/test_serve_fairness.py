@@ -35,11 +35,6 @@ def model_dir(tmp_path_factory) -> Path:
 
 def _sampler(model_dir: Path, **config) -> Sampler:
     s = Sampler.func_or_class(model_uri=str(model_dir), device="cpu", cuda_graphs=False)
-    deadline = time.monotonic() + 60
-    while s.default_uri not in s.models:
-        assert s.load_error is None, s.load_error
-        assert time.monotonic() < deadline, "model did not load"
-        time.sleep(0.05)
     s.reconfigure({"batch_wait_timeout_s": 0.0, **config})
     return s
 
@@ -90,14 +85,15 @@ def test_a_request_past_its_deadline_gets_504_and_the_next_one_runs(model_dir):
     assert ok["images"].shape == (1, 16, 16, 3)
 
 
-def test_a_replica_whose_model_failed_to_load_is_unhealthy(model_dir, tmp_path):
-    _sampler(model_dir).check_health()  # loaded: healthy
-    broken = Sampler.func_or_class(model_uri=str(tmp_path / "nothing"), device="cpu")
-    deadline = time.monotonic() + 30
-    while broken.load_error is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with pytest.raises(RuntimeError, match="failed to load"):
-        broken.check_health()  # Serve replaces the replica
+def test_a_replica_is_ready_only_with_its_model(model_dir, tmp_path):
+    s = _sampler(model_dir)  # the constructor returned: the model is there (Serve's readiness)
+    assert asyncio.run(s.health())["ready"]
+    s.check_health()
+    with pytest.raises(RuntimeError, match="failed to load"):  # Serve retries the replica
+        Sampler.func_or_class(model_uri=str(tmp_path / "nothing"), device="cpu")
+    s.models.clear()  # a replica that lost its model is unhealthy: Serve replaces it
+    with pytest.raises(RuntimeError, match="not loaded"):
+        s.check_health()
 
 
 def test_bad_fairness_settings_are_refused(model_dir):
