@@ -204,7 +204,7 @@ Done in {summary['wall_s'] / 60:.1f} min. The service answered; it is stopped ag
 Where to look next:
   .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   # runs, loss curves, registry
   .venv/bin/dvc metrics show                                     # evaluate and register numbers
-  .venv/bin/dvc plots show   # then open dvc_plots/index.html: loss, RAPSD, chromatograms
+  .venv/bin/dvc plots show   # open dvc_plots/index.html (offline too): loss, RAPSD, chromatograms
   outputs/eval/<model>/model-16/samples.png                     # evaluation samples
   .venv/bin/dvc exp run -S models.demo-v.optim.lr=0.001          # a sweep point
   .venv/bin/prism serve --model {summary['model']}   # serve it again (Ctrl-C stops)
