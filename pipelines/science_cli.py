@@ -11,41 +11,35 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import typer
 
-from components.chromatography import (
-    chromatogram,
-    measured_chromatogram,
-    plot_chromatogram,
-    tau,
-    tau_discrete,
-)
-from components.schedules import (
-    CosineSchedule,
-    DiscreteSchedule,
-    EDMSchedule,
-    Schedule,
-    build_schedule,
-    ddpm_linear,
-    sd_scaled_linear,
-)
+if TYPE_CHECKING:  # torch and the science core load when a command runs, not for --help
+    import torch
+
+    from components.schedules import Schedule
 
 science_app = typer.Typer(help="Science-core plots: resolution chromatogram, schedule "
                                "comparison.", no_args_is_help=True)
 
 # name -> (label, factory); SiD2 shifts are relative to d_ref = 64
+def _sc():  # components.schedules, imported on first use
+    import components.schedules as sc
+
+    return sc
+
+
 SCHEDULES: dict[str, tuple[str, Callable[[], Schedule]]] = {
-    "cosine": ("cosine (= SiD2 shifted, d = 64)", CosineSchedule),
-    "sid2_32": ("SiD2 shifted, d = 32", lambda: CosineSchedule.shifted(32, 64)),
-    "sid2_64": ("SiD2 shifted, d = 64", lambda: CosineSchedule.shifted(64, 64)),
-    "sid2_128": ("SiD2 shifted, d = 128", lambda: CosineSchedule.shifted(128, 64)),
+    "cosine": ("cosine (= SiD2 shifted, d = 64)", lambda: _sc().CosineSchedule()),
+    "sid2_32": ("SiD2 shifted, d = 32", lambda: _sc().CosineSchedule.shifted(32, 64)),
+    "sid2_64": ("SiD2 shifted, d = 64", lambda: _sc().CosineSchedule.shifted(64, 64)),
+    "sid2_128": ("SiD2 shifted, d = 128", lambda: _sc().CosineSchedule.shifted(128, 64)),
     "sid2_interpolated": ("SiD2 interpolated, d = 64 (32 \u2192 256)",
-                          lambda: build_schedule("sid2_interpolated", d=64)),
-    "ddpm_linear": ("DDPM linear \u03b2", ddpm_linear),
-    "sd_scaled_linear": ("Stable Diffusion scaled-linear", sd_scaled_linear),
-    "edm": ("EDM (\u03c1 = 7)", EDMSchedule),
+                          lambda: _sc().build_schedule("sid2_interpolated", d=64)),
+    "ddpm_linear": ("DDPM linear \u03b2", lambda: _sc().ddpm_linear()),
+    "sd_scaled_linear": ("Stable Diffusion scaled-linear", lambda: _sc().sd_scaled_linear()),
+    "edm": ("EDM (\u03c1 = 7)", lambda: _sc().EDMSchedule()),
 }
 COMPARED = ["cosine", "sid2_32", "sid2_128", "sid2_interpolated", "ddpm_linear",
             "sd_scaled_linear", "edm"]
@@ -69,7 +63,10 @@ def _check_out(out: Path) -> Path:
 def _gaussian_measurement(schedule: Schedule, levels: int, size: int = 32):
     """Measured chromatogram of the exact denoiser of a natural-image-like Gaussian field
     (power spectrum |f|^-2), to set beside the prediction."""
+    import torch
+
     from components.analytic import GaussianDenoiser, stationary_covariance
+    from components.chromatography import measured_chromatogram
 
     cov = stationary_covariance(size, size, beta=2.0, var=0.09)
     den = GaussianDenoiser(torch.zeros(size * size, dtype=torch.float64), cov, (1, size, size))
@@ -89,6 +86,11 @@ def chromatogram_command(
     out: Path = typer.Option(..., help="figure path (.png/.pdf/.svg); a .json is written beside"),
 ) -> None:
     """Plot the resolution chromatogram of a schedule and write its curves as JSON."""
+    import torch
+
+    from components.chromatography import chromatogram, plot_chromatogram, tau, tau_discrete
+    from components.schedules import DiscreteSchedule
+
     out = _check_out(out)
     sched = _schedule(schedule)
     measured = _gaussian_measurement(sched, min(levels, 5)) if measure else None
@@ -114,6 +116,8 @@ def chromatogram_command(
 def plot_schedules(names: list[str], path: str, levels: int = 4):
     """lambda(t), the dominant level and the per-level signal fractions of several schedules."""
     import matplotlib
+
+    from components.chromatography import chromatogram
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -153,6 +157,10 @@ def schedules_command(
     levels: int = typer.Option(4, min=1, max=4, help="levels whose signal fraction is drawn"),
 ) -> None:
     """Compare cosine, SiD2 shifted/interpolated, DDPM, Stable Diffusion and EDM schedules."""
+    import torch
+
+    from components.chromatography import chromatogram
+
     out = _check_out(out)
     plot_schedules(COMPARED, str(out), levels)
     doc: dict = {"t": torch.linspace(0, 1, 101, dtype=torch.float64).tolist(), "schedules": {}}

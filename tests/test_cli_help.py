@@ -49,3 +49,16 @@ def test_train_section_example_exists_in_params():
     for key in example.split("."):
         assert key in node, f"--section example {example} is not in params.yaml"
         node = node[key]
+
+
+def test_the_command_line_loads_without_torch_or_ray():
+    """`prism --help` stays fast (about 0.3 s): the command modules defer torch, Ray and MLflow
+    to the command that needs them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, prism_cli; heavy = {'torch', 'ray', 'mlflow'} & set(sys.modules); "
+            "print(sorted(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout
