@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import warnings
@@ -86,6 +87,7 @@ class MLflowLogger(Callback):
             return
         import mlflow
 
+        quiet_mlflow()
         self.cfg = cfg
         self.record = Path(info["run_dir"]) / "mlflow.json" if info.get("run_dir") else None
         mlflow.set_tracking_uri(tracking_uri(cfg))
@@ -153,6 +155,16 @@ class MLflowLogger(Callback):
                 self.version = register_model(self.cfg, self.run_id, model_dir)  # type: ignore
         finally:
             mlflow.end_run()
+
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO lines (database set-up, "experiment does not exist, creating", system
+    metrics started/stopped) are not the user's business inside a training log: warnings and
+    errors only, unless a more detailed level was asked for (``MLFLOW_LOGGING_LEVEL=DEBUG``)."""
+    for name in ("mlflow", "alembic"):
+        log = logging.getLogger(name)
+        if log.level in (logging.NOTSET, logging.INFO):
+            log.setLevel(logging.WARNING)
 
 
 def mark_model_development(experiment: Any) -> None:
