@@ -239,7 +239,11 @@ def save_plots(out_dir: Path, generated: torch.Tensor, spectral: dict[str, Any],
     ax.loglog(f, np.exp(spectral["profile_generated"]), "r--", label="generated")
     ax.set_xlabel("radial frequency (cycles / image)")
     ax.set_ylabel(f"RAPSD ({spectral['channel']}, geometric mean)")
-    ax.set_title(f"{title} slope diff {spectral['slope_difference']:+.3f}", fontsize=9)
+    # the level as well as the slope: a model can match the slope with twice the power
+    ratio = float(np.exp(np.mean(np.asarray(spectral["profile_generated"])
+                                 - np.asarray(spectral["profile_real"]))))
+    ax.set_title(f"{title}\nslope diff {spectral['slope_difference']:+.3f}, "
+                 f"power generated / real {ratio:.2f}x", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "rapsd.png", dpi=100)

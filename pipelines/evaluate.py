@@ -140,9 +140,10 @@ def run_evaluate(cfg: EvalConfig, log: Any = print) -> dict[str, Any]:
         train = load_images(cfg.train_images, limit=cfg.max_train,
                             resolution=model.resolution).as_float()
     spaces, fid_status = feature_spaces(cfg.feature_net, cfg.inception, cfg.device)
+    fid = "yes" if fid_status["available"] else \
+        "unavailable (give Inception weights: --inception PATH, docs/guide/evaluation.md)"
     log(f"real images: {len(real_set)} from {cfg.real}; feature spaces: "
-        f"{[s.name for s in spaces] or 'none'}; standard FID: "
-        f"{'yes' if fid_status['available'] else 'unavailable'}")
+        f"{[s.name for s in spaces] or 'none'}; standard FID: {fid}")
     rows, details = [], []
     for schedule in cfg.schedules:
         for steps in cfg.steps:

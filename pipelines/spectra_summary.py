@@ -70,6 +70,7 @@ def _plots(summary: dict[str, Any], table: pa.Table) -> tuple[bytes, bytes]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     r = summary["rapsd"]
     f, q = np.asarray(r["frequency"]), {k: np.asarray(v) for k, v in r["quantiles"].items()}
@@ -79,14 +80,24 @@ def _plots(summary: dict[str, Any], table: pa.Table) -> tuple[bytes, bytes]:
     ax.plot(f, r["mean"], "k", label=f"mean (beta {r['power_law_of_mean']['beta']:.2f})")
     ax.set(xscale="log", yscale="log", xlabel="radial frequency (cycles / image)",
            ylabel="luminance power", title=f"RAPSD, {r['images']} images {r['size']}")
+    # plain numbers at 1, 2, 5, 10, ... and no minor labels (they collided: 3x10^0 4x10^0 ...)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.legend()
     buf1 = io.BytesIO()
     fig.savefig(buf1, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for ax, name in zip(axes, ("beta", "lambda_min", "lambda_max"), strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4), layout="constrained")
+    what = {"beta": "spectral slope beta (power ~ f^-beta)",
+            "lambda_min": "lambda_min: log-SNR where noise\nswamps the strongest frequency",
+            "lambda_max": "lambda_max: log-SNR where noise\nreaches the weakest frequency"}
+    for ax, name in zip(axes, what, strict=True):
         ax.hist(table[name].to_numpy(), bins=50)
-        ax.set(xlabel=name, ylabel="images")
+        ax.set(xlabel=name, ylabel="images", title=what[name])
+    fig.suptitle(f"Per-image spectral statistics ({table.num_rows} images): a schedule "
+                 "runs from lambda_max (t = 0) to lambda_min (t = 1)")
     buf2 = io.BytesIO()
     fig.savefig(buf2, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
