@@ -290,8 +290,10 @@ def plot_chromatogram(
         ax_b.plot(t, band["a"][k].numpy(), color=colors[k], lw=2, label=lbl)
         if measured is not None and k < measured["energy_fraction"].shape[0]:
             ax_a.plot(measured["t"].numpy(), measured["energy_fraction"][k].numpy(), "o",
-                      mfc="none", color=colors[k], ms=5,
-                      label=f"measured band {k} (x0-pred / clean energy)")
+                      mfc="none", color=colors[k], ms=5)
+    if measured is not None:  # one legend entry for all bands (the colours are the levels')
+        ax_a.plot([], [], "o", mfc="none", color="0.3", ms=5,
+                  label="measured band (x0-pred / clean energy)")
     ax_b.plot(t, (1 - cum["a"][-1]).numpy(), color="0.6", ls=":", label="nothing resolved")
     ax_a.set(title="signal fraction $a_k(t) = \\sigma(\\lambda(t) + k \\ln 4)$",
              ylabel="$a_k$", ylim=(-0.02, 1.05))
@@ -308,12 +310,19 @@ def plot_chromatogram(
     ax_tau.plot(t, t, color="0.6", ls=":", label="identity")
     ax_tau.set(title=f"time map: SNR($\\tau$) = {m}$^2$ SNR(t)", ylabel="$\\tau$",
                xlim=(1.0, 0.0), ylim=(0.0, 1.0))
+    # each legend where its panel's curves leave room (generation runs right to left)
+    where = {ax_a: "lower right", ax_c: "center right", ax_b: "upper center",
+             ax_tau: "upper right"}
     for ax in (ax_a, ax_c, ax_b, ax_tau):
         ax.grid(alpha=0.3)
         ax.set_xlabel("t  (generation runs 1 \u2192 0)")
         if ax is not ax_tau:
             ax.set_xlim(1.0, 0.0)
-        ax.legend(fontsize=8, loc="center right" if ax is ax_c else "upper left")
+        ax.legend(fontsize=8, loc=where[ax])
+    if measured is not None:  # why the circles lag the curves (docs/science/s5-chromatogram.md)
+        ax_a.set_xlabel("t  (generation runs 1 \u2192 0); circles: exact denoiser of a synthetic "
+                        "|f|$^{-2}$ field,\nlate because of that field's power normalisation, "
+                        "not the theory (see the S5 results page)", fontsize=9)
     name = getattr(schedule, "name", type(schedule).__name__)
     fig.suptitle(title or f"resolution chromatogram: {name}", fontsize=14)
     if path is not None:
