@@ -157,3 +157,15 @@ def test_a_corpus_with_more_classes_than_the_model_is_refused_before_training(tm
                        "data.num_classes=4")
     with pytest.raises(ValueError, match="has 6 classes .* set data.num_classes=6"):
         ShardData(few, 0, 1, 4, torch.device("cpu"))
+
+
+def test_logged_sample_grids_are_enlarged_and_captioned():
+    import numpy as np
+
+    from training.tracking import readable
+
+    grid = np.random.default_rng(0).integers(0, 255, (136, 136, 3), dtype=np.uint8)
+    out = readable(grid, "samples, step 20")
+    assert out.shape == (136 * 4 + 22, 136 * 4, 3)  # an integer factor: pixels stay pixels
+    np.testing.assert_array_equal(out[22::4, ::4], grid)
+    assert (out[:22] < 128).any()  # the caption is drawn
