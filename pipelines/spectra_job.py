@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -190,7 +191,8 @@ def run_spectra(shards: str, out: str, cfg: SpectraJobConfig | None = None,
     pending, queue, images = [], list(_chunks(todo, cfg.shards_per_task)), 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(urls), initial=len(urls) - len(todo), unit="shard",
-               disable=not progress, desc="spectra")
+               desc="spectra",  # a bar on a terminal only: no \r-lines in log files
+               disable=not progress or not sys.stderr.isatty())
     cfg_json = cfg.model_dump_json()
     while queue or pending:
         while queue and len(pending) < in_flight_max:
