@@ -228,24 +228,6 @@ def _check_betas(beta_start: float, beta_end: float, T: int) -> None:
         raise ValueError(f"T must be >= 2, got {T}")
 
 
-# --------------------------------------------------------------------------- EDM grid
-
-
-def edm_sigma_grid(
-    n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
-) -> Tensor:
-    """Karras et al. (2022) sigma grid, from sigma_max down to sigma_min (n points).
-
-    EDM's sigma is the variance-exploding noise level; in VP terms ``lambda = -2 log sigma``.
-    """
-    if n < 2 or not (0 < sigma_min < sigma_max) or rho <= 0:
-        raise ValueError(f"edm grid: need n>=2, 0<sigma_min<sigma_max, rho>0; got {n=}, "
-                         f"{sigma_min=}, {sigma_max=}, {rho=}")
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
-
-
 @dataclass(frozen=True)
 class EDMSchedule:
     """The EDM rho-warped schedule as a continuous schedule: ``sigma(t)`` from
