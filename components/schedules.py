@@ -210,6 +210,22 @@ def ddpm_linear(
     return DiscreteSchedule(tuple(betas.tolist()), name="ddpm_linear")
 
 
+def squaredcos_cap_v2(T: int = 1000, s: float = 0.008, max_beta: float = 0.999
+                      ) -> DiscreteSchedule:
+    """The improved-DDPM cosine as a discrete schedule (Nichol & Dhariwal 2021), as diffusers
+    and guided-diffusion build it (``squaredcos_cap_v2``): ``f(t) = cos^2((t + s) / (1 + s)
+    pi / 2)``, ``beta_i = min(1 - f((i + 1) / T) / f(i / T), max_beta)``. Not prism's
+    ``cosine`` (a continuous log-SNR without the offset or the cap): 2.2 apart in log-SNR
+    near t = 0. Use it to sample a model trained with that schedule."""
+    if T < 2 or s < 0 or not 0 < max_beta < 1:
+        raise ValueError(f"squaredcos_cap_v2: need T >= 2, s >= 0, 0 < max_beta < 1; got "
+                         f"{T=}, {s=}, {max_beta=}")
+    t = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+    return DiscreteSchedule(tuple(betas.tolist()), name="squaredcos_cap_v2")
+
+
 def sd_scaled_linear(
     T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
 ) -> DiscreteSchedule:
@@ -307,7 +323,8 @@ def min_snr_weight(lam: Tensor, gamma: float = 5.0, prediction: str = "eps") -> 
 
 def build_schedule(name: str, **kw: float) -> Schedule:
     """Schedule by name: ``cosine``, ``sid2_shifted`` (needs d, d_ref), ``sid2_interpolated``
-    (needs d, d_ref_lo, d_ref_hi), ``ddpm_linear``, ``sd_scaled_linear``, ``edm``."""
+    (needs d, d_ref_lo, d_ref_hi), ``ddpm_linear``, ``sd_scaled_linear``,
+    ``squaredcos_cap_v2`` (diffusers' improved-DDPM cosine), ``edm``."""
     if name == "cosine":
         return CosineSchedule(**kw)
     if name == "sid2_shifted":
@@ -324,9 +341,11 @@ def build_schedule(name: str, **kw: float) -> Schedule:
         return ddpm_linear(**{k: (int(v) if k == "T" else v) for k, v in kw.items()})
     if name == "sd_scaled_linear":
         return sd_scaled_linear(**{k: (int(v) if k == "T" else v) for k, v in kw.items()})
+    if name == "squaredcos_cap_v2":
+        return squaredcos_cap_v2(**{k: (int(v) if k == "T" else v) for k, v in kw.items()})
     if name == "edm":
         return EDMSchedule(**kw)
     raise ValueError(
         f"unknown schedule {name!r}: expected cosine, sid2_shifted, sid2_interpolated, "
-        "ddpm_linear, sd_scaled_linear or edm"
+        "ddpm_linear, sd_scaled_linear, squaredcos_cap_v2 or edm"
     )

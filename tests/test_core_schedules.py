@@ -90,3 +90,26 @@ def test_image_range_check_names_the_problem():
     check_image_range(torch.zeros(1, 3, 4, 4))
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         check_image_range(torch.full((1, 3, 4, 4), 3.0), "images")
+
+
+def test_squaredcos_cap_v2_is_the_improved_ddpm_cosine_with_its_cap():
+
+    from components.schedules import DiscreteSchedule, build_schedule
+
+    sched = build_schedule("squaredcos_cap_v2", T=1000)
+    assert isinstance(sched, DiscreteSchedule) and sched.T == 1000
+    f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    betas = 1 - sched.alpha_bar[1:] / sched.alpha_bar[:-1]
+    assert float(betas[0]) == pytest.approx(1 - f(2 / 1000) / f(1 / 1000), rel=1e-9)
+    assert float(betas[-1]) == pytest.approx(0.999)  # the cap: f(1) = 0 would give beta = 1
+    assert float(sched.alpha_bar[0]) == pytest.approx(f(1 / 1000) / f(0), rel=1e-12)
+
+
+def test_squaredcos_cap_v2_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers", reason="the reference is diffusers' scheduler")
+    from components.schedules import build_schedule
+
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    ours = build_schedule("squaredcos_cap_v2").alpha_bar
+    # diffusers computes in float32
+    torch.testing.assert_close(ours, ref.alphas_cumprod.double(), rtol=2e-5, atol=1e-6)
