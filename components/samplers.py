@@ -21,6 +21,7 @@ level, t the next one; ``r = e^{lambda_s - lambda_t} = SNR_s / SNR_t`` in (0, 1)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -161,6 +162,11 @@ def sample_dpmpp_2m(
     afterwards; ``lower_order_final``: first order on the last step (stabler on grids whose
     last step is much longer than the previous one, as uniform-t cosine grids at t -> 0).
     Deterministic (``generators`` unused, kept for the common signature).
+
+    Two named variants (``SAMPLERS``): ``dpmpp_2m``, prism's default, with
+    ``lower_order_final``; ``dpmpp_2m_full``, second order up to the last grid point and then
+    the final denoise (the first-order step to sigma = 0): diffusers' and k-diffusion's
+    DPM-Solver++(2M) (``tests/test_core_samplers.py`` matches diffusers' scheduler).
     """
     del generators
     cond = cond if cond is not None else Cond()
@@ -189,11 +195,12 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddim": sample_ddim,
     "ddpm": sample_ddpm,
     "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_full": functools.partial(sample_dpmpp_2m, lower_order_final=False),
 }
 
 
 def get_sampler(name: str) -> Callable[..., Tensor]:
-    """Sampler function by name (``ddim``, ``ddpm``, ``dpmpp_2m``)."""
+    """Sampler function by name (``ddim``, ``ddpm``, ``dpmpp_2m``, ``dpmpp_2m_full``)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: expected one of {sorted(SAMPLERS)}")
     return SAMPLERS[name]

@@ -58,7 +58,7 @@ def run(model: str = typer.Argument(..., help="model directory, runs:/ID/model o
         n: Optional[int] = typer.Option(None, "--n", help="images per setting"),
         steps: Optional[str] = typer.Option(None, help="comma-separated, e.g. 8,16,32,64"),
         schedules: Optional[str] = typer.Option(None, help="comma-separated: model,spectral"),
-        sampler: Optional[str] = typer.Option(None, help="ddim, ddpm or dpmpp_2m "
+        sampler: Optional[str] = typer.Option(None, help="ddim, ddpm, dpmpp_2m or dpmpp_2m_full "
                                               "(default ddim)"),
         seed: Optional[int] = typer.Option(None, help="first seed"),
         cfg_scale: Optional[float] = typer.Option(None, help="classifier-free guidance "

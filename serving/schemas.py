@@ -16,8 +16,8 @@ MAX_IMAGES = 64  # per request
 MAX_STEPS = 1000
 MAX_RESOLUTION = 4096
 MAX_SEED = 2**63 - 1
-SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m")  # GenerateRequest.sampler; tested against
-# components.samplers.SAMPLERS
+# GenerateRequest.sampler; tested against components.samplers.SAMPLERS
+SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_full")
 _MODEL_RE = re.compile(
     r"^(models:/)?[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}([@/][A-Za-z0-9_.\-]{1,64})?$")
 
@@ -53,7 +53,7 @@ class GenerateRequest(BaseModel):
         description="One seed per image (then num_images is their count).")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Base seed: image i gets seed + i.")
     steps: int = Field(32, ge=1, le=MAX_STEPS)
-    sampler: Literal["ddim", "ddpm", "dpmpp_2m"] = "ddim"
+    sampler: Literal["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_full"] = "ddim"
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity.")
     schedule: Literal["model", "spectral"] = "model"
     cfg_scale: float = Field(1.0, ge=0.0, le=20.0, description="Classifier-free guidance.")

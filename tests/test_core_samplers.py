@@ -126,3 +126,28 @@ def test_bad_grids_raise(gauss):
         lambda_grid(CosineSchedule(), 10, t_start=0.2, t_end=0.5)
     with pytest.raises(ValueError, match="unknown sampler"):
         get_sampler("euler_magic")
+
+
+def _diffusers_dpmpp_2m(den, x, steps: int):
+    """diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, linear betas, x0 output)
+    run on the Gaussian denoiser; returns its sample and its log-SNR grid."""
+    diffusers = pytest.importorskip("diffusers", reason="the reference is diffusers' scheduler")
+    sched = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", algorithm_type="dpmsolver++",
+        solver_order=2, prediction_type="sample")
+    sched.set_timesteps(steps)
+    ab = sched.alphas_cumprod.double()
+    lams = torch.stack([torch.log(ab[t]) - torch.log1p(-ab[t]) for t in sched.timesteps.tolist()])
+    for t, lam in zip(sched.timesteps, lams, strict=True):
+        x = sched.step(den(x, lam.expand(x.shape[0]), Cond()), t, x).prev_sample
+    return x, lams
+
+
+def test_dpmpp_2m_full_is_diffusers_dpm_solver_and_the_default_differs_on_the_last_step(gauss):
+    x_init = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0),
+                         dtype=torch.float64)
+    ref, lams = _diffusers_dpmpp_2m(gauss, x_init.clone(), 20)
+    full = SAMPLERS["dpmpp_2m_full"](gauss, x_init.clone(), lams, Cond())
+    default = SAMPLERS["dpmpp_2m"](gauss, x_init.clone(), lams, Cond())
+    assert float((full - ref).abs().max()) < 1e-5  # diffusers' float32 sigmas
+    assert float((default - ref).abs().max()) > 1e-2  # first order on the last grid step

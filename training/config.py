@@ -142,7 +142,7 @@ class SamplingConfig(_Section):
     every_images: int = Field(0, ge=0)  # 0: only at the end
     num_images: int = Field(16, ge=0, le=256)
     steps: int = Field(32, ge=1, le=1000)
-    sampler: Literal["ddim", "ddpm", "dpmpp_2m"] = "ddim"
+    sampler: Literal["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_full"] = "ddim"
     seed: int = Field(1234, ge=0)
     # fitted spectral schedule model JSON (per-instance runs); None: fitted on the training
     # set's parameters at start (in-memory data only)
