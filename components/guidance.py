@@ -290,6 +290,9 @@ class DiffusersUNetDenoiser:
 
     lambda -> continuous step index ``n = T t(lambda) - 1`` (0-based, float), the UNet's
     timestep input. diffusers is an optional extra, imported only by ``from_pretrained``.
+    Every prism sampler and guidance wrapper takes it; for classifier-free guidance pass
+    ``ClassifierFreeGuidance(den, scale, null_label=K)`` with the class index K the model was
+    trained with as "no class" (UNet2DModel has no null class of its own).
     """
 
     def __init__(self, unet, schedule: DiscreteSchedule, prediction: str = "eps") -> None:
@@ -311,5 +314,6 @@ class DiffusersUNetDenoiser:
         labels = cond.class_labels
         if labels is not None and bool((labels < 0).any()):
             raise ValueError("DiffusersUNetDenoiser: null class (-1) is not supported by "
-                             "UNet2DModel's class embedding")
+                             "UNet2DModel's class embedding: give ClassifierFreeGuidance the "
+                             "null label the model was trained with (null_label=...)")
         return self.unet(x, step.to(device=x.device, dtype=x.dtype), class_labels=labels).sample

@@ -252,3 +252,25 @@ def test_diffusers_adapter_if_available():
     with torch.no_grad():
         out = ug(torch.randn(2, 3, 16, 16), torch.tensor([-2.0, 1.0]), Cond())
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def test_diffusers_adapter_takes_classifier_free_guidance_with_its_null_label():
+    diffusers = pytest.importorskip("diffusers")
+    from components.guidance import ClassifierFreeGuidance, DiffusersUNetDenoiser
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3,
+                                 layers_per_block=1, block_out_channels=(8, 16),
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 num_class_embeds=5)  # classes 0..3, 4 = "no class"
+    den = DiffusersUNetDenoiser(unet.eval(), sd_scaled_linear())
+    x, lam = torch.randn(2, 3, 8, 8), torch.tensor([-1.0, 2.0])
+    cond = Cond(class_labels=torch.tensor([1, 2]))
+    with torch.no_grad():
+        plain = den(x, lam, cond)
+        null = den(x, lam, Cond(class_labels=torch.tensor([4, 4])))
+        guided = ClassifierFreeGuidance(den, 3.0, null_label=4)(x, lam, cond)
+        with pytest.raises(ValueError, match="null_label"):
+            ClassifierFreeGuidance(den, 3.0)(x, lam, cond)  # -1: not a class of the UNet
+    torch.testing.assert_close(guided, null + 3.0 * (plain - null), rtol=1e-4, atol=1e-5)
