@@ -109,7 +109,8 @@ class ConsoleLogger(Callback):
         if self.active:
             print(f"[train] {cfg.run.name}: {info['parameters'] / 1e6:.2f}M parameters, "
                   f"{info['total_steps']} steps, world {info['world']}, device {info['device']}"
-                  + (f", resumed at step {info['start_step']}" if info["start_step"] else ""),
+                  + (f", resumed at step {info['start_step']}" if info["start_step"] else "")
+                  + (f" ({info['data_note']})" if info.get("data_note") else ""),
                   file=sys.stderr, flush=True)
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:

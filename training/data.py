@@ -10,7 +10,11 @@ Two sources behind one interface (``batch(step, slot) -> dict``, ``state_dict``,
 * :class:`ShardData` (WebDataset shards, local or ``s3://``): each rank and loader worker reads
   an infinite deterministic stream (see :mod:`training.streams`), so every rank takes the same
   number of steps however uneven the shards are; the position of every stream is part of the
-  checkpoint.
+  checkpoint. A checkpoint resumes exactly on the same world size and loader workers, and on
+  others (more or fewer GPUs) from the start of the earliest unfinished epoch.
+
+``load_state_dict(states, rank)`` takes the data states of every rank of the checkpoint and
+returns a note for the log when the position could not be kept exactly (else None).
 
 Batches are dicts: ``images`` (b, C, H, W) float in [-1, 1] on the device, ``labels`` (b,)
 long or None, ``lambda_bounds`` (b, 2) = (lambda(0), lambda(1)) or None, ``keys`` list[str].
@@ -128,10 +132,13 @@ class MemoryData:
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "memory"}  # the position is a function of the step
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "memory":
-            raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume "
+    def load_state_dict(self, states: list[dict[str, Any]], rank: int) -> str | None:
+        """Nothing to restore: the position is the step's, whatever the world size."""
+        del rank
+        if any(s.get("kind") != "memory" for s in states):
+            raise ValueError(f"data state of kind {states[0].get('kind')!r} cannot resume "
                              "in-memory data")
+        return None
 
 
 # --------------------------------------------------------------------------- shards
@@ -177,17 +184,30 @@ class ShardData:
         return {"kind": "shards", "world": self.world, "workers": self.workers,
                 "batches": self.batches, "streams": {str(k): v for k, v in self.streams.items()}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "shards":
-            raise ValueError(f"data state of kind {state.get('kind')!r} cannot resume shards")
-        if (state["world"], state["workers"]) != (self.world, self.workers):
-            raise ValueError(
-                f"the checkpoint's data position was saved with world={state['world']} "
-                f"workers={state['workers']}; resume with the same world size and "
-                f"data.num_workers (now world={self.world}, workers={self.workers})")
-        self.batches = int(state["batches"])
-        self.streams = {int(k): list(v) for k, v in state["streams"].items()}
+    def load_state_dict(self, states: list[dict[str, Any]], rank: int) -> str | None:
+        """Resume from every rank's data state. Saved with this world size and loader workers:
+        each stream continues exactly where it stood. Saved with others (resumed on more or
+        fewer GPUs): the streams are not the same streams, so each restarts at the beginning
+        of the earliest epoch a saved stream had not finished; samples of that epoch seen
+        before the checkpoint are seen again (at most one epoch's worth), none is skipped."""
+        if any(s.get("kind") != "shards" for s in states):
+            raise ValueError(f"data state of kind {states[0].get('kind')!r} cannot resume "
+                             "shards")
         self._it = None
+        if len(states) == self.world and all(
+                (s["world"], s["workers"]) == (self.world, self.workers) for s in states):
+            self.batches = int(states[rank]["batches"])
+            self.streams = {int(k): list(v) for k, v in states[rank]["streams"].items()}
+            return None
+        started = all(len(s["streams"]) == s["workers"] for s in states)
+        epoch = min((int(v[0]) for s in states for v in s["streams"].values()), default=0) \
+            if started else 0
+        self.batches = 0
+        mine = range(self.rank * self.workers, (self.rank + 1) * self.workers)
+        self.streams = {g: [epoch, 0, 0] for g in mine}
+        return (f"data saved with world {states[0]['world']} x {states[0]['workers']} loader "
+                f"workers, resumed on {self.world} x {self.workers}: the shard streams "
+                f"restart at epoch {epoch}")
 
 
 # --------------------------------------------------------------------------- factory

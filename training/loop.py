@@ -63,11 +63,11 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
         if ctx.rank == 0 else None
 
     # -- resume: weights, EMA, optimizer, RNGs, data position
-    step, images_seen = 0, 0
+    step, images_seen, data_note = 0, 0, None
     if resume_from is not None:
         state = load_checkpoint(resume_from, net, ema, opt)
         step, images_seen = int(state["step"]), int(state["images_seen"])
-        data.load_state_dict(state["data"][ctx.rank])
+        data_note = data.load_state_dict(state["data"], ctx.rank)
 
     # -- wrappers for DDP and speed (checkpoints and EMA use the raw ``net``)
     ddp = DistributedDataParallel(net) if ctx.world > 1 else None
@@ -81,7 +81,7 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
     graphs = compiled and device.type == "cuda" and \
         cfg.run.compile_mode in ("reduce-overhead", "max-autotune")
     cb.on_start(cfg, {"rank": ctx.rank, "world": ctx.world, "device": str(device),
-                      "run_dir": str(run_dir), "start_step": step,
+                      "run_dir": str(run_dir), "start_step": step, "data_note": data_note,
                       "total_steps": cfg.total_steps, "family": family,
                       "parameters": sum(p.numel() for p in net.parameters())})
 
