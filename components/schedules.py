@@ -321,6 +321,11 @@ def min_snr_weight(lam: Tensor, gamma: float = 5.0, prediction: str = "eps") -> 
 # --------------------------------------------------------------------------- registry
 
 
+def _steps_as_int(kw: dict[str, float]) -> dict[str, float]:
+    """A discrete schedule's keyword arguments with its step count ``T`` as an int."""
+    return {k: (int(v) if k == "T" else v) for k, v in kw.items()}
+
+
 def build_schedule(name: str, **kw: float) -> Schedule:
     """Schedule by name: ``cosine``, ``sid2_shifted`` (needs d, d_ref), ``sid2_interpolated``
     (needs d, d_ref_lo, d_ref_hi), ``ddpm_linear``, ``sd_scaled_linear``,
@@ -338,11 +343,11 @@ def build_schedule(name: str, **kw: float) -> Schedule:
             shift_start=2 * math.log(hi / d), shift_end=2 * math.log(lo / d), **kw
         )
     if name == "ddpm_linear":
-        return ddpm_linear(**{k: (int(v) if k == "T" else v) for k, v in kw.items()})
+        return ddpm_linear(**_steps_as_int(kw))
     if name == "sd_scaled_linear":
-        return sd_scaled_linear(**{k: (int(v) if k == "T" else v) for k, v in kw.items()})
+        return sd_scaled_linear(**_steps_as_int(kw))
     if name == "squaredcos_cap_v2":
-        return squaredcos_cap_v2(**{k: (int(v) if k == "T" else v) for k, v in kw.items()})
+        return squaredcos_cap_v2(**_steps_as_int(kw))
     if name == "edm":
         return EDMSchedule(**kw)
     raise ValueError(
