@@ -116,13 +116,22 @@ class TrainConfig(_Section):
     batch_size: int = Field(64, ge=1)  # global images per optimizer step
     grad_accum: int = Field(1, ge=1)
     log_every_images: int = Field(1024, ge=1)
-    time_limit_s: float | None = Field(None, gt=0)  # stop (checkpoint, export) at a log step
+    # stop (checkpoint, export) at the first log step after this many training seconds: the
+    # loop's clock, which leaves out each process's first step (compilation) and the exports
+    time_limit_s: float | None = Field(None, gt=0)
+    count_flops: bool = True  # measure training FLOPs per image at the first step (logged)
 
 
 class CheckpointConfig(_Section):
+    """Checkpoints (resumable state) and snapshots (EMA model exports along the run)."""
+
     every_images: int = Field(5120, ge=1)
     keep_last: int = Field(3, ge=1)
     resume: bool = True  # the same run name resumes from its latest checkpoint
+    # export the EMA model to <run>/snapshots/<images seen>/ when the images seen, or the
+    # training FLOPs (train.count_flops), first reach each mark: quality along the run
+    snapshot_images: list[int] = Field(default_factory=list)
+    snapshot_flops: list[float] = Field(default_factory=list)
 
 
 class TrackingConfig(_Section):
@@ -171,6 +180,8 @@ class Config(_Section):
                                                 or self.data.source == "synthetic"):
             raise ValueError("objective.per_instance needs data.spectral_stats (the Parquet of "
                              "per-image spectral parameters)")
+        if self.checkpoint.snapshot_flops and not self.train.count_flops:
+            raise ValueError("checkpoint.snapshot_flops needs train.count_flops: true")
         if (self.objective.per_instance and self.data.source == "shards"
                 and not self.sampling.schedule_model):
             raise ValueError("objective.per_instance with sharded data needs "

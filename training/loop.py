@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,11 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
         if ctx.rank == 0 else None
 
     # -- resume: weights, EMA, optimizer, RNGs, data position
-    step, images_seen, data_note = 0, 0, None
+    step, images_seen, data_note, seconds = 0, 0, None, 0.0
     if resume_from is not None:
         state = load_checkpoint(resume_from, net, ema, opt)
         step, images_seen = int(state["step"]), int(state["images_seen"])
+        seconds = float(state.get("train_seconds", 0.0))
         data_note = data.load_state_dict(state["data"], ctx.rank)
 
     # -- wrappers for DDP and speed (checkpoints and EMA use the raw ``net``)
@@ -85,11 +87,34 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
                       "total_steps": cfg.total_steps, "family": family,
                       "parameters": sum(p.numel() for p in net.parameters())})
 
+    def export(directory: Path) -> Path:  # the EMA model, with how far training had come
+        exported = generative_model(cfg, ema, spectral)
+        d = save_model(
+            directory, ema, family=family, net_kwargs=net_kwargs,
+            prediction=cfg.objective.prediction, n_cond=n_cond_of(cfg),
+            resolution=cfg.data.resolution, in_channels=cfg.data.channels,
+            num_classes=cfg.data.num_classes, schedule_name=cfg.objective.schedule,
+            schedule_kwargs=dict(cfg.objective.schedule_kwargs), spectral=spectral,
+            spectral_kind=cfg.objective.per_instance,
+            kind=exported.kind, extra=exported.extra, training=cfg.public_dump())
+        (d / "progress.json").write_text(json.dumps(progress()))
+        return d
+
+    def progress() -> dict[str, float | None]:
+        return {"step": step, "images_seen": images_seen, "train_seconds": clock.seconds,
+                "first_step_s": clock.first_step_s,
+                "train_flops": None if flops is None else flops * images_seen,
+                "flops_per_image": flops}
+
     # -- the loop
+    start_step = step
     loss_sum, n_logged = torch.zeros((), device=device), 0
-    start_t = window_t = time.perf_counter()
+    window_t = time.perf_counter()
     window_images = 0
     metrics: dict[str, float] = {}
+    clock = parts.TrainingClock(device, seconds)
+    flops: float | None = None  # training FLOPs per image, measured at the first step
+    snapshot_images = [float(m) for m in cfg.checkpoint.snapshot_images]
     while step < cfg.total_steps:
         lr = parts.learning_rate(cfg, images_seen)
         for group in opt.param_groups:
@@ -99,6 +124,8 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
         for a in range(accum):  # gradient accumulation; DDP syncs on the last micro-step
             slot = ctx.rank * accum + a
             batch = data.batch(step, slot)
+            if flops is None and cfg.train.count_flops:
+                flops = parts.step_flops_per_image(objective, net, batch, cfg, device)
             torch.manual_seed(parts.step_seed(cfg.run.seed, step, slot))  # after the data
             if channels_last:
                 batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
@@ -116,6 +143,7 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
         parts.ema_update(ema, net, step, cfg)
         step, images_seen = step + 1, images_seen + cfg.train.batch_size
         n_logged, window_images = n_logged + 1, window_images + cfg.train.batch_size
+        clock.step_done()
         last = step == cfg.total_steps
 
         # -- metrics (all ranks take part in the mean of the loss)
@@ -125,21 +153,36 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
             metrics = {"loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm),
                        "images_seen": float(images_seen),
                        "images_per_second": window_images / max(seconds, 1e-9),
-                       "memory_gib": parts.peak_memory_gib(device)}
+                       "memory_gib": parts.peak_memory_gib(device),
+                       "train_seconds": clock.seconds}
+            if flops is not None:
+                metrics.update(gflops_per_image=flops / 1e9, train_flops=flops * images_seen)
+            if clock.first_step_s is not None and n_logged == step - start_step:
+                metrics["first_step_s"] = clock.first_step_s  # this process's first window
             cb.on_metrics(step, metrics)
             limit = cfg.train.time_limit_s  # every rank takes rank 0's decision
             if limit and float(parts.all_mean(torch.tensor(
-                    float(ctx.rank == 0 and time.perf_counter() - start_t > limit),
+                    float(ctx.rank == 0 and clock.seconds > limit),
                     device=device), ctx)) > 0:
                 last = True
             loss_sum.zero_()
             n_logged, window_t, window_images = 0, time.perf_counter(), 0
 
+        # -- snapshots of the EMA model along the run (rank 0)
+        before = images_seen - cfg.train.batch_size
+        if ctx.rank == 0 and (
+                parts.crossed_any(before, images_seen, snapshot_images)
+                or (flops is not None and parts.crossed_any(
+                    flops * before, flops * images_seen, cfg.checkpoint.snapshot_flops))):
+            with clock.paused():
+                export(run_dir / "snapshots" / f"{images_seen:012d}")
+
         # -- sample grids from the EMA weights at fixed seeds (rank 0)
         if ctx.rank == 0 and cfg.sampling.num_images and (
                 last or parts.crossed(images_seen, cfg.train.batch_size,
                                       cfg.sampling.every_images)):
-            grid = sample_grid(cfg, generative_model(cfg, ema, spectral), device)
+            with clock.paused():
+                grid = sample_grid(cfg, generative_model(cfg, ema, spectral), device)
             cb.on_images(step, "samples", grid)
 
         # -- checkpoint: every rank's data position, written by rank 0
@@ -151,10 +194,12 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
                 dist.all_gather_object(data_states, data.state_dict())
             path = None
             if ctx.rank == 0:
-                state = {"step": step, "images_seen": images_seen, "data": data_states,
-                         "world": ctx.world, "config": cfg.public_dump()}
-                path = save_checkpoint(checkpoint_dir, step, net, ema, opt, state,
-                                       cfg.checkpoint.keep_last)
+                with clock.paused():
+                    state = {"step": step, "images_seen": images_seen, "data": data_states,
+                             "world": ctx.world, "config": cfg.public_dump(),
+                             "train_seconds": clock.seconds}
+                    path = save_checkpoint(checkpoint_dir, step, net, ema, opt, state,
+                                           cfg.checkpoint.keep_last)
             cb.on_checkpoint(step, path, metrics)
         if last:
             break
@@ -162,15 +207,8 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
     # -- the end: export the EMA model (rank 0)
     model_dir = None
     if ctx.rank == 0:
-        exported = generative_model(cfg, ema, spectral)
-        model_dir = save_model(
-            run_dir / "model", ema, family=family, net_kwargs=net_kwargs,
-            prediction=cfg.objective.prediction, n_cond=n_cond_of(cfg),
-            resolution=cfg.data.resolution, in_channels=cfg.data.channels,
-            num_classes=cfg.data.num_classes, schedule_name=cfg.objective.schedule,
-            schedule_kwargs=dict(cfg.objective.schedule_kwargs), spectral=spectral,
-            spectral_kind=cfg.objective.per_instance,
-            kind=exported.kind, extra=exported.extra, training=cfg.public_dump())
+        with clock.paused():
+            model_dir = export(run_dir / "model")
     result = {**metrics, "step": step, "images_seen": images_seen,
               "model_dir": None if model_dir is None else str(model_dir)}
     cb.on_end(result, model_dir)

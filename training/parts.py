@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,3 +115,74 @@ def all_mean(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         dist.all_reduce(x)
         x /= ctx.world
     return x
+
+
+def step_flops_per_image(objective: nn.Module, net: nn.Module, batch: dict, cfg: Config,
+                         device: torch.device, n: int = 2) -> float:
+    """Training FLOPs per image of one step: forward and backward of ``objective`` on the
+    first ``n`` images of ``batch`` with the eager ``net``, counted by
+    ``torch.utils.flop_counter`` (matrix products and convolutions), divided by ``n``.
+    Attention runs through SDPA's math kernel here, so that its products are counted whatever
+    fused kernel (some of which the counter does not know) the device would pick.
+
+    Measured by the loop rather than declared by the model, so that an equal-compute
+    comparison rests on what each run did. The gradients it leaves are cleared.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = batch["images"].shape[0]
+    n = min(n, size)
+    part = {k: v[:n].clone() if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == size
+            else v for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        with autocast(cfg, device):
+            loss, _ = objective(net, part)
+        loss.backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / n
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (so that a wall clock read after it is exact)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def crossed_any(before: float, after: float, marks: list[float] | tuple[float, ...]) -> bool:
+    """True when a mark lies in (before, after]: a count passed it this step."""
+    return any(before < m <= after for m in marks)
+
+
+class TrainingClock:
+    """Training seconds: the wall time of the steps, leaving out each process's first step
+    (compilation, allocator warm-up; kept as ``first_step_s``) and whatever runs
+    :meth:`paused` (checkpoints, snapshots, sample grids). Queued device work is waited for
+    before a pause, so it is counted as training."""
+
+    def __init__(self, device: torch.device, seconds: float = 0.0) -> None:
+        self.device, self.seconds = device, seconds
+        self.first_step_s: float | None = None
+        self._start = time.perf_counter()
+        self._from: float | None = None
+
+    def step_done(self) -> None:
+        now = time.perf_counter()
+        if self._from is None:
+            synchronize(self.device)
+            now = time.perf_counter()
+            self.first_step_s = now - self._start
+        else:
+            self.seconds += now - self._from
+        self._from = now
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        synchronize(self.device)
+        if self._from is not None:
+            self.seconds += time.perf_counter() - self._from
+        try:
+            yield
+        finally:
+            if self._from is not None:
+                self._from = time.perf_counter()

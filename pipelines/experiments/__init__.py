@@ -18,7 +18,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from pipelines.experiments import chromatogram, spectral_schedules, upsample_guidance
+from pipelines.experiments import (
+    chromatogram,
+    dimr_vs_dit,
+    spectral_schedules,
+    upsample_guidance,
+)
 from pipelines.experiments.common import ExperimentSettings, Log, environment, log_to_mlflow
 
 
@@ -34,7 +39,7 @@ class Experiment:
 
 EXPERIMENTS: dict[str, Experiment] = {
     m.NAME: Experiment(m.NAME, m.CLAIM, m.Settings, m.PRESETS, m.run, m.__doc__ or "")
-    for m in (spectral_schedules, upsample_guidance, chromatogram)
+    for m in (spectral_schedules, upsample_guidance, chromatogram, dimr_vs_dit)
 }
 
 
