@@ -7,6 +7,8 @@
 #   bash benchmarks/experiments_gpu.sh eval      # S1 sampling + metrics, then S5
 #   bash benchmarks/experiments_gpu.sh s2-train  # S2's native model (needs all of tin64-train)
 #   bash benchmarks/experiments_gpu.sh s2-eval   # S2's feature network, sampling, metrics
+#   bash benchmarks/experiments_gpu.sh s4-train 590 --set 'arms=[dimr]'  # one S4 arm a call
+#   bash benchmarks/experiments_gpu.sh s4-eval   # S4's feature network, rows, curves
 #
 # Arguments after the stage and its seconds go to `prism experiment run` (for example
 # --set n_images=2000 to fit a smaller device budget).
@@ -29,7 +31,7 @@
 # ../shared/tools/gpu-wheels --no-ray. Results come back under $OUT; log them to MLflow here
 # with `prism experiment log DIR`.
 set -uo pipefail
-stage=${1:?usage: experiments_gpu.sh train|eval|s2-train|s2-eval [seconds [--set k=v ...]]}
+stage=${1:?usage: experiments_gpu.sh train|eval|s2-train|s2-eval|s4-train|s4-eval [seconds [--set k=v ...]]}
 budget=${2:-560}
 extra=("${@:3}")
 export PYTHONUNBUFFERED=1
@@ -62,6 +64,15 @@ case $stage in
     tar czf "$OUT/s1.tgz" -C /tmp/px/spectral-schedules --exclude samples .
     run chromatogram gpu
     tar czf "$OUT/s5.tgz" -C /tmp/px/chromatogram . ;;
+  s4-train)  # S4's arms need .gpudata/cifar10-{train,test}; an arm cut off resumes
+    run dimr-vs-dit gpu --set stop_after_training=true
+    for f in /tmp/px/references/{dimr,dit,unet}-*.log; do [ -f "$f" ] && tail -n 3 "$f"; done
+    for d in /tmp/px/references/{dimr,dit,unet}-*/; do
+      [ -f "$d/metrics.jsonl" ] && cp "$d/metrics.jsonl" "$OUT/$(basename "$d")-metrics.jsonl"
+    done ;;
+  s4-eval)
+    run dimr-vs-dit gpu
+    tar czf "$OUT/s4.tgz" -C /tmp/px/dimr-vs-dit --exclude samples . ;;
   s2-*)
     d=/tmp/px/data
     mkdir -p $d/tin64-train $d/tin64-val

@@ -78,7 +78,8 @@ def test_run_is_tracked_registered_and_loadable(tmp_path, mlflow_server, monkeyp
     samples = [f.path for f in client.list_artifacts(run.info.run_id, "samples")]
     assert samples == ["samples/samples-00000002.png", "samples/samples-00000004.png"]
     model_files = {f.path for f in client.list_artifacts(run.info.run_id, "model")}
-    assert model_files == {"model/model.safetensors", "model/config.json", "model/schedule.json"}
+    assert model_files == {"model/model.safetensors", "model/config.json", "model/schedule.json",
+                           "model/progress.json"}
     mv = client.get_model_version_by_alias("prism-test-tracked", "candidate")
     assert mv.run_id == run.info.run_id
     # the registered model loads back with the same weights

@@ -10,6 +10,9 @@ Layout of a model directory (also the MLflow artifact path ``model/`` of a train
     schedule.json       {"name", "kwargs": the global schedule (build_schedule),
                          "spectral": the fitted spectral schedule model JSON or null,
                          "spectral_kind": "frequency" | "power" | "mixed" | null}
+    progress.json       written by the training loop: {"step", "images_seen",
+                         "train_seconds", "first_step_s", "train_flops", "flops_per_image"}
+                         (how far training had come; not read when loading)
 """
 
 from __future__ import annotations

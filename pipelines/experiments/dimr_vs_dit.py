@@ -75,7 +75,7 @@ class Settings(ExperimentSettings):
     floor_data: str | None = None  # a second real set for the floors; None: real_data halves
     arms: list[str] = Field(default_factory=lambda: list(ARMS))
     time_limit_s: float = Field(480.0, gt=0)  # training seconds per arm (the loop's clock)
-    flop_marks: list[float] = Field(default_factory=lambda: [1.25e16, 2.5e16, 5e16, 1e17])
+    flop_marks: list[float] = Field(default_factory=lambda: [1.25e16, 2.5e16, 5e16, 7.5e16, 1e17])
     reference_sets: list[str] = Field(default_factory=list)  # overrides for every arm
     arm_sets: dict[str, list[str]] = Field(default_factory=dict)  # per-arm overrides
     feature_net: str | None = None  # weights; None: trained on train_data (feature_recipe)
