@@ -65,20 +65,77 @@ def iter_records(shard_url: str) -> Iterator[dict[str, Any]]:
     Samples are the contiguous groups of members that share a key; a group without an image
     member is skipped.
     """
-    raw = storage.read_bytes(shard_url)
-    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
-        current: dict[str, Any] = {}
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, ext = split_member(m.name)
-            if current and current["key"] != key:
-                yield from _finish(current)
-                current = {}
-            current.setdefault("key", key)
-            current[ext] = tar.extractfile(m).read()  # type: ignore[union-attr]
-        if current:
+    current: dict[str, Any] = {}
+    for name, data in tar_members(storage.read_bytes(shard_url)):
+        key, ext = split_member(name)
+        if current and current["key"] != key:
             yield from _finish(current)
+            current = {}
+        current.setdefault("key", key)
+        current[ext] = data
+    if current:
+        yield from _finish(current)
+
+
+class _NotPlain(Exception):
+    """A tar member type the fast reader leaves to ``tarfile``."""
+
+
+def tar_members(raw: bytes) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the regular files of a tar (plain or gzip), in order.
+
+    Reads the headers itself where the archive holds only what :class:`ShardWriter` and common
+    writers produce (regular files, directories, GNU long names, ustar prefixes): ``tarfile``
+    spends about 0.1 ms a member building ``TarInfo`` objects, 1.5 s for a 10,000-image
+    shard, which stalled the training stream whenever it opened a shard. Anything else (pax
+    headers, links, sparse files, base-256 sizes) goes through ``tarfile``. A damaged header
+    is an error (``tarfile`` would end the archive there without one).
+    """
+    data = gz.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    try:
+        return _fast_members(data)
+    except _NotPlain:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            return [(m.name, tar.extractfile(m).read()) for m in tar  # type: ignore[union-attr]
+                    if m.isfile()]
+
+
+def _fast_members(data: bytes) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+    pos, n, long_name = 0, len(data), None
+    while pos + 512 <= n:
+        header = data[pos:pos + 512]
+        if header[0] == 0:  # the end-of-archive blocks
+            break
+        size_field, chk_field = header[124:136], header[148:156]
+        if size_field[0] & 0x80:
+            raise _NotPlain("base-256 size")
+        try:
+            size = int(size_field.rstrip(b"\0 ") or b"0", 8)
+            chk = int(chk_field.rstrip(b"\0 ") or b"0", 8)
+        except ValueError:
+            raise tarfile.ReadError(f"bad tar header at byte {pos}") from None
+        if chk != sum(header[:148]) + 256 + sum(header[156:]):  # the field counts as spaces
+            raise tarfile.ReadError(f"bad tar header checksum at byte {pos}")
+        flag, body = header[156:157], pos + 512
+        pos = body + (size + 511) // 512 * 512
+        if flag == b"L":
+            long_name = data[body:body + size].rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if flag == b"5":
+            long_name = None
+            continue
+        if flag not in (b"0", b"\0", b"7"):
+            raise _NotPlain(f"member type {flag!r}")
+        name = long_name
+        if name is None:
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if header[257:263] == b"ustar\x00" and prefix:
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        long_name = None
+        out.append((name, data[body:body + size]))
+    return out
 
 
 def _finish(rec: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -45,7 +45,10 @@ def test_a_request_cut_into_parts_gives_the_same_images(model_dir):
     cut = asyncio.run(_sampler(model_dir, max_turn_image_steps=8).generate(req))  # 2 per part
     assert "parts" not in whole and cut["parts"] == 3
     assert cut["seeds"] == whole["seeds"] and cut["labels"] == whole["labels"]
-    np.testing.assert_array_equal(cut["images"], whole["images"])
+    # the same images: a batch of 2 and a batch of 6 round a few float sums differently on
+    # the CPU, which moves the odd 8-bit value by one level
+    a, b = np.asarray(cut["images"], dtype=int), np.asarray(whole["images"], dtype=int)
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.005
 
 
 async def _small_waits_while_large_runs(s: Sampler) -> tuple[float, float]:

@@ -167,6 +167,8 @@ class ShardData:
             self.dataset, batch_size=None, num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=self.cfg.data.num_workers > 0,
+            # four batches a worker: slack for a worker that is opening a shard
+            prefetch_factor=4 if self.cfg.data.num_workers > 0 else None,
             generator=torch.Generator().manual_seed(self.cfg.run.seed),  # not the global RNG
         )
         return iter(loader)

@@ -1,0 +1,70 @@
+"""The shard reader's own tar header parser agrees with ``tarfile`` member for member, and
+hands archives it does not handle to ``tarfile``."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from pipelines.shards import ShardWriter, tar_members
+
+
+def _reference(raw: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(raw), mode="r:*") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+def _tar(members: list[tuple[str, bytes]], fmt: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        d = tarfile.TarInfo("folder")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+MEMBERS = [("k1.png", b"\x89PNG" + bytes(700)), ("k1.cls", b"3"), ("k1.json", b"{}"),
+           ("sub/" + "x" * 150 + ".png", b"long name " * 60),  # GNU long name / ustar prefix
+           ("empty.txt", b""), ("k2.png", bytes(range(256)) * 3)]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_fast_reader_matches_tarfile(fmt):
+    members = MEMBERS if fmt == tarfile.GNU_FORMAT else [
+        m for m in MEMBERS if len(m[0]) < 100] + [("p" * 90 + "/" + "q" * 60 + ".png", b"u")]
+    raw = _tar(members, fmt)
+    assert tar_members(raw) == _reference(raw) == members
+    assert tar_members(gzip.compress(raw)) == members
+
+
+def test_pax_archives_go_through_tarfile():
+    raw = _tar([("ключ.png", b"pax needs a header for this name"), ("k.cls", b"1")],
+               tarfile.PAX_FORMAT)
+    assert tar_members(raw) == _reference(raw)
+    assert [n for n, _ in tar_members(raw)] == ["ключ.png", "k.cls"]
+
+
+def test_a_damaged_header_is_an_error_not_a_shorter_shard():
+    raw = bytearray(_tar(MEMBERS, tarfile.GNU_FORMAT))
+    raw[512 + 130] ^= 0x01  # a size digit of the first file's header: checksum mismatch
+    assert len(_reference(bytes(raw))) < len(MEMBERS)  # tarfile stops there, silently
+    with pytest.raises(tarfile.ReadError, match="checksum at byte 512"):
+        tar_members(bytes(raw))
+
+
+def test_shard_writer_output_reads_back(tmp_path: Path):
+    w = ShardWriter(tmp_path / "s.tar.gz", gzip=True)
+    for i in range(50):
+        w.write(f"key-{i:03d}", "png", bytes([i]) * (i + 1), i % 7, {"key": f"key-{i:03d}"})
+    w.close()
+    raw = (tmp_path / "s.tar.gz").read_bytes()
+    assert tar_members(raw) == _reference(raw)
+    assert len(tar_members(raw)) == 150
