@@ -38,9 +38,10 @@ def test_each_branch_predicts_at_its_resolution() -> None:
     assert three.branch_factors == [4, 2, 1]
 
 
-def test_forward_is_the_finest_branch_and_depends_on_time_and_class() -> None:
+@pytest.mark.parametrize("time_norm", ["td", "ada_zero"])
+def test_forward_is_the_finest_branch_and_depends_on_time_and_class(time_norm: str) -> None:
     torch.manual_seed(0)
-    net = dimr.build(**DEBUG)
+    net = dimr.build(**DEBUG, time_norm=time_norm)
     _perturb_all(net)
     x = torch.randn(3, 3, 16, 16)
     c, y = torch.tensor([[0.5], [0.5], [-0.5]]), torch.tensor([4, -1, 4])
@@ -132,3 +133,34 @@ def test_presets_are_registered() -> None:
         assert presets[name] == "dimr"
     for name in ("dit-b2-32", "dit-b4-64", "dit-debug"):
         assert presets[name] == "dit"
+
+
+def test_ada_zero_ablation_starts_as_identity_blocks_and_costs_parameters_not_flops() -> None:
+    from components.networks.adaln import AdaRMSNorm, Gate
+
+    torch.manual_seed(0)
+    td = dimr.build(**DEBUG)
+    torch.manual_seed(0)
+    ada = dimr.build(**DEBUG, time_norm="ada_zero")
+    assert not any(isinstance(m, TDRMSNorm) for m in ada.modules())
+    assert sum(isinstance(m, AdaRMSNorm) for m in ada.modules()) == sum(
+        isinstance(m, TDRMSNorm) for m in td.modules())
+    x, c = torch.randn(2, 3, 16, 16), torch.tensor([[0.3], [-0.3]])
+    block = ada.branches[0].stack.blocks[0]
+    tokens = torch.randn(2, 5, block.attn.num_heads * block.attn.head_dim)
+    e = ada.time_embed(torch.tensor([0.1, -0.4]))
+    torch.testing.assert_close(block(tokens, e), tokens)  # zero gates: the identity
+    assert sum(isinstance(m, Gate) for m in ada.modules()) == 2 * sum(
+        len(b.stack.blocks) for b in ada.branches)
+    flops = []
+    for net in (td, ada):
+        with FlopCounterMode(display=False) as fc:
+            net(x, c, torch.tensor([1, 2]))
+        flops.append(fc.get_total_flops())
+    assert flops[1] / flops[0] < 1.01
+    assert count_parameters(ada) > count_parameters(td)
+    # the time reaches the output only through the embedding: it gets a gradient in training
+    _perturb_all(ada)
+    ada(x, c, torch.tensor([1, 2])).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in ada.time_embed.parameters())

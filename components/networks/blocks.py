@@ -13,7 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from components.networks.adaln import AdaRMSNorm, Gate
 from components.networks.tdln import TDRMSNorm
+
+
+def rms_norm(dim: int, emb_dim: int) -> nn.Module:
+    """TD-RMSNorm, or with ``emb_dim`` > 0 the adaLN-Zero ablation's RMS norm (``adaln.py``);
+    either is called as ``norm(x, c)`` with c the time coordinate (B,) or embedding (B, E)."""
+    return AdaRMSNorm(dim, emb_dim) if emb_dim else TDRMSNorm(dim)
+
+
+def _gate(dim: int, emb_dim: int) -> Gate | None:
+    return Gate(dim, emb_dim) if emb_dim else None
 
 
 def init_linear(layer: nn.Linear | nn.Conv2d, std: float = 0.02) -> None:
@@ -33,12 +44,12 @@ def zero_init(layer: nn.Module) -> nn.Module:
 class SelfAttention(nn.Module):
     """Pre-norm multi-head self-attention: ``proj(SDPA(qkv(TDRMSNorm(x, c))))``."""
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, emb_dim: int = 0) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.norm = TDRMSNorm(dim)
+        self.norm = rms_norm(dim, emb_dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
         init_linear(self.qkv), init_linear(self.proj)
@@ -55,10 +66,10 @@ class SelfAttention(nn.Module):
 class GEGLUMLP(nn.Module):
     """Pre-norm GEGLU MLP: ``w2(gelu(w0 h) * w1 h)``, ``h = TDRMSNorm(x, c)``, hidden 2d."""
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, hidden_dim: int, emb_dim: int = 0) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim
-        self.norm = TDRMSNorm(dim)
+        self.norm = rms_norm(dim, emb_dim)
         self.w01 = nn.Linear(dim, 2 * hidden_dim)  # [w0; w1] fused into one matmul
         self.w2 = nn.Linear(hidden_dim, dim)
         init_linear(self.w01), init_linear(self.w2)
@@ -71,30 +82,36 @@ class GEGLUMLP(nn.Module):
 class TransformerBlock(nn.Module):
     """``x + Attn(x)``, then ``x + MLP(x)``; tokens (B, N, d)."""
 
-    def __init__(self, dim: int, num_heads: int, hidden_dim: int) -> None:
+    def __init__(self, dim: int, num_heads: int, hidden_dim: int, emb_dim: int = 0) -> None:
         super().__init__()
-        self.attn = SelfAttention(dim, num_heads)
-        self.mlp = GEGLUMLP(dim, hidden_dim)
+        self.attn = SelfAttention(dim, num_heads, emb_dim)
+        self.mlp = GEGLUMLP(dim, hidden_dim, emb_dim)
+        self.gate_attn, self.gate_mlp = _gate(dim, emb_dim), _gate(dim, emb_dim)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        x = x + self.attn(x, c)
-        return x + self.mlp(x, c)
+        y = self.attn(x, c)
+        x = x + (y if self.gate_attn is None else self.gate_attn(y, c))
+        y = self.mlp(x, c)
+        return x + (y if self.gate_mlp is None else self.gate_mlp(y, c))
 
 
 class ConvNeXtBlock(nn.Module):
     """``x + DWConv_k(x)``, then ``x + MLP(x)``; feature maps (B, H, W, d) channels-last."""
 
-    def __init__(self, dim: int, hidden_dim: int, kernel_size: int = 7) -> None:
+    def __init__(self, dim: int, hidden_dim: int, kernel_size: int = 7, emb_dim: int = 0
+                 ) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.mlp = GEGLUMLP(dim, hidden_dim)
+        self.mlp = GEGLUMLP(dim, hidden_dim, emb_dim)
+        self.gate_conv, self.gate_mlp = _gate(dim, emb_dim), _gate(dim, emb_dim)
         init_linear(self.dwconv)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         # (B, H, W, d) -> NCHW view with channels_last strides: the conv reads it in place
         y = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        x = x + y
-        return x + self.mlp(x, c)
+        x = x + (y if self.gate_conv is None else self.gate_conv(y, c))
+        y = self.mlp(x, c)
+        return x + (y if self.gate_mlp is None else self.gate_mlp(y, c))
 
 
 class UViTStack(nn.Module):

@@ -23,7 +23,6 @@ Linear (ours, documented): at initialisation the network ignores them.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from components.networks.adaln import AdaLayerNorm, TimeEmbedding
 from components.networks.blocks import (
     ConvNeXtBlock,
     TransformerBlock,
@@ -38,7 +38,12 @@ from components.networks.blocks import (
     init_linear,
     zero_init,
 )
-from components.networks.tdln import TDLayerNorm, param_groups, time_coordinate
+from components.networks.tdln import (
+    TDLayerNorm,
+    fourier_embed,
+    param_groups,
+    time_coordinate,
+)
 
 
 class BranchConfig(BaseModel):
@@ -65,13 +70,9 @@ class DiMRConfig(BaseModel):
     num_classes: int = Field(default=0, ge=0, description="0: unconditional")
     n_cond: Literal[1, 3] = 1
     branches: list[BranchConfig] = Field(min_length=1)
-
-
-def fourier_embed(c: Tensor, n_freq: int = 64, scale: float = 1000.0) -> Tensor:
-    """Sinusoidal embedding of each column of c (B, k) -> (B, 2 k n_freq), scaled by ``scale``."""
-    freqs = torch.exp(-math.log(1e4) * torch.arange(n_freq, device=c.device) / n_freq)
-    arg = (scale * c.float())[..., None] * freqs  # (B, k, n_freq)
-    return torch.cat([arg.cos(), arg.sin()], dim=-1).flatten(1)
+    # "td": TD-LN, the paper's network; "ada_zero": the ablation, adaLN-Zero norms and gates
+    # from a time embedding of the coarsest branch's width (``adaln.py``)
+    time_norm: Literal["td", "ada_zero"] = "td"
 
 
 def class_index(labels: Tensor, num_classes: int, batch: int) -> Tensor:
@@ -94,15 +95,20 @@ def pixel_shuffle_last(x: Tensor, r: int) -> Tensor:
     return x.reshape(B, h * r, w * r, C // (r * r))
 
 
+def layer_norm(dim: int, emb_dim: int) -> nn.Module:
+    """TD-LayerNorm, or with ``emb_dim`` > 0 the adaLN-Zero ablation's layer norm."""
+    return AdaLayerNorm(dim, emb_dim) if emb_dim else TDLayerNorm(dim)
+
+
 class Cascade(nn.Module):
     """TD-LN -> Linear(d_in -> d_out r^2) -> PixelShuffle(r) -> TD-LN."""
 
-    def __init__(self, d_in: int, d_out: int, r: int) -> None:
+    def __init__(self, d_in: int, d_out: int, r: int, emb_dim: int = 0) -> None:
         super().__init__()
         self.r = r
-        self.norm_in = TDLayerNorm(d_in)
+        self.norm_in = layer_norm(d_in, emb_dim)
         self.linear = nn.Linear(d_in, d_out * r * r)
-        self.norm_out = TDLayerNorm(d_out)
+        self.norm_out = layer_norm(d_out, emb_dim)
         init_linear(self.linear)
 
     def forward(self, feats: Tensor, c: Tensor) -> Tensor:
@@ -113,7 +119,8 @@ class Cascade(nn.Module):
 class Branch(nn.Module):
     """One resolution: input embedding, (cascade), U-ViT stack, eps head at grid ``g``."""
 
-    def __init__(self, cfg: BranchConfig, in_channels: int, grid: int) -> None:
+    def __init__(self, cfg: BranchConfig, in_channels: int, grid: int, emb_dim: int = 0
+                 ) -> None:
         super().__init__()
         self.cfg, self.grid = cfg, grid
         d, hidden = cfg.dim, cfg.hidden_dim or 2 * cfg.dim
@@ -124,11 +131,13 @@ class Branch(nn.Module):
         if cfg.kind == "transformer":
             if cfg.num_heads < 1:
                 raise ValueError("a transformer branch needs num_heads >= 1")
-            blocks = [TransformerBlock(d, cfg.num_heads, hidden) for _ in range(cfg.depth)]
+            blocks = [TransformerBlock(d, cfg.num_heads, hidden, emb_dim)
+                      for _ in range(cfg.depth)]
         else:
-            blocks = [ConvNeXtBlock(d, hidden, cfg.kernel_size) for _ in range(cfg.depth)]
+            blocks = [ConvNeXtBlock(d, hidden, cfg.kernel_size, emb_dim)
+                      for _ in range(cfg.depth)]
         self.stack = UViTStack(blocks, d)
-        self.head_norm = TDLayerNorm(d)
+        self.head_norm = layer_norm(d, emb_dim)
         k = cfg.out_kernel_size
         self.head = zero_init(nn.Conv2d(d, in_channels, k, padding=k // 2))
 
@@ -197,10 +206,12 @@ class DiMR(nn.Module):
         self.bounds_proj = None
         if cfg.n_cond == 3:  # (lambda(0), lambda(1)) -> token offset, zero at init
             self.bounds_proj = zero_init(nn.Linear(2 * 2 * 64, d0))
+        emb = d0 if cfg.time_norm == "ada_zero" else 0
+        self.time_embed = TimeEmbedding(emb) if emb else None
         self.branches = nn.ModuleList(
-            Branch(b, cfg.in_channels, g) for b, g in zip(cfg.branches, grids, strict=True))
+            Branch(b, cfg.in_channels, g, emb) for b, g in zip(cfg.branches, grids, strict=True))
         self.cascades = nn.ModuleList(
-            Cascade(b.dim * (b.depth + 1), nb.dim, g2 // g1) for b, nb, g1, g2 in zip(
+            Cascade(b.dim * (b.depth + 1), nb.dim, g2 // g1, emb) for b, nb, g1, g2 in zip(
                 cfg.branches, cfg.branches[1:], grids, grids[1:], strict=False))
 
     def _tokens(self, c_noise: Tensor, class_labels: Tensor | None, B: int) -> Tensor:
@@ -227,6 +238,8 @@ class DiMR(nn.Module):
         if c_noise.ndim != 2 or c_noise.shape[1] != self.n_cond:
             raise ValueError(f"c_noise must be (B, {self.n_cond}), got {tuple(c_noise.shape)}")
         c = time_coordinate(c_noise)  # (B,) in [-1, 1]
+        if self.time_embed is not None:  # the adaLN-Zero ablation: norms read an embedding
+            c = self.time_embed(c)  # (B, E)
         tokens = self._tokens(c_noise, class_labels, x.shape[0])
         outs, lowres = [], None
         last = len(self.branches) - 1

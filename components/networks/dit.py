@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from components.networks.blocks import init_linear, zero_init
-from components.networks.dimr import class_index, fourier_embed
-from components.networks.tdln import param_groups
+from components.networks.dimr import class_index
+from components.networks.tdln import fourier_embed, param_groups
 
 
 class DiTConfig(BaseModel):

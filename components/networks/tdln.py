@@ -45,6 +45,14 @@ def time_coordinate(c_noise: Tensor) -> Tensor:
     return torch.atan(torch.exp(-0.5 * lam)) * (4.0 / math.pi) - 1.0
 
 
+def fourier_embed(c: Tensor, n_freq: int = 64, scale: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of each column of c (B, k) -> (B, 2 k n_freq), scaled by ``scale``."""
+    freqs = torch.exp(-math.log(1e4) * torch.arange(n_freq, device=c.device) / n_freq)
+    arg = (scale * c.float())[..., None] * freqs  # (B, k, n_freq)
+    return torch.cat([arg.cos(), arg.sin()], dim=-1).flatten(1)
+
+
+
 class TimeDependentParameter(nn.Module):
     """A per-channel parameter vector that depends on the time coordinate ``c`` (B,).
 

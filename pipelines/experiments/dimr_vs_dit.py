@@ -8,8 +8,10 @@ through TD-LN) gives better samples than an adaLN-Zero DiT for the same training
 The setting: class-conditional CIFAR-10 at 32x32. Each arm is a shipped recipe trained under
 the same budget (``pipelines.experiments.arms``): ``dimr`` (``training/configs/
 dimr-32-2r.yaml``), ``dit`` (``dit-b2-32.yaml``, matched to it in training FLOPs per image),
-and ``unet`` (prism's DDPM UNet, ``cifar10-ddpm-eps.yaml`` made class-conditional with the
-same label dropout) as a third row, each with its own optimiser recipe, the same data order
+``unet`` (prism's DDPM UNet, ``cifar10-ddpm-eps.yaml`` made class-conditional with the
+same label dropout) as a third row, and ``dimr-adaln`` (the paper's ablation: the same DiMR
+with adaLN-Zero norms and gates instead of TD-LN, ``components/networks/adaln.py``), each with
+its own optimiser recipe, the same data order
 and seed, the same warm-up. Every arm trains for the same seconds on the loop's clock and
 exports EMA snapshots at shared training-FLOP marks. Rows:
 
@@ -61,6 +63,9 @@ ARMS: dict[str, ReferenceSpec] = {
     "dit": ReferenceSpec(config="dit-b2-32"),
     "unet": ReferenceSpec(config="cifar10-ddpm-eps",
                           sets=["data.num_classes=10", "objective.label_dropout=0.1"]),
+    # the paper's ablation: DiMR with adaLN-Zero in place of TD-LN, all else equal
+    "dimr-adaln": ReferenceSpec(config="dimr-32-2r",
+                                sets=["model.overrides.time_norm=ada_zero"]),
 }
 RULE = ("dimr@time and dimr@flops against dit at the same budget, paired bootstrap of "
         "FD-prism over the same seeds: 'reproduced' when both 95% intervals of dimr - dit lie "
@@ -111,7 +116,7 @@ _SMALL_SETS = ["data.resolution=32", "data.num_classes=8", "optim.warmup_images=
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU, a minute: the demo corpus (8 classes, 32x32), debug-sized networks of each family
     "small": {
-        "time_limit_s": 6.0, "flop_marks": [2e10, 4e10], "n_images": 24, "n_curve": 16,
+        "time_limit_s": 4.0, "flop_marks": [2e10, 4e10], "n_images": 24, "n_curve": 16,
         "steps": 4, "grid_images": 8, "batch_size": 32,
         "feature_recipe": {"width": 4, "epochs": 1, "batch_size": 32, "compile": False},
         "reference_sets": _SMALL_SETS,
@@ -122,7 +127,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "optim.lr=0.001"],
             "unet": ["model.preset=unet-debug", "model.overrides.resolution=32",
                      "model.overrides.channel_mult=[1, 2, 2]",
-                     "model.overrides.attention_resolutions=[]", "optim.lr=0.002"]},
+                     "model.overrides.attention_resolutions=[]", "optim.lr=0.002"],
+            "dimr-adaln": ["model.preset=dimr-debug", "model.overrides.resolution=32",
+                           "optim.lr=0.001"]},
         "metrics": {"swd_patches_per_image": 16, "swd_directions": 64, "swd_repeats": 1,
                     "kid_subset_size": 8, "kid_subsets": 10, "bootstrap": 10},
     },
@@ -245,7 +252,8 @@ def _progress(snap: dict[str, Any]) -> dict[str, Any]:
 
 
 def _compare(details: dict[str, Any], refs: dict[str, Any]) -> list[dict[str, Any]]:
-    """Paired differences b - a at each budget: dimr and unet against dit."""
+    """Paired differences b - a at each budget: dimr, unet and dimr-adaln against dit, and
+    dimr-adaln against dimr (the TD-LN ablation)."""
     out = []
     for budget in ("time", "flops"):
         a = f"dit@{budget}"
@@ -254,18 +262,20 @@ def _compare(details: dict[str, Any], refs: dict[str, Any]) -> list[dict[str, An
         metrics = [m for m in (next((k for k in details[a]["intervals"]["metrics"]
                                      if k.startswith("FD-prism")), None),
                                "swd_x1e3", "log_rapsd_l1") if m]
-        for b in (f"dimr@{budget}", f"unet@{budget}"):
-            if b in details:
-                out.append({"a": a, "b": b, "budget": budget,
-                            **{m: paired_difference(details[a], details[b], m)
+        pairs = [(a, f"{arm}@{budget}") for arm in ("dimr", "unet", "dimr-adaln")]
+        pairs.append((f"dimr@{budget}", f"dimr-adaln@{budget}"))
+        for x, y in pairs:
+            if x in details and y in details:
+                out.append({"a": x, "b": y, "budget": budget,
+                            **{m: paired_difference(details[x], details[y], m)
                                for m in metrics
-                               if m in details[b]["intervals"]["metrics"]}})
+                               if m in details[y]["intervals"]["metrics"]}})
     return out
 
 
 def verdict(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
     """The rule, fixed before measuring (``RULE``)."""
-    cells = [c for c in comparisons if c["b"].startswith("dimr@")]
+    cells = [c for c in comparisons if c["a"].startswith("dit@") and c["b"].startswith("dimr@")]
     metric = next((k for c in cells for k in c if k.startswith("FD-prism")), None)
     if len(cells) < 2 or metric is None:
         return {"verdict": "inconclusive", "rule": RULE,
