@@ -18,7 +18,9 @@ both the 1000-step chain and a respaced one. ``R`` is separable, ``R x = A x A^T
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -332,6 +334,7 @@ class SSDObjective:
     min_snr_gamma: float = 5.0
     label_dropout: float = 0.0
     name: str = "ssd"
+    _only: int | None = field(default=None, init=False, repr=False)  # see flop_cases
 
     def __post_init__(self) -> None:
         if not self.min_snr_gamma > 0:
@@ -351,9 +354,27 @@ class SSDObjective:
 
     def sample_steps(self, n: int) -> Tensor:
         """(n,) long steps from one segment of equal resolution pair (global RNG)."""
-        k0 = int(torch.randint(self.process.T, ()))
-        first, last = self.process.segments[int(self.process.segment_of[k0])]
+        seg = self._only
+        if seg is None:
+            seg = int(self.process.segment_of[int(torch.randint(self.process.T, ()))])
+        first, last = self.process.segments[seg]
         return torch.randint(first, last + 1, (n,))
+
+    def flop_cases(self) -> list[tuple[float, contextlib.AbstractContextManager[None]]]:
+        """A step's cost depends on the resolution pair its batch drew: each segment's
+        probability with a context in which the objective draws only from that segment, so
+        that the training loop counts the expected FLOPs per image."""
+        T = self.process.T
+        return [((last - first + 1) / T, self._restricted(i))
+                for i, (first, last) in enumerate(self.process.segments)]
+
+    @contextlib.contextmanager
+    def _restricted(self, segment: int) -> Iterator[None]:
+        self._only = segment
+        try:
+            yield
+        finally:
+            self._only = None
 
     def __call__(self, net: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         x0 = batch["images"]  # (B, C, base, base) in [-1, 1]

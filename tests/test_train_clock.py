@@ -116,3 +116,43 @@ def test_snapshot_flops_needs_the_flop_count(tmp_path):
 
     with pytest.raises(ConfigError, match="count_flops"):
         debug_config(tmp_path, "train.count_flops=false", "checkpoint.snapshot_flops=[1e9]")
+
+
+def test_ssd_flops_are_the_expectation_over_its_resolution_pairs():
+    from components.networks import flexi_unet
+    from components.networks.registry import build_network
+    from components.ssd import SSDObjective, SSDProcess
+    from training import parts
+
+    torch.manual_seed(0)
+    net = build_network("ssd-debug")
+    objective = SSDObjective(SSDProcess(16, **flexi_unet.ssd_settings("ssd-debug")))
+    cfg = debug_config(Path("unused"))
+    batch = {"images": torch.randn(2, 3, 16, 16), "labels": None}
+    cases = objective.flop_cases()
+    assert len(cases) == len(objective.process.segments) > 1
+    assert sum(w for w, _ in cases) == pytest.approx(1.0)
+    per_case = []
+    for i, (_, case) in enumerate(cases):
+        with case:
+            ks = objective.sample_steps(64)
+        assert len({(objective.process.res(int(k)), objective.process.res(int(k) - 1))
+                    for k in ks}) == 1  # one resolution pair per case
+        per_case.append(parts.step_flops_per_image(_Only(objective, i), net, batch, cfg,
+                                                   torch.device("cpu")))
+    assert len(set(per_case)) > 2  # the pairs cost differently
+    expected = sum(w * f for (w, _), f in zip(cases, per_case, strict=True))
+    measured = parts.step_flops_per_image(objective, net, batch, cfg, torch.device("cpu"))
+    assert measured == pytest.approx(expected, rel=1e-6)
+    assert min(per_case) < measured < max(per_case)
+
+
+class _Only:
+    """The SSD objective held to one case (no flop_cases of its own)."""
+
+    def __init__(self, objective, case: int) -> None:
+        self.objective, self.case = objective, case
+
+    def __call__(self, net, batch):
+        with self.objective.flop_cases()[self.case][1]:
+            return self.objective(net, batch)

@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,13 +118,15 @@ def all_mean(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return x
 
 
-def step_flops_per_image(objective: nn.Module, net: nn.Module, batch: dict, cfg: Config,
+def step_flops_per_image(objective: Any, net: nn.Module, batch: dict, cfg: Config,
                          device: torch.device, n: int = 2) -> float:
     """Training FLOPs per image of one step: forward and backward of ``objective`` on the
     first ``n`` images of ``batch`` with the eager ``net``, counted by
     ``torch.utils.flop_counter`` (matrix products and convolutions), divided by ``n``.
     Attention runs through SDPA's math kernel here, so that its products are counted whatever
-    fused kernel (some of which the counter does not know) the device would pick.
+    fused kernel (some of which the counter does not know) the device would pick. An objective
+    whose cost varies from step to step (SSD's resolution pairs) names its cases and their
+    probabilities (``flop_cases``): the count is their expectation.
 
     Measured by the loop rather than declared by the model, so that an equal-compute
     comparison rests on what each run did. The gradients it leaves are cleared.
@@ -135,12 +138,17 @@ def step_flops_per_image(objective: nn.Module, net: nn.Module, batch: dict, cfg:
     n = min(n, size)
     part = {k: v[:n].clone() if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == size
             else v for k, v in batch.items()}
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        with autocast(cfg, device):
-            loss, _ = objective(net, part)
-        loss.backward()
-    net.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / n
+    cases = objective.flop_cases() if hasattr(objective, "flop_cases") \
+        else [(1.0, contextlib.nullcontext())]
+    total = 0.0
+    for weight, case in cases:
+        with case, FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            with autocast(cfg, device):
+                loss, _ = objective(net, part)
+            loss.backward()
+        net.zero_grad(set_to_none=True)
+        total += weight * counter.get_total_flops()
+    return total / n
 
 
 def synchronize(device: torch.device) -> None:
