@@ -7,6 +7,8 @@
 #   bash benchmarks/experiments_gpu.sh eval      # S1 sampling + metrics, then S5
 #   bash benchmarks/experiments_gpu.sh s2-train  # S2's native model (needs all of tin64-train)
 #   bash benchmarks/experiments_gpu.sh s2-eval   # S2's feature network, sampling, metrics
+#   bash benchmarks/experiments_gpu.sh s3-train 590 --set 'arms=[ssd4]'  # one S3 arm a call
+#   bash benchmarks/experiments_gpu.sh s3-eval   # S3's feature network, rows, curves
 #   bash benchmarks/experiments_gpu.sh s4-train 590 --set 'arms=[dimr]'  # one S4 arm a call
 #   bash benchmarks/experiments_gpu.sh s4-eval   # S4's feature network, rows, curves
 #
@@ -15,7 +17,7 @@
 #
 # Tiny-ImageNet's 64x64 training shards (61 MB) exceed what one call carries with the wheels,
 # so they travel in two calls: carry .gpudata/tin64-a (shards 0-1 and the manifest) with
-# s2-train's first call and .gpudata/tin64-b (shards 2-4 and the manifest) and
+# the first call of s2-train or s3-train and .gpudata/tin64-b (shards 2-4 and the manifest) and
 # .gpudata/tin64-val with a later one; each stage merges what arrived into /tmp/px/data and
 # stops until all of it is there:
 #   mkdir -p .gpudata/tin64-a .gpudata/tin64-b
@@ -31,7 +33,7 @@
 # ../shared/tools/gpu-wheels --no-ray. Results come back under $OUT; log them to MLflow here
 # with `prism experiment log DIR`.
 set -uo pipefail
-stage=${1:?usage: experiments_gpu.sh train|eval|s2-train|s2-eval|s4-train|s4-eval [seconds [--set k=v ...]]}
+stage=${1:?usage: experiments_gpu.sh train|eval|s2-train|s2-eval|s3-train|s3-eval|s4-train|s4-eval [seconds [--set k=v ...]]}
 budget=${2:-560}
 extra=("${@:3}")
 export PYTHONUNBUFFERED=1
@@ -73,7 +75,7 @@ case $stage in
   s4-eval)
     run dimr-vs-dit gpu
     tar czf "$OUT/s4.tgz" -C /tmp/px/dimr-vs-dit --exclude samples . ;;
-  s2-*)
+  s2-*|s3-*)
     d=/tmp/px/data
     mkdir -p $d/tin64-train $d/tin64-val
     for part in .gpudata/tin64-a .gpudata/tin64-b; do
@@ -86,13 +88,23 @@ case $stage in
       echo "carry the missing parts (tin64-a, tin64-b, tin64-val) first"; exit 3; }
     sets=(--set train_data=$d/tin64-train --set feature_data=$d/tin64-train
           --set real_data=$d/tin64-val)
-    if [ "$stage" = s2-train ]; then
-      run upsample-guidance gpu "${sets[@]}" --set stop_after_training=true
-      for f in /tmp/px/references/native-*.log; do tail -n 4 "$f"; done
-    else
-      run upsample-guidance gpu "${sets[@]}"
-      tar czf "$OUT/s2.tgz" -C /tmp/px/upsample-guidance --exclude samples .
-    fi ;;
+    case $stage in
+      s2-train)
+        run upsample-guidance gpu "${sets[@]}" --set stop_after_training=true
+        for f in /tmp/px/references/native-*.log; do tail -n 4 "$f"; done ;;
+      s2-eval)
+        run upsample-guidance gpu "${sets[@]}"
+        tar czf "$OUT/s2.tgz" -C /tmp/px/upsample-guidance --exclude samples . ;;
+      s3-train)  # one arm a call: --set 'arms=[ssd4]'
+        run ssd-vs-ddpm gpu "${sets[@]:0:2}" "${sets[@]:4:2}" --set stop_after_training=true
+        for d2 in /tmp/px/references/{ssd4,ssd2,ddpm}-*/; do
+          [ -f "$d2/metrics.jsonl" ] && cp "$d2/metrics.jsonl" "$OUT/$(basename "$d2")-metrics.jsonl"
+        done ;;
+      s3-eval)
+        run ssd-vs-ddpm gpu "${sets[@]:0:2}" "${sets[@]:4:2}"
+        tar czf "$OUT/s3.tgz" -C /tmp/px/ssd-vs-ddpm --exclude samples . ;;
+      *) echo "unknown stage $stage"; exit 2 ;;
+    esac ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
 echo "stage $stage: $((SECONDS - start)) s"

@@ -22,6 +22,7 @@ from pipelines.experiments import (
     chromatogram,
     dimr_vs_dit,
     spectral_schedules,
+    ssd_vs_ddpm,
     upsample_guidance,
 )
 from pipelines.experiments.common import ExperimentSettings, Log, environment, log_to_mlflow
@@ -39,7 +40,8 @@ class Experiment:
 
 EXPERIMENTS: dict[str, Experiment] = {
     m.NAME: Experiment(m.NAME, m.CLAIM, m.Settings, m.PRESETS, m.run, m.__doc__ or "")
-    for m in (spectral_schedules, upsample_guidance, chromatogram, dimr_vs_dit)
+    for m in (spectral_schedules, upsample_guidance, ssd_vs_ddpm, dimr_vs_dit,
+              chromatogram)
 }
 
 

@@ -32,12 +32,15 @@ from pipelines.experiments.common import (
 )
 
 
-def arm_sets(time_limit_s: float, flop_marks: list[float]) -> list[str]:
+def arm_sets(time_limit_s: float, flop_marks: list[float] = (),
+             image_marks: list[int] = ()) -> list[str]:
     """The overrides that put an arm under the shared budget: stop on the training clock,
-    snapshots at the FLOP marks; total images out of the way."""
-    marks = ", ".join(f"{m:.6g}" for m in sorted(flop_marks))
+    snapshots at the FLOP and image marks; total images out of the way."""
+    flops = ", ".join(f"{m:.6g}" for m in sorted(flop_marks))
+    images = ", ".join(str(int(m)) for m in sorted(image_marks))
     return [f"train.time_limit_s={time_limit_s}", "train.total_images=1000000000000",
-            "train.count_flops=true", f"checkpoint.snapshot_flops=[{marks}]"]
+            "train.count_flops=true", f"checkpoint.snapshot_flops=[{flops}]",
+            f"checkpoint.snapshot_images=[{images}]"]
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -100,17 +103,107 @@ def _parameters(model_dir: Path) -> int | None:
         return int(sum(np.prod(f.get_slice(k).get_shape()) for k in f.keys()))
 
 
-def at_mark(snaps: list[dict[str, Any]], mark: float) -> dict[str, Any] | None:
-    """The snapshot taken at FLOP mark ``mark`` (the first whose FLOPs reach it), if any."""
-    return next((s for s in snaps if not s["final"] and (s.get("train_flops") or 0) >= mark),
-                None)
+def at_mark(snaps: list[dict[str, Any]], mark: float, key: str = "train_flops"
+            ) -> dict[str, Any] | None:
+    """The snapshot taken at mark ``mark`` of ``key`` (``train_flops`` or ``images_seen``):
+    the first whose count reaches it, if any."""
+    return next((s for s in snaps if not s["final"] and (s.get(key) or 0) >= mark), None)
 
 
-def common_mark(all_snaps: dict[str, list[dict[str, Any]]], marks: list[float]
-                ) -> float | None:
-    """The largest FLOP mark at which every arm has a snapshot."""
-    ok = [m for m in sorted(marks) if all(at_mark(s, m) for s in all_snaps.values())]
+def common_mark(all_snaps: dict[str, list[dict[str, Any]]], marks: list[float],
+                key: str = "train_flops") -> float | None:
+    """The largest mark at which every arm has a snapshot."""
+    ok = [m for m in sorted(marks) if all(at_mark(s, m, key) for s in all_snaps.values())]
     return ok[-1] if ok else None
+
+
+def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
+                  budget_name: str, evaluate: Any, n_rows: int, n_curve: int
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, list], Any]:
+    """Rows, metric details, curves and the common mark of every arm.
+
+    ``evaluate(arm, tag, model_dir, n) -> (row, details)`` samples and measures one model.
+    Rows: ``<arm>@time`` (final model) and ``<arm>@<budget_name>`` (the snapshot at the
+    largest mark of ``key`` that every arm reached); curves: every snapshot on ``n_curve``.
+    """
+    snaps = {a: snapshots(r["run_dir"]) for a, r in refs.items()}
+    mark = common_mark(snaps, marks, key)
+    rows, details = [], {}
+    for a, r in refs.items():
+        tag = f"{a}@time"
+        row, details[tag] = evaluate(a, tag, r["model_dir"], n_rows)
+        rows.append({"tag": tag, "arm": a, "budget": "time", **_progress(snaps[a][-1]), **row})
+    if mark is not None:
+        for a in refs:
+            snap = at_mark(snaps[a], mark, key)
+            tag = f"{a}@{budget_name}"
+            row, details[tag] = evaluate(a, tag, snap["dir"], n_rows)
+            rows.append({"tag": tag, "arm": a, "budget": budget_name, "mark": mark,
+                         **_progress(snap), **row})
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for a in refs:
+        curves[a] = []
+        for snap in snaps[a]:
+            tag = f"{a}@{snap['images_seen']}"
+            row, _ = evaluate(a, tag, snap["dir"], n_curve)
+            curves[a].append({"tag": tag, **_progress(snap), **row})
+    return rows, details, curves, mark
+
+
+def _progress(snap: dict[str, Any]) -> dict[str, Any]:
+    return {k: snap.get(k) for k in ("images_seen", "train_seconds", "train_flops")}
+
+
+def paired(details: dict[str, Any], pairs: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """Paired bootstrap differences b - a of FD-prism, SWD and log-RAPSD distance for each
+    (a, b, budget) whose rows both exist with intervals."""
+    from pipelines.experiments.common import paired_difference
+
+    out = []
+    for a, b, budget in pairs:
+        if a not in details or b not in details or "intervals" not in details[a]:
+            continue
+        have = details[a]["intervals"]["metrics"]
+        metrics = [m for m in have if m.startswith("FD-prism")] + ["swd_x1e3", "log_rapsd_l1"]
+        out.append({"a": a, "b": b, "budget": budget,
+                    **{m: paired_difference(details[a], details[b], m) for m in metrics
+                       if m in have and m in details[b]["intervals"]["metrics"]}})
+    return out
+
+
+def grid_figure(out: Path, tags: list[str], k: int) -> list[str]:
+    """grid.png: one row per tag of its first ``k`` saved samples (same seeds in every row)."""
+    from PIL import Image
+
+    from components.generate import image_grid, to_uint8
+    from pipelines.experiments.common import as_float
+
+    strips = [to_uint8(image_grid(as_float(torch.from_numpy(
+        np.load(out / "samples" / f"{t}.npy")[:k])), nrow=k)).numpy() for t in tags]
+    Image.fromarray(np.concatenate(strips, axis=0)).save(out / "grid.png")
+    (out / "grid_rows.json").write_text(json.dumps(tags))
+    return ["grid.png", "grid_rows.json"]
+
+
+def loss_figure(refs: dict[str, dict[str, Any]], path: Path) -> None:
+    """Each arm's training loss against its training seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (a, ref) in enumerate(refs.items()):
+        pts = [(t, loss) for t, _, loss in ref["budget"]["loss_curve"] if t is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), color=f"C{i}", label=a)
+    ax.set(xlabel="training time (s)", ylabel="training loss (each arm's own objective)",
+           yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def evaluate_model(tag: str, model_dir: str, seeds: list[int], labels: list[int] | None,

@@ -31,8 +31,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from pydantic import Field, field_validator
 
 from pipelines.experiments import arms as A
@@ -41,12 +39,10 @@ from pipelines.experiments.common import (
     Log,
     ReferenceSpec,
     Timer,
-    as_float,
     ensure_feature_net,
     environment,
     fd_key,
     feature_space,
-    paired_difference,
     real_floors,
     real_images,
     slim,
@@ -199,35 +195,21 @@ def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
     num_classes = _num_classes(refs)
     sample_kw = {"steps": s.steps, "sampler": s.sampler, "cfg_scale": s.cfg_scale}
 
-    def evaluate(tag: str, model_dir: str, n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    def evaluate(arm: str, tag: str, model_dir: str, n: int
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
         seeds = list(range(s.seed, s.seed + n))
         labels = [i % num_classes for i in seeds] if num_classes else None
         with timer("sampling+metrics"):
             return A.evaluate_model(tag, model_dir, seeds, labels, real, spaces, s.metrics,
                                     out, device, s.batch_size, sample_kw, log)
 
-    snaps = {a: A.snapshots(r["run_dir"]) for a, r in refs.items()}
-    mark = A.common_mark(snaps, s.flop_marks)
-    rows, details = [], {}
-    for a, r in refs.items():
-        tag = f"{a}@time"
-        row, details[tag] = evaluate(tag, r["model_dir"], s.n_images)
-        rows.append({"tag": tag, "arm": a, "budget": "time", **_progress(snaps[a][-1]), **row})
-    if mark is not None:
-        for a in refs:
-            snap = A.at_mark(snaps[a], mark)
-            tag = f"{a}@flops"
-            row, details[tag] = evaluate(tag, snap["dir"], s.n_images)
-            rows.append({"tag": tag, "arm": a, "budget": "flops", "flop_mark": mark,
-                         **_progress(snap), **row})
-    curves: dict[str, list[dict[str, Any]]] = {}
-    for a in refs:
-        curves[a] = []
-        for snap in snaps[a]:
-            tag = f"{a}@{snap['images_seen']}"
-            row, _ = evaluate(tag, snap["dir"], s.n_curve)
-            curves[a].append({"tag": tag, **_progress(snap), **row})
-    comparisons = _compare(details, refs)
+    rows, details, curves, mark = A.evaluate_arms(refs, s.flop_marks, "train_flops", "flops",
+                                                  evaluate, s.n_images, s.n_curve)
+    comparisons = A.paired(details, [
+        (x, y, budget) for budget in ("time", "flops")
+        for x, y in [(f"dit@{budget}", f"{arm}@{budget}") for arm in ("dimr", "unet",
+                                                                       "dimr-adaln")]
+        + [(f"dimr@{budget}", f"dimr-adaln@{budget}")]])
     results = {
         "experiment": NAME, "claim": CLAIM, "settings": s.model_dump(mode="json"),
         "references": refs, "feature_net": fnet, "real_data": real_src, "n_real": len(real),
@@ -245,32 +227,6 @@ def _num_classes(refs: dict[str, dict[str, Any]]) -> int:
     if len(counts) != 1:
         raise ValueError(f"the arms disagree on the number of classes: {sorted(counts)}")
     return counts.pop()
-
-
-def _progress(snap: dict[str, Any]) -> dict[str, Any]:
-    return {k: snap.get(k) for k in ("images_seen", "train_seconds", "train_flops")}
-
-
-def _compare(details: dict[str, Any], refs: dict[str, Any]) -> list[dict[str, Any]]:
-    """Paired differences b - a at each budget: dimr, unet and dimr-adaln against dit, and
-    dimr-adaln against dimr (the TD-LN ablation)."""
-    out = []
-    for budget in ("time", "flops"):
-        a = f"dit@{budget}"
-        if a not in details or "intervals" not in details[a]:
-            continue
-        metrics = [m for m in (next((k for k in details[a]["intervals"]["metrics"]
-                                     if k.startswith("FD-prism")), None),
-                               "swd_x1e3", "log_rapsd_l1") if m]
-        pairs = [(a, f"{arm}@{budget}") for arm in ("dimr", "unet", "dimr-adaln")]
-        pairs.append((f"dimr@{budget}", f"dimr-adaln@{budget}"))
-        for x, y in pairs:
-            if x in details and y in details:
-                out.append({"a": x, "b": y, "budget": budget,
-                            **{m: paired_difference(details[x], details[y], m)
-                               for m in metrics
-                               if m in details[y]["intervals"]["metrics"]}})
-    return out
 
 
 def verdict(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
@@ -291,35 +247,11 @@ def verdict(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
 def figures(results: dict[str, Any], out: Path, s: Settings) -> list[str]:
     """curves.png (FD-prism along the run against time and FLOPs), grid.png (one row per
     arm's final model, same seeds and labels), loss.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    from components.generate import image_grid, to_uint8
-
     rows = results["rows"]
-    metric = fd_key(rows[0]) if rows else None
-    metric = metric or "swd_x1e3"
+    metric = (fd_key(rows[0]) if rows else None) or "swd_x1e3"
     floor = results["floors"].get(str(s.n_curve), {}).get(metric)
     A.curve_figure(results["curves"], metric, floor, out / "curves.png")
-    k = min(s.grid_images, s.n_images)
-    tags = [r["tag"] for r in rows if r["budget"] == "time"]
-    strips = [to_uint8(image_grid(as_float(torch.from_numpy(
-        np.load(out / "samples" / f"{t}.npy")[:k])), nrow=k)).numpy() for t in tags]
-    Image.fromarray(np.concatenate(strips, axis=0)).save(out / "grid.png")
-    (out / "grid_rows.json").write_text(json.dumps(tags))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (a, ref) in enumerate(results["references"].items()):
-        pts = [(t, loss) for t, _, loss in ref["budget"]["loss_curve"] if t is not None]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), color=f"C{i}", label=a)
-    ax.set(xlabel="training time (s)", ylabel="training loss (each arm's own objective)",
-           yscale="log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
-    return ["curves.png", "grid.png", "grid_rows.json", "loss.png"]
+    grid = A.grid_figure(out, [r["tag"] for r in rows if r["budget"] == "time"],
+                         min(s.grid_images, s.n_images))
+    A.loss_figure(results["references"], out / "loss.png")
+    return ["curves.png", *grid, "loss.png"]
