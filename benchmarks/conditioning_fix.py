@@ -43,11 +43,11 @@ def child(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
+    from common.models import load_model
+    from common.run_config import load_config
     from components.diffusion import LAMBDA_SCALE, convert, q_sample
     from components.generate import generate
     from pipelines.eval_data import load_images
-    from training.artifacts import load_model
-    from training.config import load_config
     from training.launch import run_local
 
     out = Path(args.child_out)

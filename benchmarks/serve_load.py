@@ -68,7 +68,7 @@ def debug_model(directory: Path | None = None, preset: str = "unet-debug"
                             in_channels=3, num_classes=classes, schedule=sched)
     if directory is None:
         return model, None
-    from training.artifacts import save_model
+    from components.artifact import save_model
 
     save_model(directory, net, family=family, net_kwargs=kwargs, prediction=prediction,
                n_cond=1, resolution=res, in_channels=3, num_classes=classes,

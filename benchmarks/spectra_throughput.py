@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from common.shards import decode_rgb, iter_records, list_shards  # noqa: E402
 from pipelines.config import IngestConfig, SpectraJobConfig  # noqa: E402
 from pipelines.ingest import ingest  # noqa: E402
-from pipelines.shards import decode_rgb, iter_records, list_shards  # noqa: E402
 from pipelines.spectra_job import run_spectra, shard_statistics, spectra_params  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.run_config import load_config  # noqa: E402
 from training.callbacks import Callback  # noqa: E402
-from training.config import load_config  # noqa: E402
 from training.launch import run_local  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ kernel reads each frequency's three complex channel values once, forms the lumin
 linearity (F(Y) = sum_c l_c F(X_c)), and adds the four powers into their bin and the luminance
 power into its octave, in one pass with float64 accumulators.
 
-``pooling_tables`` turns the ``_bin_matrices`` of ``components/spectra.py`` into those
+``pooling_tables`` turns the ``bin_matrices`` of ``components/spectral_bins.py`` into those
 per-frequency indices and weights (with the normalisation folded in), so both paths share the
 definition of the bins. The compiled kernel is cached on disk (``cache=True``: next to this
 file in ``__pycache__``, or under ``NUMBA_CACHE_DIR``), so later processes load it instead of
@@ -22,7 +22,7 @@ import numba
 import numpy as np
 import torch
 
-from components.spectra import _bin_matrices, _chunk_size, n_octaves
+from components.spectral_bins import bin_matrices, chunk_size, n_octaves
 
 _L0, _L1, _L2 = 0.299, 0.587, 0.114  # Rec.601 luma (spectra.LUMA_REC601)
 
@@ -39,7 +39,7 @@ def pool_uint8(images: np.ndarray) -> tuple[np.ndarray, ...]:
     octave = np.empty((n_img, n_octaves(n_bins)), np.float32)
     dc = np.empty(n_img, np.float32)
     scale = (2.0 / 255.0) ** 2 / (h * w)  # power of rfft2(u8 - 127.5) -> orthonormal of x
-    tables, step = _tables(h, w), _chunk_size(h, w)
+    tables, step = _tables(h, w), chunk_size(h, w)
     x = np.empty((min(step, n_img), 3, h, w), np.float32)  # reused channel-plane buffer
     for s in range(0, n_img, step):
         u8 = images[s : s + step]
@@ -54,7 +54,7 @@ def pool_uint8(images: np.ndarray) -> tuple[np.ndarray, ...]:
 
 @lru_cache(maxsize=32)
 def _tables(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    avg, oct_sum, _ = _bin_matrices(h, w)
+    avg, oct_sum, _ = bin_matrices(h, w)
     return pooling_tables(avg, oct_sum, (2.0 / 255.0) ** 2 / (h * w))
 
 

@@ -28,6 +28,8 @@ import numpy as np
 import scipy.fft
 import torch
 
+from components.spectral_bins import bin_frequencies, bin_matrices, chunk_size
+
 Array = np.ndarray | torch.Tensor
 
 LUMA_REC601 = (0.299, 0.587, 0.114)
@@ -35,64 +37,6 @@ LUMA_REC601 = (0.299, 0.587, 0.114)
 QUANT_NOISE_VAR = (2.0 / 255.0) ** 2 / 12.0
 LAMBDA_QUANT = -math.log(QUANT_NOISE_VAR)  # about 12.18: no schedule needs more signal than this
 POWER_FLOOR = 1e-12  # power values are floored here before logs (constant images)
-
-
-# --------------------------------------------------------------------------- bin matrices
-
-
-@lru_cache(maxsize=32)
-def _bin_matrices(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Averaging matrices over the rfft2 half-spectrum of an (h, w) plane.
-
-    Returns (avg (h*wr, n_bins), octave_sum (h*wr, n_oct), dc_weight (h*wr,)) with
-    wr = w // 2 + 1. Columns of the half-spectrum that stand for two conjugate frequencies
-    get weight 2, so ``power_half @ M`` equals the same sum over the full spectrum.
-    """
-    n_bins = min(h, w) // 2
-    ky = np.fft.fftfreq(h, 1.0 / h)[:, None]  # integer frequencies (h, 1)
-    kx = np.arange(w // 2 + 1)[None, :]  # (1, wr)
-    r = np.rint(np.sqrt(ky**2 + kx**2)).astype(np.int64).ravel()  # (h*wr,)
-    mult = np.full((h, w // 2 + 1), 2.0)
-    mult[:, 0] = 1.0
-    if w % 2 == 0:
-        mult[:, -1] = 1.0  # the Nyquist column is its own conjugate
-    mult = mult.ravel()
-    avg = np.zeros((r.size, n_bins))
-    inside = (r >= 1) & (r <= n_bins)
-    avg[np.flatnonzero(inside), r[inside] - 1] = mult[inside]
-    avg /= avg.sum(axis=0, keepdims=True)  # mean over the bin's full-spectrum frequencies
-    # octaves: {1}, {2}, {3,4}, {5..8}, ..., the last one also takes the corners r > n_bins
-    n_oct = n_octaves(n_bins)
-    octave = np.zeros(r.size, dtype=np.int64)
-    nz = r >= 1
-    octave[nz] = np.minimum(np.ceil(np.log2(np.maximum(r[nz], 1))).astype(np.int64), n_oct - 1)
-    oct_sum = np.zeros((r.size, n_oct))
-    oct_sum[np.flatnonzero(nz), octave[nz]] = mult[nz] / (h * w)  # mean-square units
-    dc = np.zeros(r.size)
-    dc[0] = 1.0
-    return avg, oct_sum, dc
-
-
-def n_octaves(n_bins: int) -> int:
-    """Number of octave bands {1}, {2}, {3,4}, ... covering radii 1..n_bins."""
-    return int(math.ceil(math.log2(n_bins))) + 1 if n_bins >= 1 else 0
-
-
-@lru_cache(maxsize=32)
-def bin_frequencies(n_bins: int) -> np.ndarray:
-    """Radial frequency of each RAPSD entry (cycles per image), (n_bins,).
-
-    The mean exact radius ``sqrt(ky^2 + kx^2)`` of the frequencies in each integer-radius bin
-    of a (2 n_bins)-square plane (about r; 1.21 for r = 1). Power-law fits use these values,
-    which removes most of the rounding bias of integer bins at low frequencies.
-    """
-    size = 2 * n_bins
-    k = np.fft.fftfreq(size, 1.0 / size)
-    rad = np.sqrt(k[:, None] ** 2 + k[None, :] ** 2).ravel()
-    r = np.rint(rad).astype(np.int64)
-    sums = np.bincount(r, weights=rad, minlength=n_bins + 1)[1 : n_bins + 1]
-    counts = np.bincount(r, minlength=n_bins + 1)[1 : n_bins + 1]
-    return sums / counts
 
 
 def _check_planes(x: Array) -> None:
@@ -153,7 +97,7 @@ def rapsd(x: Array) -> Array:
     """
     _check_planes(x)
     h, w = x.shape[-2:]
-    return _matmul(power_half(x), _bin_matrices(h, w)[0])
+    return _matmul(power_half(x), bin_matrices(h, w)[0])
 
 
 def luminance(images: Array) -> Array:
@@ -249,7 +193,7 @@ def image_statistics(images: Array, params: SpectraParams | None = None) -> dict
         raise ValueError(f"image_statistics needs (B, 3, H, W), got {tuple(images.shape)}")
     _check_planes(images)
     h, w = images.shape[-2:]
-    avg, oct_sum, _ = _bin_matrices(h, w)
+    avg, oct_sum, _ = bin_matrices(h, w)
     # the DFT is linear: the luminance spectrum is the luma mix of the channel spectra,
     # so three FFTs serve four planes
     f_rgb = _rfft2(images)  # (B, 3, H, W // 2 + 1) complex
@@ -273,23 +217,17 @@ def image_statistics(images: Array, params: SpectraParams | None = None) -> dict
     }
 
 
-def _chunk_size(h: int, w: int) -> int:
-    """Images per chunk of the uint8 path: about 2^16 pixels (64 images at 32x32, 16 at
-    64x64), so that a chunk's float planes and spectra (~1 MiB) stay in a core's L2 cache."""
-    return max(1, (1 << 16) // (h * w))
-
-
 @lru_cache(maxsize=32)
 def _pool_matrices(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooling matrices for the interleaved squares of an unnormalised rfft2 of 255/2 x.
 
     Returns (lum (2 K, n_bins + n_oct), rgb (2 K, n_bins)) float32, K = h * (w // 2 + 1).
-    A row pair (re^2, im^2) of one frequency shares the ``_bin_matrices`` row, so
+    A row pair (re^2, im^2) of one frequency shares the ``bin_matrices`` row, so
     ``squares @ M`` sums re^2 + im^2 = |X|^2 inside the product. The factor
     (2/255)^2 / (h w) turns the power of ``rfft2(u8 - 127.5)`` into that of the orthonormal
     transform of ``x = u8 * 2/255 - 1`` (the two planes differ by the factor 2/255 only).
     """
-    avg, oct_sum, _ = _bin_matrices(h, w)
+    avg, oct_sum, _ = bin_matrices(h, w)
     scale = (2.0 / 255.0) ** 2 / (h * w)
     lum = np.repeat(np.concatenate([avg, oct_sum], axis=1) * scale, 2, axis=0)
     rgb = np.repeat(avg * scale, 2, axis=0)
@@ -351,7 +289,7 @@ def _pool_torch(images: np.ndarray) -> tuple[np.ndarray, ...]:
     """(lum (B, n_bins), rgb (B, 3, n_bins), octaves (B, n_oct), dc (B,)) float32, torch."""
     n_img, h, w = images.shape[:3]
     m_lum, m_rgb = _pool_matrices(h, w)
-    n_bins, k2, step = m_rgb.shape[1], m_rgb.shape[0], _chunk_size(h, w)  # k2 = 2 H (W//2+1)
+    n_bins, k2, step = m_rgb.shape[1], m_rgb.shape[0], chunk_size(h, w)  # k2 = 2 H (W//2+1)
     lum_out = torch.empty((n_img, m_lum.shape[1]))  # luminance bins, then octaves
     rgb_out = torch.empty((n_img, 3, n_bins))
     dc = torch.empty(n_img)

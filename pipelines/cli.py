@@ -61,8 +61,8 @@ def ingest(src: str = typer.Argument(..., help="folder, .tar[.gz], .npz, or shar
 
     A re-run into the same OUT resumes when the inputs and settings are the same, and refuses,
     naming what changed, when they are not (--fresh starts over)."""
+    from common.storage import StorageError
     from pipelines.ingest import ingest as run
-    from pipelines.storage import StorageError
 
     over = {"name": name, "size": size, "shard_size": shard_size, "shard_bytes": shard_bytes,
             "gzip": gzip, "seed": seed, "small": small}
@@ -91,8 +91,8 @@ def spectra(shards: str = typer.Argument(..., help="folder or s3:// prefix of sh
                                        "other settings or from changed shards (a re-run "
                                        "refuses without it)")) -> None:
     """Per-image spectra, fits and schedule bounds on Ray (RAY_ADDRESS or a local cluster)."""
+    from common.storage import StorageError
     from pipelines.spectra_job import run_spectra
-    from pipelines.storage import StorageError
 
     over = {"workers": workers, "shards_per_task": shards_per_task, "eps_lo": eps_lo,
             "eps_hi": eps_hi}
@@ -114,8 +114,8 @@ def schedules(stats: str = typer.Argument(..., help="folder of spectra .parquet 
                   "for all images (default --global)"),
               seed: Optional[int] = typer.Option(None, help="fit seed (default 0)")) -> None:
     """Fit the Gaussian mixture over per-image schedule parameters; save JSON."""
+    from common.storage import StorageError
     from pipelines.schedule_model import fit_schedule_model
-    from pipelines.storage import StorageError
 
     over = {"n_components": n_components, "per_class": per_class, "seed": seed}
     try:

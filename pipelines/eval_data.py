@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.shards import decode_rgb
+from common.shards import decode_rgb
 from pipelines.sources import enumerate_source
 
 

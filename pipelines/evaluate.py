@@ -123,8 +123,8 @@ def log_to_mlflow(run_id: str, rows: list[dict[str, Any]], out_dir: Path) -> Non
 
 def run_evaluate(cfg: EvalConfig, log: Any = print) -> dict[str, Any]:
     """Run the stage (see the module doc); returns the top-level metrics.json dict."""
+    from common.models import load_model
     from pipelines.eval_data import load_images
-    from training.artifacts import load_model
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

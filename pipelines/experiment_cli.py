@@ -19,7 +19,7 @@ experiment_app = typer.Typer(help="Reproduce the seed papers' claims: train or r
 
 
 def _overrides(pairs: list[str]) -> dict:
-    from training.config import ConfigError, parse_overrides
+    from common.run_config import ConfigError, parse_overrides
 
     try:
         return parse_overrides(pairs)

@@ -33,10 +33,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import storage
+from common import storage
+from common.shards import ShardWriter, shard_name
 from pipelines.config import IngestConfig
 from pipelines.images import BadImage, prepare_image
-from pipelines.shards import ShardWriter, shard_name
 from pipelines.sources import SourceItem, enumerate_source
 
 PART_SCHEMA = pa.schema([

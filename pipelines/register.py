@@ -191,17 +191,23 @@ def find_version(model_dir: Path) -> tuple[str, Any]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from training.config import config_from_dict
-    from training.tracking import model_name, register_model, tracking_uri
+    from common.registry import register_model, registered_name, resolve_tracking_uri
 
     meta = json.loads((model_dir / "config.json").read_text())
-    tcfg = config_from_dict(meta["training"], f"{model_dir}/config.json")
-    mlflow.set_tracking_uri(tracking_uri(tcfg))
-    client, name = mlflow.MlflowClient(), model_name(tcfg)
+    try:  # the model's training config, as training resolved and saved it
+        run, tracking = meta["training"]["run"], meta["training"]["tracking"]
+        project, run_name, alias = run["project"], run["name"], tracking["alias"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{model_dir}/config.json holds no training config (run.project, "
+                         "run.name, tracking.alias): not a model written by prism train") \
+            from None
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking.get("uri")))
+    client = mlflow.MlflowClient()
+    name = registered_name(project, run_name, tracking.get("register_name"))
     want = sha256_file(model_dir / "model.safetensors")
     candidates = []
     try:
-        candidates.append(client.get_model_version_by_alias(name, tcfg.tracking.alias))
+        candidates.append(client.get_model_version_by_alias(name, alias))
     except MlflowException:
         pass
     try:
@@ -212,10 +218,10 @@ def find_version(model_dir: Path) -> tuple[str, Any]:
     for mv in candidates:
         if _version_sha(client, mv) == want:
             return name, mv
-    mlflow.set_experiment(tcfg.run.project)
-    with mlflow.start_run(run_name=f"{tcfg.run.name}-import") as run:
+    mlflow.set_experiment(project)
+    with mlflow.start_run(run_name=f"{run_name}-import") as active:
         mlflow.set_tag("prism.imported_from", str(model_dir))
-        version = register_model(tcfg, run.info.run_id, model_dir)
+        version = register_model(name, alias, active.info.run_id, model_dir)
     return name, client.get_model_version(name, version)
 
 

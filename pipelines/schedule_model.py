@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from common import storage
 from components.spectral_schedules import PARAM_NAMES, ScheduleModel
-from pipelines import storage
 from pipelines.config import SchedulesConfig, SpectraJobConfig
 from pipelines.spectra_summary import read_stats
 

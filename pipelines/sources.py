@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import storage
-from pipelines.shards import IMAGE_EXTS, SHARD_SUFFIXES, split_member
+from common import storage
+from common.shards import IMAGE_EXTS, SHARD_SUFFIXES, split_member
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 

@@ -33,10 +33,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common import storage
+from common.shards import decode_rgb, iter_records, list_shards
 from components.spectra import SpectraParams, uint8_statistics
-from pipelines import storage
 from pipelines.config import SpectraJobConfig
-from pipelines.shards import decode_rgb, iter_records, list_shards
 
 STATS_SCHEMA = pa.schema([
     ("key", pa.string()), ("label", pa.int32()), ("height", pa.int32()), ("width", pa.int32()),

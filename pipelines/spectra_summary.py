@@ -17,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.spectra import bin_frequencies, power_law_fit
-from pipelines import storage
+from common import storage
+from components.spectra import power_law_fit
+from components.spectral_bins import bin_frequencies
 from pipelines.config import SpectraJobConfig
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)

@@ -74,7 +74,7 @@ def load_served_model(uri: str, device: str, cuda_graphs: bool = False
 
     ``cuda_graphs``: on CUDA, run the network's forward passes as recorded CUDA graphs
     (``components.cuda_graphs``; standard models, not Scale Space ones)."""
-    from training.artifacts import load_model
+    from common.models import load_model
 
     aliases: list[str] = []
     load_uri = uri

@@ -27,11 +27,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_helpers import debug_config  # noqa: E402
 
+from common.models import load_model  # noqa: E402
 from components.diffusion import LAMBDA_SCALE, convert, q_sample  # noqa: E402
 from components.generate import generate  # noqa: E402
 from components.networks.registry import build_network  # noqa: E402
 from components.networks.unet import ResBlock  # noqa: E402
-from training.artifacts import load_model  # noqa: E402
 from training.data import synthetic_images  # noqa: E402
 from training.launch import run_local  # noqa: E402
 

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from common.shards import iter_samples, list_shards
 from pipelines.config import IngestConfig
 from pipelines.ingest import ingest
-from pipelines.shards import iter_samples, list_shards
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from common.shards import iter_records, iter_samples, list_shards
 from pipelines.config import DemoConfig, IngestConfig
 from pipelines.demo import PHOTOGRAPHS, build_demo
 from pipelines.ingest import ingest
-from pipelines.shards import iter_records, iter_samples, list_shards
 
 
 def _images(n: int, size: int = 32, seed: int = 0) -> list[np.ndarray]:

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import storage
+from common import storage
+from common.shards import iter_samples, list_shards
 from pipelines.config import IngestConfig
 from pipelines.ingest import ingest
 from pipelines.schedule_model import fit_schedule_model
-from pipelines.shards import iter_samples, list_shards
 from pipelines.spectra_job import run_spectra
 
 pytestmark = pytest.mark.s3

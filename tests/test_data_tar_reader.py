@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.shards import ShardWriter, tar_members
+from common.shards import ShardWriter, tar_members
 
 
 def _reference(raw: bytes) -> list[tuple[str, bytes]]:

@@ -52,8 +52,8 @@ def test_the_champion_answers_to_its_class_and_guidance(clone):
     # the champion loaded as the service loads it: same seeds, other class / guidance
     import torch
 
+    from common.models import load_model
     from components.generate import generate
-    from training.artifacts import load_model
 
     reg = json.loads((clone.path / "outputs" / "register.json").read_text())
     model = load_model(clone.path / "outputs" / "train" / reg["best"] / "model")

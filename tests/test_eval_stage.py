@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from components.artifact import save_model
 from components.networks.registry import build_network, preset_kwargs
 from pipelines.eval_data import ImageSet
 from pipelines.evaluate import EvalConfig, run_evaluate
 from pipelines.feature_net import DEBUG_RECIPE, save_trained, train_feature_net
 from prism_cli import app
-from training.artifacts import save_model
 
 
 def _model_dir(path, num_classes: int = 2):

@@ -14,11 +14,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from common.run_config import load_config
 from pipelines import experiments
 from pipelines.experiments.common import config_path, feature_space, measure, real_images
 from pipelines.experiments.dimr_vs_dit import references
 from training.build import build_model, build_objective
-from training.config import load_config
 
 
 @pytest.fixture(scope="module")

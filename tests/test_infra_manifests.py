@@ -105,8 +105,8 @@ def test_rayjob_entrypoint_is_a_valid_train_command() -> None:
 
     import typer
 
+    from common.run_config import load_config
     from prism_cli import app
-    from training.config import load_config
 
     doc = next(_load(p) for p in KUBE if _load(p)["kind"] == "RayJob")
     argv = shlex.split(doc["spec"]["entrypoint"])
@@ -167,3 +167,17 @@ def test_runtime_env_upload_leaves_out_heavy_paths() -> None:
     assert {"prism_cli.py", "training", "components", "infra"} <= rel
     assert not rel & {".venv", ".git", "runs", "outputs", "mlruns", "data"}
     assert sum(p.stat().st_size for p in files) < 50 * 2**20
+
+
+def test_dockerfile_copies_every_package_before_the_install() -> None:
+    """``pip install -e`` in the image fails on a package folder it cannot find: each package
+    that pyproject.toml lists is copied before that line."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]
+    text = (INFRA / "Dockerfile").read_text()
+    before = text[: text.index("pip install --no-cache-dir -e")]
+    tops = {p.split(".")[0] for p in packages}
+    missing = sorted(t for t in tops if f"COPY --chown=ray:users {t} {t}" not in before)
+    assert not missing, f"infra/Dockerfile installs before copying {missing}"

@@ -71,8 +71,8 @@ def test_training_run_logs_and_registers_in_postgres_and_s3(stack, tmp_path, mon
     import mlflow
     import psycopg2
 
-    from training.artifacts import load_model
-    from training.config import load_config
+    from common.models import load_model
+    from common.run_config import load_config
     from training.launch import run_local
 
     url = stack["MLFLOW_TRACKING_URI"]

@@ -126,7 +126,7 @@ def test_submit_train_runs_on_the_cluster_and_registers(ray_head, tmp_path):
         assert mv.run_id == run.info.run_id
 
         # the registered weights are the ones the job's rank 0 exported
-        from training.artifacts import load_model
+        from common.models import load_model
 
         with mlflow_tracking(mlflow_url):
             model = load_model("models:/prism-rayjob@candidate")

@@ -98,8 +98,8 @@ def test_pipeline_on_s3_end_to_end(s3_server: str, tmp_path: Path) -> None:
                ["Body"].read())
 
     # the exported model is the last checkpoint's EMA, loads, and samples with its schedules
+    from common.models import load_model
     from components.generate import generate
-    from training.artifacts import load_model
 
     model_dir = Path(result["model_dir"])
     exported = load_file(str(model_dir / "model.safetensors"))

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from common.run_config import Config, ConfigError, load_config
 from pipelines.records import write_records
 from pipelines.register import RegisterConfig, load_register_config, passes, promote
 from prism_cli import app
-from training.config import Config, ConfigError, load_config
 
 
 def _model_dir(root: Path, name: str, uri: str, payload: bytes) -> Path:

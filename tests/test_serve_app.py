@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from components.artifact import save_model
 from components.networks.registry import preset_kwargs
-from training.artifacts import save_model
 
 pytestmark = pytest.mark.ray
 STEPS = 4
@@ -168,7 +168,7 @@ def test_registry_path_train_register_serve_by_alias(service, monkeypatch):
     then the running service loads it by alias from the registry and samples it."""
     import mlflow
 
-    from training.config import load_config
+    from common.run_config import load_config
     from training.loop import train
     from training.tracking import MLflowLogger
 
@@ -281,13 +281,18 @@ def test_a_loading_replica_takes_no_traffic_until_its_model_is_there(service, tm
 
     from serving.launch import build_from_config
 
-    cfg = test_config(str(service["model_dir"]), 0, "sqlite:///:memory:", load_delay_s=10)
+    # The Sampler waits 30 s before loading. The Ingress is a fresh worker process that imports
+    # torch, Ray Serve and FastAPI: on two busy cores that alone took more than 10 s, and the
+    # proxy holds a request to a route whose Ingress replica is still starting (not an error),
+    # so the first /healthz may wait that long before the Ingress answers 503 after its own
+    # HEALTH_WAIT_S.
+    cfg = test_config(str(service["model_dir"]), 0, "sqlite:///:memory:", load_delay_s=30)
     ray_serve._run(build_from_config(cfg), name="slow", route_prefix="/slow", _blocking=False)
     try:
         base = service["url"].rstrip("/") + "/slow"
         deadline = time.monotonic() + 60
         while True:  # the Ingress comes up first; the Sampler is still loading
-            r = requests.get(f"{base}/healthz", timeout=10)
+            r = requests.get(f"{base}/healthz", timeout=25)
             if r.status_code == 503:
                 assert "loading" in r.text
                 break

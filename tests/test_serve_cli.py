@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from components.artifact import save_model
 from components.networks.registry import build_network, preset_kwargs
 from prism_cli import app
-from training.artifacts import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)

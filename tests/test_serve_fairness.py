@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from components.artifact import save_model
 from components.networks.registry import build_network, preset_kwargs
 from serving.model import Sampler
-from training.artifacts import save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

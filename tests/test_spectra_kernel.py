@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from components import spectra
+from components import spectra, spectral_bins
 from components.spectra import image_statistics, uint8_statistics, uint8_to_unit
 
 pytest.importorskip("numba")
@@ -77,7 +77,7 @@ def test_bad_input_is_named_on_the_numba_path(monkeypatch: pytest.MonkeyPatch) -
 def test_pooling_tables_reject_overlapping_bins() -> None:
     from components._spectra_kernel import pooling_tables
 
-    avg, oct_sum, _ = spectra._bin_matrices(8, 8)
+    avg, oct_sum, _ = spectral_bins.bin_matrices(8, 8)
     bad = avg.copy()
     bad[1, :2] = 0.5  # one frequency in two bins
     with pytest.raises(ValueError, match="more than one bin"):

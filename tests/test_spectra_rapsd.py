@@ -11,7 +11,6 @@ import torch
 from components.spectra import (
     LAMBDA_QUANT,
     SpectraParams,
-    bin_frequencies,
     gaussian_random_field,
     image_statistics,
     luminance,
@@ -20,6 +19,7 @@ from components.spectra import (
     schedule_bounds,
     uint8_to_unit,
 )
+from components.spectral_bins import bin_frequencies
 
 
 @pytest.mark.parametrize("size", [32, 64, 33])

@@ -7,11 +7,11 @@ import pytest
 
 from components.spectra import (
     SpectraParams,
-    _chunk_size,
     image_statistics,
     uint8_statistics,
     uint8_to_unit,
 )
+from components.spectral_bins import chunk_size
 
 # float32 FFTs from two libraries (pocketfft vs torch/MKL): equal to float32 rounding
 RTOL = 2e-5
@@ -31,7 +31,7 @@ def _compare(u8: np.ndarray, params: SpectraParams | None = None) -> None:
 
 def test_equal_over_several_chunks_of_photo_like_images() -> None:
     rng = np.random.default_rng(0)
-    n = 2 * _chunk_size(64, 64) + 3  # three chunks, the last one partial
+    n = 2 * chunk_size(64, 64) + 3  # three chunks, the last one partial
     # smooth ramps + noise: a steep spectrum with structure at every scale
     yy, xx = np.mgrid[0:64, 0:64]
     base = (yy[None, :, :, None] * rng.uniform(0.5, 3, (n, 1, 1, 3))

@@ -15,8 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_helpers import debug_config  # noqa: E402
 
+from common.models import load_model  # noqa: E402
 from components.generate import generate  # noqa: E402
-from training.artifacts import load_model  # noqa: E402
 from training.build import build_model, build_objective  # noqa: E402
 from training.launch import run_local  # noqa: E402
 
@@ -112,7 +112,7 @@ def test_resume_carries_the_training_clock(tmp_path):
 
 
 def test_snapshot_flops_needs_the_flop_count(tmp_path):
-    from training.config import ConfigError
+    from common.run_config import ConfigError
 
     with pytest.raises(ConfigError, match="count_flops"):
         debug_config(tmp_path, "train.count_flops=false", "checkpoint.snapshot_flops=[1e9]")

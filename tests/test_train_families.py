@@ -23,11 +23,11 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_helpers import ROOT  # noqa: E402, F401
 
+from common.models import load_model  # noqa: E402
+from common.run_config import Config, load_config  # noqa: E402
 from components.generate import generate  # noqa: E402
 from components.samplers import SAMPLERS  # noqa: E402
-from training.artifacts import load_model  # noqa: E402
 from training.build import build_model, build_objective, ssd_settings_of  # noqa: E402
-from training.config import Config, load_config  # noqa: E402
 from training.data import build_data  # noqa: E402
 from training.launch import run_local  # noqa: E402
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_helpers import debug_config, losses, write_shards  # noqa: E402, F401
 
-from training.config import ConfigError, config_from_dict, load_config  # noqa: E402
+from common.run_config import ConfigError, config_from_dict, load_config  # noqa: E402
 from training.launch import run_local  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "train_debug_loss.json"
@@ -119,7 +119,7 @@ if __name__ == "__main__":  # regenerate the golden curve: python tests/test_tra
 
 
 def test_credentials_in_a_tracking_uri_are_never_written(tmp_path):
-    from training.config import redact_uri
+    from common.run_config import redact_uri
 
     assert redact_uri("http://user:s3cret@mlflow:5000/x") == "http://mlflow:5000/x"
     assert redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"

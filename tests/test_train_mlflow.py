@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_helpers import DEBUG  # noqa: E402, F401
 
-from training.artifacts import load_model  # noqa: E402
-from training.config import load_config  # noqa: E402
+from common.models import load_model  # noqa: E402
+from common.run_config import load_config  # noqa: E402
 from training.launch import run_local  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,9 +13,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_helpers import debug_config  # noqa: E402, F401
 
+from common.models import load_model  # noqa: E402
 from components.generate import GenerateOptions, generate, sampling_grid  # noqa: E402, I001
 from components.spectral_schedules import ScheduleModel  # noqa: E402
-from training.artifacts import load_model  # noqa: E402
 from training.launch import run_local  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_helpers import DEBUG, QUIET, ROOT, debug_config, write_shards  # noqa: E402
 
-from training.config import load_config  # noqa: E402
+from common.run_config import load_config  # noqa: E402
 from training.data import ShardData  # noqa: E402
 from training.launch import run_local  # noqa: E402
 from training.streams import iter_stream, list_shard_urls  # noqa: E402

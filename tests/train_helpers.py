@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.config import Config, load_config
+from common.run_config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "training" / "configs" / "debug.yaml"
@@ -29,7 +29,7 @@ def losses(run_dir: Path) -> list[float]:
 def write_shards(root: Path, sizes: list[int], resolution: int = 16, seed: int = 0,
                  classes: int = 4) -> list[str]:
     """Uneven PNG shards through the data pipeline's writer; returns all keys."""
-    from pipelines.shards import ShardWriter, shard_name
+    from common.shards import ShardWriter, shard_name
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -19,9 +19,9 @@ from typing import Any
 
 from torch import nn
 
+from common.run_config import Config
 from components.networks.registry import build_family, preset_kwargs
 from components.schedules import Schedule, build_schedule
-from training.config import Config
 
 OBJECTIVES: dict[str, tuple[str, str]] = {
     "diffusion": ("components.objectives", "DiffusionObjective"),

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from training.config import Config
+from common.run_config import Config
 
 
 class Callback:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from training.config import ConfigError, load_config
+from common.run_config import ConfigError, load_config
 
 
 def train_command(

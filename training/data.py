@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.run_config import Config
 from components.spectral_schedules import lambda_bounds, params_from_stats
-from training.config import Config
 from training.streams import ShardStreamDataset, check_class_count, load_spectral_params
 
 

@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from common.run_config import Config, config_from_dict
 from training.callbacks import Callback, ConsoleLogger, JsonlLogger
 from training.checkpoint import latest_checkpoint
-from training.config import Config, config_from_dict
 from training.loop import train
 
 

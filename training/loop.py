@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from common.run_config import Config
+from components.artifact import save_model
 from training import parts
-from training.artifacts import save_model
 from training.build import build_model, build_objective, n_cond_of, param_groups
 from training.callbacks import Callback, Callbacks
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import Config
 from training.data import MemoryData, build_data
 from training.sampling import generative_model, load_schedule_model, sample_grid
 

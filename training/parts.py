@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.config import Config
+from common.run_config import Config
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.run_config import Config
 from components.generate import GenerativeModel, generate, image_grid, to_uint8
 from training.build import n_cond_of, schedule_of, ssd_settings_of
-from training.config import Config
 
 
 def generative_model(cfg: Config, net: torch.nn.Module, spectral: dict[str, Any] | None

@@ -17,20 +17,25 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+
+from common import storage
+from common.shards import decode_rgb, iter_records, list_shards
+from components.spectral_schedules import PARAM_NAMES
 
 # --------------------------------------------------------------------------- shard access
 
 
 def list_shard_urls(url: str) -> list[str]:
-    """Shards under a local directory or ``s3://`` prefix (``pipelines.shards``), sorted."""
-    from pipelines.shards import list_shards
-
+    """Shards under a local directory or ``s3://`` prefix (``common.shards``), sorted."""
     return sorted(str(s) for s in list_shards(url))
 
 
@@ -39,8 +44,6 @@ def read_shard(url: str, mod: int = 1, res: int = 0) -> list[dict[str, Any]]:
     image bytes (``data``) and label. :func:`iter_stream` decodes each image as it yields it:
     decoding a whole shard on opening it (4.4 s for 10,000 CIFAR-10 PNGs) stalled the
     trainer, which waits on that loader worker, once per shard."""
-    from pipelines.shards import iter_records
-
     return [r for i, r in enumerate(iter_records(url)) if i % mod == res]
 
 
@@ -50,10 +53,6 @@ def check_class_count(url: str, num_classes: int) -> None:
     Without this the first out-of-range label surfaces as a model error after compilation;
     a corpus without ``ingest.json`` (hand-made shards) is not checked.
     """
-    import json
-
-    from pipelines import storage
-
     record = storage.join(url, "ingest.json")
     if num_classes <= 0 or not storage.exists(record):
         return
@@ -68,23 +67,13 @@ def load_spectral_params(path: str) -> dict[str, np.ndarray]:
     """Per-image spectral parameters ``(log_A, beta, lambda_min, lambda_max)`` (4,) float32
     keyed by sample key, from the data pipeline's spectral statistics Parquet (a file or a
     directory of files)."""
-    import pyarrow.parquet as pq
-
-    from components.spectral_schedules import PARAM_NAMES
-
     columns = ["key", *PARAM_NAMES]
     if path.startswith("s3://"):
-        import pyarrow as pa
-
-        from pipelines import storage
-
         files = storage.list_files(path, (".parquet",)) if not path.endswith(".parquet") \
             else [path]
         table = pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(f)),
                                                 columns=columns) for f in files])
     elif os.path.isdir(path):  # the spectra stage's folder also holds summary.json and PNGs
-        import pyarrow as pa
-
         files = sorted(glob.glob(os.path.join(path, "*.parquet")))
         if not files:
             raise FileNotFoundError(f"no .parquet files in {path}")
@@ -117,8 +106,6 @@ def iter_stream(shards: list[str], g: int, n_streams: int, seed: int, start: lis
     decoded as it is yielded, so that opening a shard costs the stream far less than the
     loader's prefetched batches cover.
     """
-    from pipelines.shards import decode_rgb
-
     epoch, shard_pos, sample_pos = start
     while True:
         plan = stream_plan(len(shards), n_streams, g, seed, epoch)

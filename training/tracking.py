@@ -23,28 +23,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
-import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from components.metrics.inception import sha256_file
+from common.registry import (
+    git_commit,
+    mark_model_development,
+    quiet_mlflow,
+    register_model,
+    registered_name,
+    resolve_tracking_uri,
+)
+from common.run_config import Config
 from training.callbacks import Callback
-from training.config import Config
-
-DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 def tracking_uri(cfg: Config) -> str:
-    """The tracking URI, made absolute for a local SQLite file (workers run elsewhere)."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    return uri
+    """The run's tracking URI (``common.registry.resolve_tracking_uri``)."""
+    return resolve_tracking_uri(cfg.tracking.uri)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -59,16 +58,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def model_name(cfg: Config) -> str:
-    return cfg.tracking.register_name or f"{cfg.run.project}-{cfg.run.name}"
+    return registered_name(cfg.run.project, cfg.run.name, cfg.tracking.register_name)
 
 
 class MLflowLogger(Callback):
@@ -156,7 +147,8 @@ class MLflowLogger(Callback):
 
         try:
             if model_dir is not None:
-                self.version = register_model(self.cfg, self.run_id, model_dir)  # type: ignore
+                self.version = register_model(model_name(self.cfg), self.cfg.tracking.alias,  # type: ignore
+                                              self.run_id, model_dir)
         finally:
             mlflow.end_run()
 
@@ -173,27 +165,6 @@ def readable(image: np.ndarray, caption: str, min_side: int = 512) -> np.ndarray
     canvas.paste(grid, (0, 22))
     ImageDraw.Draw(canvas).text((6, 5), caption, fill="black")
     return np.asarray(canvas)
-
-
-def quiet_mlflow() -> None:
-    """MLflow's INFO lines (database set-up, "experiment does not exist, creating", system
-    metrics started/stopped) are not the user's business inside a training log: warnings and
-    errors only, unless a more detailed level was asked for (``MLFLOW_LOGGING_LEVEL=DEBUG``)."""
-    for name in ("mlflow", "alembic"):
-        log = logging.getLogger(name)
-        if log.level in (logging.NOTSET, logging.INFO):
-            log.setLevel(logging.WARNING)
-
-
-def mark_model_development(experiment: Any) -> None:
-    """Tag the experiment as model development (``mlflow.experimentKind``), so that the MLflow
-    UI opens it on its runs rather than on the GenAI overview (traces, assistant)."""
-    import mlflow
-
-    if "mlflow.experimentKind" not in (experiment.tags or {}):
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id,
-                                                 "mlflow.experimentKind",
-                                                 "custom_model_development")
 
 
 def log_dataset(cfg: Config) -> None:
@@ -218,35 +189,6 @@ def log_dataset(cfg: Config) -> None:
         source = None
     if source is not None:
         mlflow.log_input(MetaDataset(source, name=name, digest=digest), context="training")
-
-
-def register_model(cfg: Config, run_id: str, model_dir: Path) -> str:
-    """Log ``model_dir`` as the run's ``model/`` artifacts, register it, set the alias;
-    returns the version. Weights identical to the run's last registered ones (same sha256)
-    register nothing new: their version is returned."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow.MlflowClient()
-    digest = sha256_file(model_dir / "model.safetensors")
-    tags = client.get_run(run_id).data.tags
-    if tags.get("prism.weights_sha256") == digest and tags.get("prism.model_version"):
-        return tags["prism.model_version"]
-    mlflow.log_artifacts(str(model_dir), artifact_path="model")
-    name = model_name(cfg)
-    try:
-        client.create_registered_model(name)
-    except MlflowException as err:
-        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
-            raise
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    mv = client.create_model_version(name, source, run_id=run_id,
-                                     tags={"git_commit": git_commit(),
-                                           "weights_sha256": digest})
-    client.set_registered_model_alias(name, cfg.tracking.alias, mv.version)
-    mlflow.set_tags({"registered_model": f"{name}/{mv.version}@{cfg.tracking.alias}",
-                     "prism.weights_sha256": digest, "prism.model_version": str(mv.version)})
-    return str(mv.version)
 
 
 def _has_psutil() -> bool:

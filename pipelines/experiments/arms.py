@@ -212,7 +212,7 @@ def evaluate_model(tag: str, model_dir: str, seeds: list[int], labels: list[int]
                    log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
     """Sample ``model_dir`` at ``seeds`` (reusing saved samples), measure against ``real``:
     (summary row with sampling seconds per image, metric details)."""
-    from training.artifacts import load_model
+    from common.models import load_model
 
     saved = saved_samples(out, tag, len(seeds))
     if saved is None:

@@ -122,6 +122,7 @@ def model_crossing(t: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
     """Measure the chromatogram of the model (and the Gaussian control); returns the results."""
+    from common.models import load_model
     from components.chromatography import (
         band_prediction,
         band_snr,
@@ -130,7 +131,6 @@ def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
         signal_fraction,
     )
     from components.generate import base_denoiser
-    from training.artifacts import load_model
 
     timer = Timer()
     device = s.resolved_device()

@@ -74,7 +74,7 @@ def config_path(name: str) -> Path:
 
 def reference_hash(spec: ReferenceSpec) -> str:
     """Eight hex digits of the resolved training config (what the weights depend on)."""
-    from training.config import load_config
+    from common.run_config import load_config
 
     cfg = load_config(config_path(spec.config), spec.sets).model_dump(mode="json")
     for section, key in (("run", "output_dir"), ("run", "name"), ("run", "project"),
@@ -330,7 +330,7 @@ def log_to_mlflow(experiment: str, out_dir: Path, results: dict[str, Any],
     except ImportError:
         log("mlflow is not installed: the run is not logged (prism experiment log DIR later)")
         return None
-    from training.tracking import mark_model_development
+    from common.registry import mark_model_development
 
     mark_model_development(mlflow.set_experiment(experiment))
     with mlflow.start_run(run_name=f"{results['setting']}-{results['environment']['commit']}") \

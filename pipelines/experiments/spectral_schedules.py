@@ -161,7 +161,7 @@ def references(s: Settings, train: str, stats: str, schedule: str) -> dict[str, 
 
 def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
     """Train (or reuse) both references, sample, measure; returns the results dict."""
-    from training.artifacts import load_model
+    from common.models import load_model
 
     timer = Timer()
     device = s.resolved_device()

@@ -181,7 +181,7 @@ def references(s: Settings, train: str) -> dict[str, ReferenceSpec]:
 
 def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
     """Train (or reuse) the native model, sample every method, measure; returns the results."""
-    from training.artifacts import load_model
+    from common.models import load_model
 
     timer = Timer()
     device = s.resolved_device()

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines import storage
+from common import storage
 
 SHARD_SUFFIXES = (".tar", ".tar.gz")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp")

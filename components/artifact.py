@@ -1,6 +1,9 @@
 """The model artifact: ``model.safetensors`` + ``config.json`` + ``schedule.json``; loading it
 back as a :class:`components.generate.GenerativeModel` (safetensors and JSON only, no pickle).
 
+The codec is part of the science core: training writes it, and serving, evaluation and the
+experiments read it through ``common.models.load_model`` (which also resolves MLflow URIs).
+
 Layout of a model directory (also the MLflow artifact path ``model/`` of a training run)::
 
     model.safetensors   EMA weights of the backbone
@@ -18,7 +21,6 @@ Layout of a model directory (also the MLflow artifact path ``model/`` of a train
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -73,36 +75,10 @@ def save_model(directory: str | Path, net: nn.Module, *, family: str, net_kwargs
     return d
 
 
-def _download(uri: str, dst: Path) -> Path:
-    """``runs:/ID/path``, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or any MLflow
-    artifact URI -> a local directory (MLflow's client, honouring MLFLOW_TRACKING_URI)."""
-    import mlflow
-
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-
-
-def load_model(uri_or_dir: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:
-    """Load a trained model for sampling.
-
-    ``load_model(uri_or_dir: str | Path, device: str | torch.device = "cpu") -> GenerativeModel``
-
-    ``uri_or_dir``: a local model directory (``model.safetensors``, ``config.json``,
-    ``schedule.json``), or an MLflow URI: ``runs:/<run id>/model``, ``models:/<name>@<alias>``
-    (e.g. ``models:/prism-debug@candidate``) or ``models:/<name>/<version>``; MLflow URIs are
-    downloaded to a temporary directory first (tracking server from MLFLOW_TRACKING_URI).
-    Returns the network on ``device`` in eval mode, with its prediction type, conditioning
-    width, native resolution, channels, classes, global schedule, kind and spectral model.
-    Only safetensors and JSON are read: loading never executes code.
-    """
-    src = str(uri_or_dir)
-    if "://" in src.split("/")[0] or src.startswith(("runs:/", "models:/")):
-        with tempfile.TemporaryDirectory() as tmp:
-            local = _download(src, Path(tmp))
-            return _load_dir(local, device)
-    return _load_dir(Path(src), device)
-
-
-def _load_dir(d: Path, device: str | torch.device) -> GenerativeModel:
+def load_dir(d: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:
+    """A model directory (see the module doc) as a :class:`GenerativeModel` on ``device`` in
+    eval mode. Only safetensors and JSON are read: loading never executes code."""
+    d = Path(d)
     missing = [f for f in ("model.safetensors", "config.json", "schedule.json")
                if not (d / f).is_file()]
     if missing:

@@ -1,0 +1,44 @@
+"""Loading a trained model from wherever it is: a local model directory or an MLflow URI.
+
+The artifact's format is ``components.artifact``; this adds the platform's side (MLflow's
+artifact store), so that training, evaluation, serving and the experiments share one loader.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from components.artifact import load_dir
+from components.generate import GenerativeModel
+
+
+def _download(uri: str, dst: Path) -> Path:
+    """``runs:/ID/path``, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or any MLflow
+    artifact URI -> a local directory (MLflow's client, honouring MLFLOW_TRACKING_URI)."""
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+
+
+def load_model(uri_or_dir: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:
+    """Load a trained model for sampling.
+
+    ``load_model(uri_or_dir: str | Path, device: str | torch.device = "cpu") -> GenerativeModel``
+
+    ``uri_or_dir``: a local model directory (``model.safetensors``, ``config.json``,
+    ``schedule.json``), or an MLflow URI: ``runs:/<run id>/model``, ``models:/<name>@<alias>``
+    (e.g. ``models:/prism-debug@candidate``) or ``models:/<name>/<version>``; MLflow URIs are
+    downloaded to a temporary directory first (tracking server from MLFLOW_TRACKING_URI).
+    Returns the network on ``device`` in eval mode, with its prediction type, conditioning
+    width, native resolution, channels, classes, global schedule, kind and spectral model.
+    Only safetensors and JSON are read: loading never executes code.
+    """
+    src = str(uri_or_dir)
+    if "://" in src.split("/")[0] or src.startswith(("runs:/", "models:/")):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = _download(src, Path(tmp))
+            return load_dir(local, device)
+    return load_dir(Path(src), device)
