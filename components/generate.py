@@ -12,122 +12,17 @@ never changes.
 from __future__ import annotations
 
 import math
-import weakref
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from components.diffusion import Cond, NetworkDenoiser, Prediction
-from components.schedules import Schedule
+from components.diffusion import Cond, NetworkDenoiser
+from components.model import GenerativeModel
+from components.options import GenerateOptions, check_options
 
-MAX_SEED = 2**63 - 1
 # A separate stream for the per-image spectral schedule draw, so it does not shift the noise.
 SCHEDULE_STREAM = 0x5EED_5C4E
-
-
-@dataclass
-class GenerativeModel:
-    """Everything needed to sample from a trained network, with no platform code.
-
-    net: the backbone ``net(x, c_noise, class_labels)``, in eval mode.
-    prediction: what the backbone predicts (eps, x0, v).
-    n_cond: 1 (lambda) or 3 (lambda, lambda(0), lambda(1): spectral schedules).
-    resolution, in_channels, num_classes: native image size and channels; 0 classes means
-        unconditional; class ``-1`` is the null class for classifier-free guidance.
-    schedule: the global schedule the model was trained with (used for sampling grids).
-    kind: ``"standard"`` (any sampler, guidance wrappers apply) or ``"ssd"`` (Scale Space
-        Diffusion: its own sampler over the resolution schedule, see ``components.ssd``).
-    spectral: the fitted spectral schedule model as saved in ``schedule.json`` (or None);
-        sampling with ``schedule="spectral"`` draws per-image schedules from it.
-    extra: family-specific settings saved with the model (for example the SSD levels).
-    """
-
-    net: nn.Module
-    prediction: Prediction
-    n_cond: int
-    resolution: int
-    in_channels: int
-    num_classes: int
-    schedule: Schedule
-    kind: str = "standard"
-    spectral: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class GenerateOptions:
-    """The settings of one ``generate`` call that are shared by all images of a batch."""
-
-    steps: int
-    sampler: str = "ddim"
-    eta: float = 0.0
-    cfg_scale: float = 1.0
-    resolution: int | None = None
-    upscale: Literal["ug", "cascade"] = "ug"
-    ug_theta: float = 1.3
-    ug_eta: float = 1.0
-    ug_order: Literal["ug_of_cfg", "cfg_of_ug", "cfg_high_only"] = "ug_of_cfg"
-    schedule: Literal["model", "spectral"] = "model"
-    time_aware: tuple[int, float | str] | None = None
-    clip_denoised: bool = True  # x0 estimates clamped to the data range [-1, 1] each step
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def check_request(model: GenerativeModel, opts: GenerateOptions, seeds: list[int],
-                  class_labels: list[int] | None) -> int:
-    """Validate the settings against the model; return the upscale factor m.
-
-    Raises ValueError naming the offending argument.
-    """
-    if opts.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {opts.steps}")
-    if not seeds:
-        raise ValueError("seeds must name at least one image")
-    if any(not 0 <= int(s) <= MAX_SEED for s in seeds):
-        raise ValueError(f"seeds must be in [0, {MAX_SEED}]")
-    if model.kind == "ssd" and (opts.resolution not in (None, model.resolution)
-                                or opts.cfg_scale != 1.0 or opts.time_aware is not None
-                                or opts.schedule != "model"):
-        raise ValueError("Scale Space Diffusion models sample at their native resolution with "
-                         "their own schedule: resolution, cfg_scale, time_aware and schedule "
-                         "must stay at their defaults")
-    res = opts.resolution or model.resolution
-    if res <= 0 or res % model.resolution:
-        raise ValueError(f"resolution {res} is not a positive multiple of the model's native "
-                         f"resolution {model.resolution}")
-    if class_labels is not None:
-        if len(class_labels) != len(seeds):
-            raise ValueError(f"class_labels has {len(class_labels)} entries for {len(seeds)} seeds")
-        if model.num_classes == 0:
-            raise ValueError("class_labels given but the model is unconditional")
-        bad = [c for c in class_labels if not 0 <= c < model.num_classes]
-        if bad:
-            raise ValueError(f"class_labels {bad[:4]} out of range [0, {model.num_classes})")
-    if opts.cfg_scale != 1.0 and class_labels is None:
-        raise ValueError("cfg_scale != 1 needs class_labels (classifier-free guidance)")
-    if opts.time_aware is not None:
-        second, switch = opts.time_aware
-        if class_labels is None:
-            raise ValueError("time_aware needs class_labels (the condition of the layout)")
-        if not 0 <= int(second) < model.num_classes:
-            raise ValueError(f"time_aware second class {second} out of range "
-                             f"[0, {model.num_classes})")
-        if switch != "auto" and not 0.0 < float(switch) < 1.0:
-            raise ValueError(f"time_aware switch time must be in (0, 1) or 'auto', got {switch}")
-    if opts.schedule == "spectral" and model.spectral is None:
-        raise ValueError("schedule 'spectral' needs a model saved with a spectral schedule model")
-    if opts.schedule not in ("model", "spectral"):
-        raise ValueError(f"schedule must be 'model' or 'spectral', got {opts.schedule!r}")
-    if opts.ug_order not in ("ug_of_cfg", "cfg_of_ug", "cfg_high_only"):
-        raise ValueError(f"ug_order must be ug_of_cfg, cfg_of_ug or cfg_high_only, "
-                         f"got {opts.ug_order!r}")
-    if opts.upscale not in ("ug", "cascade"):
-        raise ValueError(f"upscale must be 'ug' or 'cascade', got {opts.upscale!r}")
-    return res // model.resolution
 
 
 # --------------------------------------------------------------------------- noise
@@ -180,17 +75,26 @@ def generate(
     eps- or v-network's x0 at high noise is its error divided by alpha, and an unclamped one
     derails multistep solvers on young models.
     """
-    seeds = [int(s) for s in seeds]
     opts = GenerateOptions(steps=steps, sampler=sampler, eta=eta, cfg_scale=cfg_scale,
                            resolution=resolution, upscale=upscale, ug_theta=ug_theta,
                            ug_eta=ug_eta, ug_order=ug_order, schedule=schedule,
                            time_aware=time_aware, clip_denoised=clip_denoised)
+    return generate_with(model, opts, seeds, class_labels, device)
+
+
+def generate_with(model: GenerativeModel, opts: GenerateOptions, seeds: list[int],
+                  class_labels: list[int] | None = None,
+                  device: torch.device | str = "cpu") -> Tensor:
+    """:func:`generate` with its settings as one :class:`GenerateOptions` (what a service
+    or an experiment passes on). Raises ``components.options.OptionError`` naming the field
+    a setting the model cannot honour."""
+    seeds = [int(s) for s in seeds]
     device = torch.device(device)
-    m = check_request(model, opts, seeds, class_labels)
+    m = check_options(model, opts, seeds, class_labels)
     if model.kind == "ssd":
         from components.ssd import ssd_generate
 
-        return ssd_generate(model, seeds, steps, class_labels, device).clamp(-1, 1)
+        return ssd_generate(model, seeds, opts.steps, class_labels, device).clamp(-1, 1)
     with torch.no_grad():
         x = _sample(model, opts, seeds, class_labels, m, device)
     return x.clamp(-1.0, 1.0)
@@ -270,7 +174,7 @@ def _guided(model: GenerativeModel, opts: GenerateOptions, cond: Cond, m: int) -
                               order=opts.ug_order)
     if opts.time_aware is not None:
         second, switch = opts.time_aware
-        assert cond.class_labels is not None  # checked by check_request
+        assert cond.class_labels is not None  # checked by check_options
         late = Cond(torch.full_like(cond.class_labels, int(second)), cond.lambda_bounds)
         if switch == "auto":
             level = auto_switch_level(model.resolution * m)
@@ -279,87 +183,6 @@ def _guided(model: GenerativeModel, opts: GenerateOptions, cond: Cond, m: int) -
             lam_switch = float(model.schedule.lambda_(torch.tensor(float(switch))))
             den = TimeAwareConditioning(den, late, lam_switch)
     return den
-
-
-# --------------------------------------------------------------------------- memory
-
-
-_ACTIVATIONS: weakref.WeakKeyDictionary[nn.Module, tuple[float, float]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _activation_profile(model: GenerativeModel) -> tuple[float, float]:
-    """(floats per pixel, attention floats per pixel^2) for one image, measured once.
-
-    One forward pass at the native resolution with hooks on the leaf modules: the sum of
-    their outputs bounds the live activations of an inference pass from above; attention
-    modules add ``heads * (H W)^2`` for the score matrix (quadratic in the pixel count).
-    """
-    net = getattr(model.net, "unwrapped", model.net)  # a CUDA-graph wrapper's own network
-    if net in _ACTIVATIONS:
-        return _ACTIVATIONS[net]
-    r = model.resolution
-    linear, quad = [0.0], [0.0]
-
-    def hook(mod: nn.Module, _inp: Any, out: Any) -> None:
-        if isinstance(out, Tensor):
-            linear[0] += out.numel()
-        if "attention" in type(mod).__name__.lower() and isinstance(_inp[0], Tensor):
-            x = _inp[0]
-            hw = x.shape[-1] * x.shape[-2] if x.ndim == 4 else x.shape[-2]
-            quad[0] += getattr(mod, "num_heads", 1) * hw**2
-
-    mods = [m for m in net.modules() if not list(m.children())
-            or "attention" in type(m).__name__.lower()]
-    handles = [m.register_forward_hook(hook) for m in mods]
-    p = next(net.parameters(), torch.zeros(()))
-    try:
-        x = torch.zeros(1, model.in_channels, r, r, device=p.device, dtype=p.dtype)
-        c = torch.zeros(1, model.n_cond, device=p.device, dtype=p.dtype)
-        labels = torch.zeros(1, dtype=torch.long, device=p.device) if model.num_classes else None
-        with torch.no_grad():
-            net(x, c, labels)
-    finally:
-        for h in handles:
-            h.remove()
-    pixels = float(r * r)
-    prof = (linear[0] / pixels, quad[0] / pixels**2)
-    _ACTIVATIONS[net] = prof
-    return prof
-
-
-_PARAM_BYTES: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
-
-
-def _parameter_bytes(net: nn.Module) -> int:
-    """Bytes of ``net``'s parameters, counted once per network (a service asks per request)."""
-    if net not in _PARAM_BYTES:
-        _PARAM_BYTES[net] = sum(p.numel() * p.element_size() for p in net.parameters())
-    return _PARAM_BYTES[net]
-
-
-def memory_estimate_bytes(model: GenerativeModel, *, n_images: int, resolution: int | None = None,
-                          cfg_scale: float = 1.0, upscale: str = "ug",
-                          bytes_per_float: int = 4) -> int:
-    """A conservative estimate of the peak memory of one ``generate`` call (bytes).
-
-    Parameters + (images through the network at once) x activations(resolution).
-    Classifier-free guidance doubles the network batch; upsample guidance adds a pass on
-    1/m^2 of the pixels. Used to refuse requests over a cap before running them.
-    """
-    res = resolution or model.resolution
-    m = res // model.resolution
-    per_px, per_px2 = _activation_profile(model)
-    pixels = float(res * res)
-    act = per_px * pixels + per_px2 * pixels**2  # floats for one image at full resolution
-    batch = n_images * (2 if cfg_scale != 1.0 else 1)
-    if m > 1 and upscale == "ug":
-        low = pixels / m**2
-        act += per_px * low + per_px2 * low**2
-    params = _parameter_bytes(model.net)
-    state = 4 * n_images * model.in_channels * pixels  # x, prediction, noise, output
-    return int(params + bytes_per_float * (batch * act + state))
 
 
 # --------------------------------------------------------------------------- images
@@ -400,5 +223,6 @@ def base_denoiser(model: GenerativeModel) -> NetworkDenoiser:
     return NetworkDenoiser(model.net, model.prediction, model.n_cond)
 
 
-__all__ = ["Cond", "GenerativeModel", "GenerateOptions", "generate", "memory_estimate_bytes",
-           "image_grid", "to_uint8", "initial_noise", "per_image_generators", "check_request"]
+__all__ = ["Cond", "GenerativeModel", "GenerateOptions", "generate", "generate_with",
+           "image_grid", "to_uint8", "initial_noise",
+           "per_image_generators", "check_options"]

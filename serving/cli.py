@@ -226,10 +226,9 @@ def _sample_http(url: str, body: dict[str, Any], out: Path, timeout_s: float) ->
 
 
 def _sample_local(model_ref: str, body: dict[str, Any], out: Path) -> dict[str, Any]:
-    from components.generate import generate, to_uint8
+    from components.generate import generate_with, to_uint8
     from serving.encode import png_bytes
     from serving.loading import ModelNotFound, default_device, load_served_model, normalize_uri
-    from serving.model import _options
     from serving.schemas import GenerateRequest
 
     try:
@@ -237,14 +236,10 @@ def _sample_local(model_ref: str, body: dict[str, Any], out: Path) -> dict[str, 
         model, info = load_served_model(normalize_uri(model_ref), default_device())
     except (ValueError, ModelNotFound) as exc:
         _fail(str(exc))
-    o, seeds = _options(req), req.image_seeds()
+    seeds = req.image_seeds()
     start = time.perf_counter()
-    try:
-        images = generate(model, seeds=seeds, steps=o.steps, sampler=o.sampler, eta=o.eta,
-                          class_labels=req.image_labels(), cfg_scale=o.cfg_scale,
-                          resolution=o.resolution, upscale=o.upscale, ug_theta=o.ug_theta,
-                          ug_eta=o.ug_eta, ug_order=o.ug_order, schedule=o.schedule,
-                          time_aware=o.time_aware, device=info["device"])
+    try:  # the same options object, checks and sampler as the service
+        images = generate_with(model, req.options(), seeds, req.image_labels(), info["device"])
     except ValueError as exc:
         _fail(str(exc))
     for s, im in zip(seeds, to_uint8(images).numpy(), strict=True):

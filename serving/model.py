@@ -17,7 +17,6 @@ about one part's time, not by its whole run. A request not answered within
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import threading
 import time
@@ -30,15 +29,12 @@ import torch
 from pydantic import ValidationError
 from ray import serve
 
-from components.generate import (
-    GenerateOptions,
-    GenerativeModel,
-    check_request,
-    generate,
-    memory_estimate_bytes,
-    to_uint8,
-)
+from components.generate import generate_with, to_uint8
+from components.model import GenerativeModel
+from components.options import GenerateOptions, OptionError, check_options
+from serving.diagnostics import time_generate
 from serving.loading import ModelNotFound, default_device, load_served_model, normalize_uri
+from serving.memory import memory_estimate_bytes
 from serving.merging import DeviceMerger
 from serving.schemas import GenerateRequest
 
@@ -74,25 +70,6 @@ class Job:
     received: float
     extra: dict[str, Any] = field(default_factory=dict)
     deadline: float = float("inf")  # perf_counter time after which it is answered 504
-
-
-def _options(req: GenerateRequest) -> GenerateOptions:
-    ta = None if req.time_aware is None else (req.time_aware.second_class, req.time_aware.switch_t)
-    return GenerateOptions(
-        steps=req.steps, sampler=req.sampler, eta=req.eta, cfg_scale=req.cfg_scale,
-        resolution=req.resolution, upscale=req.upscale, ug_theta=req.ug_theta,
-        ug_eta=req.ug_eta, ug_order=req.ug_order, schedule=req.schedule, time_aware=ta,
-        clip_denoised=req.clip_denoised,
-    )
-
-
-_FIELD_WORDS = ("resolution", "class_labels", "cfg_scale", "time_aware", "schedule", "steps",
-                "seeds", "upscale", "sampler")
-
-
-def _field_of(message: str) -> str | None:
-    low = message.lower()
-    return next((f for f in _FIELD_WORDS if f in low), None)
 
 
 @serve.deployment(name="Sampler", max_ongoing_requests=64)
@@ -201,46 +178,15 @@ class Sampler:
 
     async def time_generate(self, batch: int = 32, steps: int = 16, repeats: int = 3,
                             gc_off: bool = False, threads: int = 0) -> dict[str, float]:
-        """Diagnostic (handle only, not routed over HTTP): median seconds of one ``generate``
-        call of the default model in this replica, run as the service runs it (a worker
-        thread) and directly in the event-loop thread, for comparison with an offline call;
-        optionally with Python's cyclic GC off, or ``threads`` torch threads, meanwhile."""
+        """Diagnostic (handle only, not routed over HTTP): ``serving.diagnostics.time_generate``
+        of one ``batch``-image, ``steps``-step generation of the default model."""
         if self.default_uri not in self.models:
             raise ServiceError(503, f"model {self.default_uri} is not loaded")
         model = self.models[self.default_uri].model
-        kw = dict(seeds=list(range(batch)), steps=steps, device=self.device)
-        cuda = str(self.device).startswith("cuda")
-        old_threads, gc_was = torch.get_num_threads(), gc.isenabled()
-        if threads:
-            torch.set_num_threads(threads)
-        if gc_off:
-            gc.disable()
-        try:
-            return await self._time_generate(model, kw, repeats, cuda)
-        finally:
-            torch.set_num_threads(old_threads)
-            if gc_was:
-                gc.enable()
-
-    async def _time_generate(self, model: Any, kw: dict[str, Any], repeats: int,
-                             cuda: bool) -> dict[str, float]:
-        def timed(run: Any) -> float:
-            run()  # warm-up, finished before the clock starts
-            if cuda:
-                torch.cuda.synchronize()
-            out = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                run()
-                if cuda:
-                    torch.cuda.synchronize()
-                out.append(time.perf_counter() - t)
-            return sorted(out)[len(out) // 2]
-
-        in_thread = await asyncio.to_thread(timed, lambda: self._generate(model, **kw))
-        in_loop = timed(lambda: self._generate(model, **kw))
-        return {"worker_thread_s": in_thread, "event_loop_thread_s": in_loop,
-                "torch_threads": float(torch.get_num_threads())}
+        opts, seeds = GenerateOptions(steps=steps), list(range(batch))
+        return await time_generate(lambda: self._generate(model, opts, seeds, None),
+                                   repeats=repeats, cuda=str(self.device).startswith("cuda"),
+                                   gc_off=gc_off, threads=threads)
 
     async def stats(self) -> dict[str, int]:
         return {str(k): v for k, v in sorted(self.batches.items())}
@@ -332,11 +278,11 @@ class Sampler:
         return self._job(req, loaded, received)
 
     def _job(self, req: GenerateRequest, loaded: Loaded, received: float) -> Job:
-        opts, seeds, labels = _options(req), req.image_seeds(), req.image_labels()
+        opts, seeds, labels = req.options(), req.image_seeds(), req.image_labels()
         try:
-            m = check_request(loaded.model, opts, seeds, labels)
-        except ValueError as exc:
-            raise ServiceError(422, str(exc), _field_of(str(exc))) from exc
+            m = check_options(loaded.model, opts, seeds, labels)
+        except OptionError as exc:
+            raise ServiceError(422, str(exc), exc.field) from exc
         res = loaded.model.resolution * m
         need = memory_estimate_bytes(loaded.model, n_images=len(seeds), resolution=res,
                                      cfg_scale=opts.cfg_scale, upscale=opts.upscale)
@@ -372,9 +318,9 @@ class Sampler:
             for chunk in self._chunks([jobs[i] for i in idx], idx):
                 try:
                     await self._run_group(jobs, chunk, results)
-                except ValueError as exc:  # a setting the checks did not catch
+                except OptionError as exc:  # checked per request; a group is checked again
                     for i in chunk:
-                        results[i] = ServiceError(422, str(exc), _field_of(str(exc))).as_dict()
+                        results[i] = ServiceError(422, str(exc), exc.field).as_dict()
                 except Exception as exc:
                     log.exception("generate failed")
                     for i in chunk:
@@ -396,18 +342,20 @@ class Sampler:
             n += k
         return chunks + [cur]
 
-    def _generate(self, model: Any, **kwargs: Any) -> Any:
-        """``generate`` in the worker thread (autocast is per thread), bf16 when set."""
+    def _generate(self, model: GenerativeModel, opts: GenerateOptions, seeds: list[int],
+                  labels: list[int] | None) -> torch.Tensor:
+        """``generate_with`` in the worker thread (autocast is per thread), bf16 when set."""
         if not self.bf16:
-            return generate(model, **kwargs)
+            return generate_with(model, opts, seeds, labels, self.device)
         with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16):
-            return generate(model, **kwargs)
+            return generate_with(model, opts, seeds, labels, self.device)
 
-    def _generate_uint8(self, model: Any, **kwargs: Any) -> Any:
+    def _generate_uint8(self, model: GenerativeModel, opts: GenerateOptions, seeds: list[int],
+                        labels: list[int] | None) -> np.ndarray:
         """``_generate`` to uint8 NHWC numpy, all in the worker thread: the copy to the host
         waits for the device, which must not block the event loop (with CUDA graphs the
         launches return long before the device is done)."""
-        return to_uint8(self._generate(model, **kwargs)).numpy()
+        return to_uint8(self._generate(model, opts, seeds, labels)).numpy()
 
     async def _run_group(self, jobs: list[Job], chunk: list[int],
                          results: list[dict[str, Any]]) -> None:
@@ -416,13 +364,8 @@ class Sampler:
         seeds = [s for i in chunk for s in jobs[i].seeds]
         labels = None if first.labels is None else [c for i in chunk for c in jobs[i].labels]
         start = time.perf_counter()
-        o = first.opts
         arr = await asyncio.to_thread(  # (N, H, W, C) uint8
-            self._generate_uint8, loaded.model, seeds=seeds, steps=o.steps, sampler=o.sampler,
-            eta=o.eta, class_labels=labels, cfg_scale=o.cfg_scale, resolution=o.resolution,
-            upscale=o.upscale, ug_theta=o.ug_theta, ug_eta=o.ug_eta, ug_order=o.ug_order,
-            schedule=o.schedule, time_aware=o.time_aware, clip_denoised=o.clip_denoised,
-            device=self.device)
+            self._generate_uint8, loaded.model, first.opts, seeds, labels)
         done = time.perf_counter()
         self.batches[len(seeds)] += 1
         pos = 0

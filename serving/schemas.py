@@ -1,8 +1,11 @@
 """Request and response models of the HTTP API (pydantic, ``extra="forbid"``).
 
-Validation that needs only the request happens here (pydantic -> 422 naming the field);
-validation that needs the model (resolution multiple of native, class range, memory cap)
-happens in :mod:`serving.model` and comes back as a :class:`ServiceError`.
+Validation that needs only the request happens here (pydantic -> 422 naming the field); the
+closed sets of values and the seed range are ``components.options``'s, and
+:meth:`GenerateRequest.options` turns a request into the ``GenerateOptions`` the sampler takes.
+Validation that needs the model (``components.options.check_options``: resolution multiple of
+native, class range; the memory cap, ``serving.memory``) happens in :mod:`serving.model` and
+comes back as a ``ServiceError`` naming the field the check named.
 """
 
 from __future__ import annotations
@@ -12,12 +15,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from components.options import (
+    MAX_SEED,
+    SAMPLER_NAMES,
+    GenerateOptions,
+    SamplerName,
+    ScheduleName,
+    UgOrder,
+    Upscale,
+)
+
+__all__ = ["GenerateRequest", "MAX_SEED", "SAMPLER_NAMES"]
+
 MAX_IMAGES = 64  # per request
 MAX_STEPS = 1000
 MAX_RESOLUTION = 4096
-MAX_SEED = 2**63 - 1
-# GenerateRequest.sampler; tested against components.samplers.SAMPLERS
-SAMPLER_NAMES = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_full")
 _MODEL_RE = re.compile(
     r"^(models:/)?[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}([@/][A-Za-z0-9_.\-]{1,64})?$")
 
@@ -53,18 +65,18 @@ class GenerateRequest(BaseModel):
         description="One seed per image (then num_images is their count).")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Base seed: image i gets seed + i.")
     steps: int = Field(32, ge=1, le=MAX_STEPS)
-    sampler: Literal["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_full"] = "ddim"
+    sampler: SamplerName = "ddim"
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity.")
-    schedule: Literal["model", "spectral"] = "model"
+    schedule: ScheduleName = "model"
     cfg_scale: float = Field(1.0, ge=0.0, le=20.0, description="Classifier-free guidance.")
     class_labels: list[int] | int | None = Field(
         None, description="One class for all images, or one per image.")
     resolution: int | None = Field(
         None, ge=1, le=MAX_RESOLUTION, description="Output side, a multiple of the native one.")
-    upscale: Literal["ug", "cascade"] = "ug"
+    upscale: Upscale = "ug"
     ug_theta: float = Field(1.3, ge=0.0, le=10.0)
     ug_eta: float = Field(1.0, ge=0.0, le=1.0)
-    ug_order: Literal["ug_of_cfg", "cfg_of_ug", "cfg_high_only"] = "ug_of_cfg"
+    ug_order: UgOrder = "ug_of_cfg"
     time_aware: TimeAware | TimeAwareAuto | None = None
     clip_denoised: bool = Field(
         True, description="Clamp each step's x0 estimate to the data range [-1, 1].")
@@ -105,6 +117,16 @@ class GenerateRequest(BaseModel):
         if self.format == "png" and self.num_images != 1:
             raise ValueError("format 'png' returns one image: use 'grid' or 'json' for more")
         return self
+
+    def options(self) -> GenerateOptions:
+        """The request's generation settings, the object the sampler takes."""
+        ta = None if self.time_aware is None else (self.time_aware.second_class,
+                                                   self.time_aware.switch_t)
+        return GenerateOptions(
+            steps=self.steps, sampler=self.sampler, eta=self.eta, cfg_scale=self.cfg_scale,
+            resolution=self.resolution, upscale=self.upscale, ug_theta=self.ug_theta,
+            ug_eta=self.ug_eta, ug_order=self.ug_order, schedule=self.schedule, time_aware=ta,
+            clip_denoised=self.clip_denoised)
 
     def image_seeds(self) -> list[int]:
         """The seed of each image."""

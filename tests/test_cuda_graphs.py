@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from components.cuda_graphs import GraphedBackbone, use_cuda_graphs
-from components.generate import GenerativeModel, generate, memory_estimate_bytes
+from components.generate import GenerativeModel, generate
 from components.networks.registry import build_network
 from components.schedules import CosineSchedule
+from serving.memory import memory_estimate_bytes
 
 
 def _model(net) -> GenerativeModel:

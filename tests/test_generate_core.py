@@ -6,15 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from components.generate import (
-    GenerativeModel,
-    generate,
-    image_grid,
-    memory_estimate_bytes,
-    to_uint8,
-)
+from components.generate import GenerativeModel, generate, image_grid, to_uint8
 from components.networks.registry import build_network
+from components.options import OptionError
 from components.schedules import CosineSchedule
+from serving.memory import memory_estimate_bytes
 
 STEPS = 4
 torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads make convs 100x slower
@@ -138,19 +134,26 @@ def test_spectral_schedule_per_image():
         generate(debug_model(), seeds=[0], steps=STEPS, schedule="spectral")
 
 
-@pytest.mark.parametrize("kwargs,word", [
-    (dict(resolution=24), "resolution"),
-    (dict(steps=0), "steps"),
-    (dict(cfg_scale=2.0), "cfg_scale"),
-    (dict(class_labels=[9]), "class_labels"),
-    (dict(class_labels=[1], time_aware=(1, 1.5)), "switch"),
-    (dict(sampler="euler"), "sampler"),
-    (dict(seeds=[-1]), "seeds"),
+@pytest.mark.parametrize("kwargs,field,word", [
+    (dict(resolution=24), "resolution", "multiple"),
+    (dict(steps=0), "steps", ">= 1"),
+    (dict(cfg_scale=2.0), "class_labels", "cfg_scale"),  # the missing field
+    (dict(time_aware=(1, 0.5)), "class_labels", "time_aware"),
+    (dict(class_labels=[9]), "class_labels", "out of range"),
+    (dict(class_labels=[1], time_aware=(1, 1.5)), "time_aware", "switch"),
+    (dict(class_labels=[1], time_aware=(7, 0.5)), "time_aware", "second class"),
+    (dict(sampler="euler"), "sampler", "ddim"),
+    (dict(seeds=[-1]), "seeds", "seeds"),
+    (dict(schedule="spectral"), "schedule", "spectral schedule model"),
+    (dict(upscale="nearest"), "upscale", "cascade"),
+    (dict(ug_order="both"), "ug_order", "cfg_of_ug"),
 ])
-def test_bad_arguments_name_the_problem(model, kwargs, word):
+def test_bad_arguments_name_the_problem(model, kwargs, field, word):
+    """The check names the field itself (the service's 422 reports ``err.field``)."""
     args = dict(seeds=[0], steps=STEPS) | kwargs
-    with pytest.raises(ValueError, match=word):
+    with pytest.raises(OptionError, match=word) as err:
         generate(model, **args)
+    assert err.value.field == field
 
 
 def test_memory_estimate_scales(model):

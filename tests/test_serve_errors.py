@@ -82,3 +82,26 @@ def test_closed_sets_are_enums_in_the_schema(client):
     responses = schema["paths"]["/v1/generate"]["post"]["responses"]
     for status in ("400", "404", "413", "422", "503"):
         assert "ErrorBody" in str(responses[status]), status
+
+
+def test_a_request_carries_every_generate_option():
+    """The schema is validated into ``GenerateOptions``: every option the sampler takes is a
+    request field, and each arrives with the value the client sent (none fall back to a
+    default on the way)."""
+    import dataclasses
+
+    from components.options import GenerateOptions
+    from serving.schemas import GenerateRequest
+
+    names = {f.name for f in dataclasses.fields(GenerateOptions)}
+    assert names <= set(GenerateRequest.model_fields)
+    sent = dict(steps=7, sampler="ddpm", eta=0.5, cfg_scale=2.0, resolution=64,
+                upscale="cascade", ug_theta=2.5, ug_eta=0.25, ug_order="cfg_of_ug",
+                schedule="spectral", time_aware={"second_class": 1, "switch_t": 0.3},
+                clip_denoised=False)
+    assert set(sent) == names
+    defaults = GenerateOptions(steps=1)
+    opts = GenerateRequest(class_labels=0, **sent).options()
+    for name in names:
+        want = (1, 0.3) if name == "time_aware" else sent[name]
+        assert getattr(opts, name) == want != getattr(defaults, name), name
