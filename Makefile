@@ -8,13 +8,14 @@ export PYTHONUNBUFFERED := 1
 export MPLBACKEND := Agg
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv demo test test-slow test-all lint bench-cpu clean help
+.PHONY: venv demo test test-slow test-all lint bench-cpu clean help dvc-remote
 
 help:
 	@echo "make demo       - build the environment and run the main job end to end (embedded demo data)"
 	@echo "make test       - build the environment and run the tests (not marked slow)"
 	@echo "make test-slow  - the slow end-to-end tests"
 	@echo "make lint       - ruff"
+	@echo "make dvc-remote DVC_BUCKET=B [DVC_ENDPOINT=URL] - share outputs through s3://B/prism"
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,6 +38,16 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The team's DVC storage: the shipped remote "s3" (.dvc/config) pointed at s3://$(DVC_BUCKET)/prism
+# and made this clone's default (written to .dvc/config.local, not committed). Credentials come
+# from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or a profile), as for boto3.
+# Without it, the default remote is the local folder ~/.cache/prism/dvc-remote.
+dvc-remote:
+	@test -n "$(DVC_BUCKET)" || { echo "set DVC_BUCKET=<bucket> (and DVC_ENDPOINT=<url> for an S3 service other than AWS)"; exit 2; }
+	$(BIN)/dvc remote modify --local s3 url s3://$(DVC_BUCKET)/prism
+	$(if $(DVC_ENDPOINT),$(BIN)/dvc remote modify --local s3 endpointurl $(DVC_ENDPOINT))
+	$(BIN)/dvc remote default --local s3
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -32,13 +32,26 @@ def load_model(uri_or_dir: str | Path, device: str | torch.device = "cpu") -> Ge
     ``schedule.json``), or an MLflow URI: ``runs:/<run id>/model``, ``models:/<name>@<alias>``
     (e.g. ``models:/prism-debug@candidate``) or ``models:/<name>/<version>``; MLflow URIs are
     downloaded to a temporary directory first (tracking server from MLFLOW_TRACKING_URI).
-    Returns the network on ``device`` in eval mode, with its prediction type, conditioning
-    width, native resolution, channels, classes, global schedule, kind and spectral model.
-    Only safetensors and JSON are read: loading never executes code.
+    A registered model is an MLflow Model (``common.pyfunc``) and loads through its
+    python_function class (this installation's, not the model's code file). Returns the
+    network on ``device`` in eval mode, with its prediction type, conditioning width, native
+    resolution, channels, classes, global schedule, kind and spectral model. Only safetensors
+    and JSON are read: loading never executes code that came with the model.
     """
     src = str(uri_or_dir)
     if "://" in src.split("/")[0] or src.startswith(("runs:/", "models:/")):
         with tempfile.TemporaryDirectory() as tmp:
             local = _download(src, Path(tmp))
-            return load_dir(local, device)
+            return _load_downloaded(local, device)
     return load_dir(Path(src), device)
+
+
+def _load_downloaded(local: Path, device: str | torch.device) -> GenerativeModel:
+    """An MLflow Model (``common.pyfunc``) loads through its python_function class, as
+    ``mlflow.pyfunc.load_model`` loads it, but with this installation's code: the model's own
+    code file is not executed, so a registry entry cannot run code in a service. Loose model
+    files (runs logged before the MLflow Model layout) load directly."""
+    from common.pyfunc import load_pyfunc, prism_dir  # mlflow's pyfunc: MLflow URIs only
+
+    inner = prism_dir(local)
+    return load_dir(local, device) if inner is None else load_pyfunc(inner, device).model

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from common.pyfunc import save_mlflow_model
 from components.metrics.inception import sha256_file
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -66,16 +68,19 @@ def mark_model_development(experiment: Any) -> None:
 
 
 def register_model(name: str, alias: str, run_id: str, model_dir: Path) -> str:
-    """Log ``model_dir`` as the active run ``run_id``'s ``model/`` artifacts, register it as a
-    version of ``name`` and point ``alias`` at it; returns the version. Weights identical to
-    the run's last registered ones (same sha256) register nothing new: their version is
-    returned."""
+    """Log the prism model directory ``model_dir`` as the active run ``run_id``'s ``model/``
+    artifact, an MLflow Model (``common.pyfunc``: the python_function flavour over the
+    safetensors + JSON files, with signature and input example), register it as a version of
+    ``name`` and point ``alias`` at it; returns the version. Weights identical to the run's
+    last registered ones (same sha256) register nothing new: their version is returned."""
     client = mlflow.MlflowClient()
     digest = sha256_file(model_dir / "model.safetensors")
     tags = client.get_run(run_id).data.tags
     if tags.get("prism.weights_sha256") == digest and tags.get("prism.model_version"):
         return tags["prism.model_version"]
-    mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifacts(str(save_mlflow_model(model_dir, Path(tmp) / "model")),
+                             artifact_path="model")
     try:
         client.create_registered_model(name)
     except MlflowException as err:

@@ -174,15 +174,22 @@ def decide(best: str, value: float, comparisons: dict[str, dict[str, Any]],
 
 
 def _version_sha(client: Any, mv: Any) -> str | None:
+    """The sha256 of a version's weights: its ``weights_sha256`` tag (set at registration),
+    else the downloaded file (an MLflow Model keeps it under ``artifacts/prism/``, loose model
+    files at the top)."""
     import mlflow
 
+    if (mv.tags or {}).get("weights_sha256"):
+        return mv.tags["weights_sha256"]
     with tempfile.TemporaryDirectory(prefix="prism-register-") as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{mv.source}/model.safetensors", dst_path=tmp)
-        except Exception:  # noqa: BLE001 - an unreadable version simply does not match
-            return None
-        return sha256_file(Path(local))
+        for path in ("artifacts/prism/model.safetensors", "model.safetensors"):
+            try:
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{mv.source}/{path}", dst_path=tmp)
+            except Exception:  # noqa: BLE001 - an unreadable version simply does not match
+                continue
+            return sha256_file(Path(local))
+    return None
 
 
 def find_version(model_dir: Path) -> tuple[str, Any]:

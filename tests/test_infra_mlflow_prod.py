@@ -120,8 +120,8 @@ def test_training_run_logs_and_registers_in_postgres_and_s3(stack, tmp_path, mon
                                                  Prefix="mlflow/")["Contents"]]
     ours = [k for k in keys if f"/{run.info.run_id}/artifacts/" in k]
     names = {k.rsplit("/", 1)[1] for k in ours}
-    assert {"model.safetensors", "config.json", "schedule.json"} <= names, keys
+    assert {"model.safetensors", "config.json", "schedule.json", "MLmodel"} <= names, keys
     assert any(k.endswith(".png") and "/samples/" in k for k in ours), keys
-    weights_key = next(k for k in ours if k.endswith("model/model.safetensors"))
+    weights_key = next(k for k in ours if k.endswith("model/artifacts/prism/model.safetensors"))
     body = s3.get_object(Bucket=stack["bucket"], Key=weights_key)["Body"].read()
     assert body == (tmp_path / "prod" / "model" / "model.safetensors").read_bytes()

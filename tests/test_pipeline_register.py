@@ -77,8 +77,8 @@ def test_promote_sets_champion_on_the_best_models_exact_weights(setup):
     assert res["best"] == "b" and res["passed"] and res["promoted"] == "models:/prism-b@champion"
     client = mlflow.MlflowClient(uri)
     mv = client.get_model_version_by_alias("prism-b", "champion")
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{mv.source}/model.safetensors",
-                                                dst_path=str(root / "dl"))
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{mv.source}/artifacts/prism/model.safetensors", dst_path=str(root / "dl"))
     assert Path(local).read_bytes() == b"weights-b"
     assert json.loads((root / "register.json").read_text())["versions"]["b"] == \
         f"prism-b/{mv.version}"

@@ -77,9 +77,11 @@ def test_run_is_tracked_registered_and_loadable(tmp_path, mlflow_server, monkeyp
         assert client.get_metric_history(run.info.run_id, key)
     samples = [f.path for f in client.list_artifacts(run.info.run_id, "samples")]
     assert samples == ["samples/samples-00000002.png", "samples/samples-00000004.png"]
-    model_files = {f.path for f in client.list_artifacts(run.info.run_id, "model")}
-    assert model_files == {"model/model.safetensors", "model/config.json", "model/schedule.json",
-                           "model/progress.json"}
+    # an MLflow Model over the prism model directory (common/pyfunc.py)
+    model_files = {f.path for f in client.list_artifacts(run.info.run_id, "model/artifacts/prism")}
+    assert model_files == {f"model/artifacts/prism/{f}" for f in (
+        "model.safetensors", "config.json", "schedule.json", "progress.json")}
+    assert "model/MLmodel" in {f.path for f in client.list_artifacts(run.info.run_id, "model")}
     mv = client.get_model_version_by_alias("prism-test-tracked", "candidate")
     assert mv.run_id == run.info.run_id
     # the registered model loads back with the same weights
