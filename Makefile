@@ -8,22 +8,36 @@ export PYTHONUNBUFFERED := 1
 export MPLBACKEND := Agg
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv demo test test-slow test-all lint bench-cpu clean help dvc-remote
+.PHONY: venv demo test test-slow test-all lint bench-cpu clean help dvc-remote lock
 
 help:
 	@echo "make demo       - build the environment and run the main job end to end (embedded demo data)"
 	@echo "make test       - build the environment and run the tests (not marked slow)"
 	@echo "make test-slow  - the slow end-to-end tests"
 	@echo "make lint       - ruff"
+	@echo "make lock       - re-resolve requirements.lock from pyproject.toml (pip-tools)"
 	@echo "make dvc-remote DVC_BUCKET=B [DVC_ENDPOINT=URL] - share outputs through s3://B/prism"
 
-$(STAMP): pyproject.toml
+# The environment: PyTorch's CPU build first (a newer or unpinned torch would pull several GB of
+# CUDA wheels), then every other package at the version requirements.lock pins (nothing is
+# resolved at install time), then prism itself without dependencies.
+$(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# CPU build of PyTorch first: a newer or unpinned torch would pull several GB of CUDA wheels.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,prod]'
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# Re-resolve requirements.lock from pyproject.toml's ranges (pip-tools in a throwaway venv; torch
+# held at the CPU build's version, and left out of the lock: each install picks its own build).
+lock:
+	rm -rf .lockenv && $(PY) -m venv .lockenv && .lockenv/bin/pip install -q pip-tools
+	echo "torch==2.13.0" > .lockenv/torch.txt
+	CUSTOM_COMPILE_COMMAND="make lock" .lockenv/bin/pip-compile -q --extra test --extra prod --strip-extras --unsafe-package torch \
+	  --no-emit-index-url --no-emit-find-links \
+	  -c .lockenv/torch.txt --output-file requirements.lock pyproject.toml
+	rm -rf .lockenv
 
 venv: $(STAMP)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import webdataset as wds
 from PIL import Image
 
 from common import storage
@@ -165,29 +166,33 @@ def iter_samples(shard_url: str, mod: int = 1, res: int = 0) -> Iterator[dict[st
 
 
 class ShardWriter:
-    """Builds one shard file locally (deterministic member order and headers)."""
+    """Builds one shard file locally with ``webdataset.TarWriter``, so that the shards are
+    WebDataset's own format, read by a plain ``wds.WebDataset(urls)``.
+
+    What this adds to ``TarWriter`` (why it is not used bare): the same input gives the same
+    bytes (every member's mtime 0, a fixed owner and mode, and for ``gzip`` a gzip header with
+    mtime 0 and no file name, which ``TarWriter``'s own compression does not fix), so DVC's
+    hashes of an ingest are stable; and the running size of the shard, which ingest uses to
+    close a shard at its size limit.
+    """
 
     def __init__(self, path: Path, gzip: bool = False) -> None:
         self.path = path
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        # gzip header with mtime 0 and no name: the same input gives the same bytes
         self._gz = gz.GzipFile(fileobj=self._file, mode="wb", mtime=0, filename="") if gzip \
             else None
-        self._tar = tarfile.open(fileobj=self._gz or self._file, mode="w",
-                                 format=tarfile.GNU_FORMAT)
+        self._tar = wds.TarWriter(self._gz or self._file, user="prism", group="prism",
+                                  mode=0o644, encoder=False, mtime=0)
         self.count = 0
         self.nbytes = 0
 
-    def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        self._tar.addfile(info, io.BytesIO(data))
-        self.nbytes += 512 + (len(data) + 511) // 512 * 512
-
     def write(self, key: str, ext: str, data: bytes, label: int, meta: dict[str, Any]) -> None:
-        self._add(f"{key}.{ext}", data)
-        self._add(f"{key}.cls", str(int(label)).encode())
-        self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        """One sample: its image bytes as ``<key>.<ext>``, ``<key>.cls`` and ``<key>.json``
+        (``TarWriter`` writes a sample's members in the order of their extensions)."""
+        members = {ext: data, "cls": str(int(label)).encode(),
+                   "json": json.dumps(meta, sort_keys=True).encode()}
+        self._tar.write({"__key__": key, **members})
+        self.nbytes += sum(512 + (len(v) + 511) // 512 * 512 for v in members.values())
         self.count += 1
 
     def close(self) -> None:

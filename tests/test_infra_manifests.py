@@ -177,7 +177,8 @@ def test_dockerfile_copies_every_package_before_the_install() -> None:
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "packages"]
     text = (INFRA / "Dockerfile").read_text()
-    before = text[: text.index("pip install --no-cache-dir -e")]
+    before = text[: text.index("pip install --no-cache-dir --no-deps -e .")]
+    assert "COPY --chown=ray:users pyproject.toml requirements.lock" in before
     tops = {p.split(".")[0] for p in packages}
     missing = sorted(t for t in tops if f"COPY --chown=ray:users {t} {t}" not in before)
     assert not missing, f"infra/Dockerfile installs before copying {missing}"

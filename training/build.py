@@ -1,9 +1,8 @@
 """From a config to the parts of a run: network, schedule, objective, optimizer groups.
 
-The objective registry imports family objectives lazily by name, so that ``training`` does not
-depend on every model family: ``diffusion`` (``components.objectives``), ``ssd``
-(``components.ssd.SSDObjective``), ``dimr_multiscale``
-(``components.multiscale.MultiScaleObjective``).
+The objective registry maps ``objective.name`` to its class: ``diffusion``
+(``components.objectives.DiffusionObjective``), ``ssd`` (``components.ssd.SSDObjective``),
+``dimr_multiscale`` (``components.multiscale.MultiScaleObjective``).
 
 The family objectives take the config's own fields where they apply (``ssd``: the Flexi-UNet
 preset's process settings, ``min_snr_gamma``, ``label_dropout``; ``dimr_multiscale``: the
@@ -13,20 +12,23 @@ coefficients). A setting the family objective cannot honour fails at build, nami
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from common.run_config import Config
+from components.multiscale import MultiScaleObjective
+from components.networks.flexi_unet import SSD_SETTINGS
 from components.networks.registry import build_family, preset_kwargs
+from components.objectives import DiffusionObjective
 from components.schedules import Schedule, build_schedule
+from components.ssd import SSDObjective
 
-OBJECTIVES: dict[str, tuple[str, str]] = {
-    "diffusion": ("components.objectives", "DiffusionObjective"),
-    "ssd": ("components.ssd", "SSDObjective"),
-    "dimr_multiscale": ("components.multiscale", "MultiScaleObjective"),
+OBJECTIVES: dict[str, type] = {
+    "diffusion": DiffusionObjective,
+    "ssd": SSDObjective,
+    "dimr_multiscale": MultiScaleObjective,
 }
 
 
@@ -64,12 +66,7 @@ def build_model(cfg: Config) -> tuple[nn.Module, str, dict[str, Any]]:
 def build_objective(cfg: Config) -> Callable:
     """The loss callable ``objective(net, batch) -> (loss, logs)`` named by the config."""
     o = cfg.objective
-    module, cls_name = OBJECTIVES[o.name]
-    try:
-        cls = getattr(importlib.import_module(module), cls_name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"objective.name {o.name!r}: {module}.{cls_name} is not available "
-                         f"({err})") from err
+    cls: Any = OBJECTIVES[o.name]
     check_family_objective(cfg)
     if o.name == "ssd":
         return cls.from_settings(cfg.data.resolution, ssd_settings_of(cfg),
@@ -120,8 +117,6 @@ def ssd_settings_of(cfg: Config) -> dict[str, Any]:
     """The ``components.ssd.SSDProcess`` settings of an ``ssd`` run (saved in the model's
     ``extra``): the Flexi-UNet preset's (``flexi_unet.SSD_SETTINGS``), DDPM's ``T``,
     ``beta_start``, ``beta_end`` from ``objective.schedule_kwargs``, then ``objective.options``."""
-    from components.networks.flexi_unet import SSD_SETTINGS
-
     settings: dict[str, Any] = dict(SSD_SETTINGS.get(cfg.model.preset, {}))
     kw = cfg.objective.schedule_kwargs
     settings.update({k: int(kw[k]) if k == "T" else float(kw[k])

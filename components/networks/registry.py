@@ -7,36 +7,26 @@ A backbone is called as ``net(x, c_noise, class_labels)`` (see ``components.diff
 
 from __future__ import annotations
 
-import importlib
+from types import ModuleType
 from typing import Any
 
 from torch import nn
 
-FAMILIES: dict[str, str] = {
-    "unet": "components.networks.unet",
-    "flexi_unet": "components.networks.flexi_unet",
-    "dimr": "components.networks.dimr",
-    "dit": "components.networks.dit",
-}
+from components.networks import dimr, dit, flexi_unet, unet
+
+FAMILIES: dict[str, ModuleType] = {"unet": unet, "flexi_unet": flexi_unet, "dimr": dimr,
+                                   "dit": dit}
 
 
 def _module(family: str) -> Any:
     if family not in FAMILIES:
         raise ValueError(f"unknown network family {family!r}: expected one of {sorted(FAMILIES)}")
-    return importlib.import_module(FAMILIES[family])
+    return FAMILIES[family]
 
 
 def list_presets() -> dict[str, str]:
-    """Preset name -> family, for every family that is installed."""
-    out: dict[str, str] = {}
-    for family in FAMILIES:
-        try:
-            mod = _module(family)
-        except ModuleNotFoundError:
-            continue
-        for name in getattr(mod, "PRESETS", {}):
-            out[name] = family
-    return out
+    """Preset name -> family, across every family."""
+    return {name: family for family, mod in FAMILIES.items() for name in mod.PRESETS}
 
 
 def preset_kwargs(name: str) -> tuple[str, dict[str, Any]]:
