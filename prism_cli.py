@@ -13,13 +13,13 @@ app = typer.Typer(
 
 # Each part registers its own commands here (one line each).
 # -- registrations --
-from pipelines.cli import data_app; app.add_typer(data_app, name="data")  # noqa: E402, E702, I001
+from pipelines.cli.data import data_app; app.add_typer(data_app, name="data")  # noqa: E402, E702, I001
 from training.cli import train_command; app.command("train")(train_command)  # noqa: E402, E702, I001
 from serving.cli import serving_app; app.add_typer(serving_app)  # noqa: E402, E702, I001
-from pipelines.science_cli import science_app; app.add_typer(science_app, name="science")  # noqa: E402, E702, I001, E501
-from pipelines.eval_cli import eval_app; app.add_typer(eval_app, name="eval")  # noqa: E402, E702, I001
-from pipelines.pipeline_cli import pipeline_app; app.add_typer(pipeline_app, name="pipeline")  # noqa: E402, E702, I001, E501
-from pipelines.experiment_cli import experiment_app; app.add_typer(experiment_app, name="experiment")  # noqa: E402, E702, I001, E501
+from pipelines.cli.science import science_app; app.add_typer(science_app, name="science")  # noqa: E402, E702, I001, E501
+from pipelines.cli.evaluate import eval_app; app.add_typer(eval_app, name="eval")  # noqa: E402, E702, I001
+from pipelines.cli.pipeline import pipeline_app; app.add_typer(pipeline_app, name="pipeline")  # noqa: E402, E702, I001, E501
+from pipelines.cli.experiment import experiment_app; app.add_typer(experiment_app, name="experiment")  # noqa: E402, E702, I001, E501
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def child(args: argparse.Namespace) -> None:
     from common.run_config import load_config
     from components.diffusion import LAMBDA_SCALE, convert, q_sample
     from components.generate import generate
-    from pipelines.eval_data import load_images
+    from pipelines.evaluation.data import load_images
     from training.launch import run_local
 
     out = Path(args.child_out)
@@ -141,9 +141,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from pipelines.eval_data import load_images
-    from pipelines.eval_metrics import MetricSettings, compute_metrics
-    from pipelines.register import compare
+    from pipelines.evaluation.data import load_images
+    from pipelines.evaluation.metrics import MetricSettings, compute_metrics
+    from pipelines.evaluation.register import compare
 
     out = Path(os.environ.get("OUT", "outputs/bench"))
     work = out / f"conditioning_fix_{args.config}_runs"

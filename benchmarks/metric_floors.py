@@ -2,7 +2,7 @@
 
 A model's number means little without the value the metric takes between two samples of the
 real distribution. This script measures, with the evaluate stage's own code
-(``pipelines.eval_metrics.compute_metrics``):
+(``pipelines.evaluation.metrics.compute_metrics``):
 
 - ``train_vs_test``: n random training images against n random test images;
 - ``test_half_vs_half``: two disjoint random halves of the test images (n/2 each);
@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from components.metrics.feature_net import FeatureNet  # noqa: E402
 from components.metrics.memorization import memorization  # noqa: E402
-from pipelines.eval_data import load_images  # noqa: E402
-from pipelines.eval_metrics import (  # noqa: E402
+from pipelines.evaluation.data import load_images  # noqa: E402
+from pipelines.evaluation.metrics import (  # noqa: E402
     MetricSettings,
     compute_metrics,
     feature_spaces,

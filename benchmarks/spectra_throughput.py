@@ -33,8 +33,8 @@ from PIL import Image  # noqa: E402
 
 from common.shards import decode_rgb, iter_records, list_shards  # noqa: E402
 from pipelines.config import IngestConfig, SpectraJobConfig  # noqa: E402
-from pipelines.ingest import ingest  # noqa: E402
-from pipelines.spectra_job import run_spectra, shard_statistics, spectra_params  # noqa: E402
+from pipelines.data.ingest import ingest  # noqa: E402
+from pipelines.data.spectra_job import run_spectra, shard_statistics, spectra_params  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -124,7 +124,7 @@ def cpu_ceiling(repeats: int, tasks: int = 8, n: int = 3_000_000) -> float:
 
 def _warm(sleep_s: float) -> int:
     """Ray task: import the job's modules in this worker (and hold it so both start)."""
-    import pipelines.spectra_job  # noqa: F401
+    import pipelines.data.spectra_job  # noqa: F401
 
     time.sleep(sleep_s)
     return os.getpid()

@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.eval_data import ImageSet, load_images  # noqa: E402
-from pipelines.feature_net import (  # noqa: E402
+from pipelines.evaluation.data import ImageSet, load_images  # noqa: E402
+from pipelines.evaluation.feature_net import (  # noqa: E402
     DEBUG_RECIPE,
     FeatureNetRecipe,
     save_trained,

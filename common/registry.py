@@ -3,7 +3,7 @@ model directory as a new model version (only when its weights changed), and the 
 and logging settings that keep MLflow's UI and output readable.
 
 Training registers what it trained (``training/tracking.py``), the register stage finds or
-re-registers the evaluated models (``pipelines/register.py``), serving resolves
+re-registers the evaluated models (``pipelines/evaluation/register.py``), serving resolves
 ``models:/NAME@ALIAS`` (``common/models.py``): all through these functions.
 """
 

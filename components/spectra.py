@@ -244,7 +244,7 @@ def uint8_statistics(images: np.ndarray, params: SpectraParams | None = None) ->
     with the half-plane multiplicities and the normalisation folded into the matrix.
     No per-image Python, no float64. Results equal ``image_statistics`` to float32
     rounding. Runs in the caller's thread settings: limit BLAS/torch threads to one per
-    process when several run in parallel (``pipelines/spectra_job.py`` does).
+    process when several run in parallel (``pipelines/data/spectra_job.py`` does).
 
     Where numba imports, the post-FFT work is one fused compiled pass instead
     (``components/_spectra_kernel.py``; same results to float32 rounding, ~1/3 less time at

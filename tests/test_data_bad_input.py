@@ -15,7 +15,7 @@ from PIL import Image
 
 from common.shards import iter_samples, list_shards
 from pipelines.config import IngestConfig
-from pipelines.ingest import ingest
+from pipelines.data.ingest import ingest
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -128,7 +128,7 @@ def test_bad_npz_and_missing_source(tmp_path: Path) -> None:
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
-    from pipelines.images import prepare_image
+    from pipelines.data.images import prepare_image
 
     # a 40x20 image whose left half is red, stored with "rotate 90 CW to display" (6)
     a = np.zeros((20, 40, 3), dtype=np.uint8)

@@ -14,8 +14,8 @@ from PIL import Image
 
 from common.shards import iter_records, iter_samples, list_shards
 from pipelines.config import DemoConfig, IngestConfig
-from pipelines.demo import PHOTOGRAPHS, build_demo
-from pipelines.ingest import ingest
+from pipelines.data.demo import PHOTOGRAPHS, build_demo
+from pipelines.data.ingest import ingest
 
 
 def _images(n: int, size: int = 32, seed: int = 0) -> list[np.ndarray]:
@@ -201,7 +201,7 @@ def test_a_file_name_that_is_not_utf8_is_ingested(tmp_path) -> None:
 _PEAK_RSS = """
 import resource, sys
 from pipelines.config import IngestConfig
-from pipelines.ingest import ingest
+from pipelines.data.ingest import ingest
 ingest(sys.argv[1], sys.argv[2], IngestConfig(size=32, shard_size=1000), log=lambda *_: None)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """

@@ -16,9 +16,9 @@ from PIL import Image
 from common import storage
 from common.shards import iter_samples, list_shards
 from pipelines.config import IngestConfig
-from pipelines.ingest import ingest
-from pipelines.schedule_model import fit_schedule_model
-from pipelines.spectra_job import run_spectra
+from pipelines.data.ingest import ingest
+from pipelines.data.schedule_model import fit_schedule_model
+from pipelines.data.spectra_job import run_spectra
 
 pytestmark = pytest.mark.s3
 

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from common.shards import iter_samples, list_shards
 from components.spectra import gaussian_random_field, image_statistics, uint8_to_unit
 from components.spectral_schedules import ScheduleModel, spectral_lambda_grid
-from pipelines.cli import data_app
+from pipelines.cli.data import data_app
 from pipelines.config import IngestConfig, SpectraJobConfig
-from pipelines.ingest import ingest
-from pipelines.spectra_job import STATS_SCHEMA, run_spectra
+from pipelines.data.ingest import ingest
+from pipelines.data.spectra_job import STATS_SCHEMA, run_spectra
 
 pytestmark = pytest.mark.ray
 

@@ -8,8 +8,8 @@ import torch
 
 from components.metrics.feature_net import FeatureNet, extract_features, load_feature_net
 from components.metrics.inception import FIDInceptionV3, load_fid_inception
-from pipelines.eval_data import ImageSet
-from pipelines.feature_net import DEBUG_RECIPE, save_trained, train_feature_net
+from pipelines.evaluation.data import ImageSet
+from pipelines.evaluation.feature_net import DEBUG_RECIPE, save_trained, train_feature_net
 
 
 def _toy_set(n: int = 64, seed: int = 0) -> ImageSet:
@@ -98,8 +98,8 @@ def test_shards_and_folder_give_the_same_labelled_images(tmp_path) -> None:
     from PIL import Image
 
     from pipelines.config import IngestConfig
-    from pipelines.eval_data import load_images
-    from pipelines.ingest import ingest
+    from pipelines.data.ingest import ingest
+    from pipelines.evaluation.data import load_images
 
     rng = np.random.default_rng(0)
     for cls in ("cat", "ant", "bee"):

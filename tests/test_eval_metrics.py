@@ -226,7 +226,7 @@ def test_swd_replicates_identity_row_is_swd_and_resamples_differ() -> None:
 
 
 def test_bootstrap_intervals_narrow_with_more_images_and_separate_worse_sets() -> None:
-    from pipelines.eval_metrics import MetricSettings, compute_metrics
+    from pipelines.evaluation.metrics import MetricSettings, compute_metrics
 
     s = MetricSettings(bootstrap=20, swd_patches_per_image=16, swd_directions=64, swd_repeats=1)
     real = structured_images(64, seed=10)

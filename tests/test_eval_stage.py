@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from components.artifact import save_model
 from components.networks.registry import build_network, preset_kwargs
-from pipelines.eval_data import ImageSet
-from pipelines.evaluate import EvalConfig, run_evaluate
-from pipelines.feature_net import DEBUG_RECIPE, save_trained, train_feature_net
+from pipelines.evaluation.data import ImageSet
+from pipelines.evaluation.evaluate import EvalConfig, run_evaluate
+from pipelines.evaluation.feature_net import DEBUG_RECIPE, save_trained, train_feature_net
 from prism_cli import app
 
 

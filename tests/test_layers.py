@@ -69,7 +69,7 @@ def test_the_graph_is_read():
     g = graph()
     assert "components.generate" in g["components.artifact"]
     assert "common.shards" in g["training.streams"]
-    assert "common.storage" in g["pipelines.ingest"]
+    assert "common.storage" in g["pipelines.data.ingest"]
 
 
 @pytest.mark.parametrize("package", PACKAGES)

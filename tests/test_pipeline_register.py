@@ -12,8 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from common.run_config import Config, ConfigError, load_config
+from pipelines.evaluation.register import RegisterConfig, load_register_config, passes, promote
 from pipelines.records import write_records
-from pipelines.register import RegisterConfig, load_register_config, passes, promote
 from prism_cli import app
 
 

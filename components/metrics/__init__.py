@@ -16,6 +16,6 @@ Modules (all batched torch, CPU or GPU; statistics in float64):
 - ``inception``: the FID InceptionV3 graph, loaded only from a user-supplied
   ``pt_inception-2015-12-05`` state dict; without it standard FID is "unavailable".
 
-The evaluate stage (``pipelines.evaluate``, ``prism eval run``) combines them; real-vs-real
-floors come from ``benchmarks/metric_floors.py``.
+The evaluate stage (``pipelines.evaluation.evaluate``, ``prism eval run``) combines them;
+real-vs-real floors come from ``benchmarks/metric_floors.py``.
 """

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.eval_metrics import FeatureSpace, MetricSettings
+from pipelines.evaluation.metrics import FeatureSpace, MetricSettings
 from pipelines.experiments.common import (
     Log,
     measure,

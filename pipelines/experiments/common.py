@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.eval_metrics import FeatureSpace, MetricSettings, compute_metrics, summary_row
+from pipelines.evaluation.metrics import FeatureSpace, MetricSettings, compute_metrics, summary_row
 
 ROOT = Path(__file__).resolve().parents[2]
 Log = Callable[[str], None]
@@ -198,7 +198,7 @@ def measure(generated: torch.Tensor, real: torch.Tensor, spaces: list[FeatureSpa
 
 
 def feature_space(path: str | None, device: str) -> list[FeatureSpace]:
-    from pipelines.eval_metrics import feature_spaces
+    from pipelines.evaluation.metrics import feature_spaces
 
     return feature_spaces(path, None, device)[0] if path else []
 
@@ -208,7 +208,7 @@ def ensure_feature_net(train_src: str, test_src: str | None, s: ExperimentSettin
     """The in-house feature network for FD-prism on ``train_src``, trained once per recipe and
     data into ``<work_dir>/references/feature-net-<hash>/`` (``prism eval feature-net``'s
     stage); returns the weights' path."""
-    from pipelines.feature_net import FeatureNetRecipe, run_feature_net_stage
+    from pipelines.evaluation.feature_net import FeatureNetRecipe, run_feature_net_stage
 
     r = FeatureNetRecipe(**recipe)
     key = hashlib.sha256(json.dumps([train_src, test_src, r.model_dump()], sort_keys=True)
@@ -225,7 +225,7 @@ def real_images(src: str, n: int | None, seed: int, resolution: int | None = Non
                 class_names: list[str] | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """A seeded random subset of ``n`` images of ``src`` (all when n is None or larger):
     float (N, C, H, W) in [-1, 1] and their labels."""
-    from pipelines.eval_data import load_images
+    from pipelines.evaluation.data import load_images
 
     s = load_images(src, resolution=resolution, class_names=class_names)
     if n is not None and n < len(s):

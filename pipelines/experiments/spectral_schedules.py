@@ -123,8 +123,8 @@ def _data(s: Settings, work: Path, log: Log) -> tuple[str, str, str]:
     train = s.train_data
     if train is None:
         from pipelines.config import DemoConfig, IngestConfig
-        from pipelines.demo import build_demo
-        from pipelines.ingest import ingest
+        from pipelines.data.demo import build_demo
+        from pipelines.data.ingest import ingest
 
         corpus = Path(s.work_dir) / "data" / "demo-corpus"
         shards = Path(s.work_dir) / "data" / "demo-shards"
@@ -137,7 +137,7 @@ def _data(s: Settings, work: Path, log: Log) -> tuple[str, str, str]:
     if stats is None:
         stats = str(work / "spectra")
         if not any(Path(stats).glob("*.parquet")):
-            from pipelines.spectra_job import run_spectra
+            from pipelines.data.spectra_job import run_spectra
 
             log(f"spectral statistics of {train} (Ray tasks) -> {stats}")
             run_spectra(train, stats, progress=False)
@@ -145,7 +145,7 @@ def _data(s: Settings, work: Path, log: Log) -> tuple[str, str, str]:
     if schedule is None:
         schedule = str(work / "schedule.json")
         if not Path(schedule).exists():
-            from pipelines.schedule_model import fit_schedule_model
+            from pipelines.data.schedule_model import fit_schedule_model
 
             fit_schedule_model(stats, schedule, log=log)
     return train, stats, schedule

@@ -135,8 +135,8 @@ def _data(s: Settings, log: Log) -> tuple[str, str]:
     if s.train_data is not None:
         return s.train_data, s.real_data or s.train_data
     from pipelines.config import DemoConfig, IngestConfig
-    from pipelines.demo import build_demo
-    from pipelines.ingest import ingest
+    from pipelines.data.demo import build_demo
+    from pipelines.data.ingest import ingest
 
     size = s.resolution
     root = Path(s.work_dir) / "data"

@@ -1,8 +1,8 @@
 """``prism pipeline ...``: the glue commands of the DVC pipeline (dvc.yaml).
 
-``prism pipeline promote`` is the register stage (pipelines/register.py); ``prism pipeline
-records KIND SRC DEST`` turns a stage's JSON into what ``dvc metrics`` / ``dvc plots`` read
-(pipelines/records.py).
+``prism pipeline promote`` is the register stage (pipelines/evaluation/register.py);
+``prism pipeline records KIND SRC DEST`` turns a stage's JSON into what ``dvc metrics`` /
+``dvc plots`` read (pipelines/records.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def promote_cmd(params: str = typer.Option("params.yaml", help="params.yaml with
                                                                     "folder per model"),
                 out: str = typer.Option("outputs/register.json", help="decision record")) -> None:
     """Pick the best evaluated model and set its MLflow alias (champion) if it passes."""
-    from pipelines.register import promote
+    from pipelines.evaluation.register import promote
 
     try:
         result = promote(params, eval_dir, train_dir, out, log=typer.echo)

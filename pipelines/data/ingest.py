@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 from common import storage
 from common.shards import ShardWriter, shard_name
 from pipelines.config import IngestConfig
-from pipelines.images import BadImage, prepare_image
-from pipelines.sources import SourceItem, enumerate_source
+from pipelines.data.images import BadImage, prepare_image
+from pipelines.data.sources import SourceItem, enumerate_source
 
 PART_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("label", pa.int32()), ("size", pa.int64()),

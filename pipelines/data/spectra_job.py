@@ -207,7 +207,7 @@ def run_spectra(shards: str, out: str, cfg: SpectraJobConfig | None = None,
     result = {"shards": len(urls), "shards_done_now": len(todo), "images_now": images,
               "wall_s": wall, "images_per_s": images / wall if wall > 0 else 0.0}
     if summary:
-        from pipelines.spectra_summary import write_summary
+        from pipelines.data.spectra_summary import write_summary
 
         result["summary"] = write_summary(out, [output_url(out, u) for u in urls], cfg)
     return result

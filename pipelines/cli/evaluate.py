@@ -1,7 +1,8 @@
 """``prism eval ...``: the evaluate stage, the feature-network stage, and direct comparisons.
 
 ``prism eval run MODEL --real SRC`` reads the ``eval:`` section of ``--params`` (an
-:class:`pipelines.evaluate.EvalConfig`) when given; options on the command line override it.
+:class:`pipelines.evaluation.evaluate.EvalConfig`) when given; options on the command line
+override it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _config(params: Optional[str], over: dict[str, Any]) -> Any:
     import yaml
     from pydantic import ValidationError
 
-    from pipelines.evaluate import EvalConfig
+    from pipelines.evaluation.evaluate import EvalConfig
 
     base: dict[str, Any] = {}
     if params:
@@ -76,7 +77,7 @@ def run(model: str = typer.Argument(..., help="model directory, runs:/ID/model o
         mlflow: Optional[bool] = typer.Option(None, "--mlflow/--no-mlflow",
                                               help="log to the model's MLflow run")) -> None:
     """Sample at fixed seeds and write metrics.json, metrics_table.json/.md and plots."""
-    from pipelines.evaluate import run_evaluate
+    from pipelines.evaluation.evaluate import run_evaluate
 
     try:
         over = {"model": model, "real": real, "out_dir": out, "n_images": n,
@@ -109,7 +110,11 @@ def feature_net(train: str = typer.Argument(..., help="labelled training images"
     """Train the in-house feature network (fixed recipe); writes weights + sidecar JSON."""
     from pydantic import ValidationError
 
-    from pipelines.feature_net import DEBUG_RECIPE, FeatureNetRecipe, run_feature_net_stage
+    from pipelines.evaluation.feature_net import (
+        DEBUG_RECIPE,
+        FeatureNetRecipe,
+        run_feature_net_stage,
+    )
 
     try:
         base = DEBUG_RECIPE if debug else FeatureNetRecipe()
@@ -134,8 +139,8 @@ def compare(generated: str = typer.Argument(..., help="images to judge (folder, 
                                                     "weights: enables standard FID"),
             device: str = typer.Option("cpu", help="cpu or cuda")) -> None:
     """All metrics between two image sets that are already on disk (no sampling)."""
-    from pipelines.eval_data import load_images
-    from pipelines.eval_metrics import MetricSettings, compute_metrics, feature_spaces
+    from pipelines.evaluation.data import load_images
+    from pipelines.evaluation.metrics import MetricSettings, compute_metrics, feature_spaces
 
     try:
         a, b = load_images(generated), load_images(real)

@@ -1,6 +1,6 @@
 """Labelled real images for evaluation and the feature network, from any corpus source.
 
-``load_images(src)`` reads what ingest reads (``pipelines.sources``): a folder (flat or one
+``load_images(src)`` reads what ingest reads (``pipelines.data.sources``): a folder (flat or one
 subfolder per class), a tar of images (``train/<class>/NNNN.jpg``, e.g. the CIFAR-10 tars),
 an ``.npz`` (``x`` uint8 (N, H, W[, 3]), optional ``y``), WebDataset shards (``.tar`` /
 ``.tar.gz``, with ``.cls`` labels) or a folder / ``s3://`` prefix of shards. Returns uint8
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from common.shards import decode_rgb
-from pipelines.sources import enumerate_source
+from pipelines.data.sources import enumerate_source
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from components.metrics.feature_net import FeatureNet, accuracy, save_feature_net
-from pipelines.eval_data import ImageSet, load_images
+from pipelines.evaluation.data import ImageSet, load_images
 
 
 class FeatureNetRecipe(BaseModel):

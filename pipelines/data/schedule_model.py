@@ -16,7 +16,7 @@ import numpy as np
 from common import storage
 from components.spectral_schedules import PARAM_NAMES, ScheduleModel
 from pipelines.config import SchedulesConfig, SpectraJobConfig
-from pipelines.spectra_summary import read_stats
+from pipelines.data.spectra_summary import read_stats
 
 
 def stats_urls(stats: str) -> list[str]:

@@ -3,7 +3,7 @@
 For every (schedule, steps) of the sweep: ``n_images`` images at seeds ``seed .. seed + n - 1``
 (class labels ``i mod num_classes`` for class-conditional models) through
 ``components.generate.generate``; generated images are quantised to 8 bits as if saved, then
-compared with the held-out real images by every metric (``pipelines.eval_metrics``).
+compared with the held-out real images by every metric (``pipelines.evaluation.metrics``).
 
 Outputs in ``out_dir``::
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipelines.eval_metrics import (
+from pipelines.evaluation.metrics import (
     MetricSettings,
     compute_metrics,
     feature_spaces,
@@ -124,7 +124,7 @@ def log_to_mlflow(run_id: str, rows: list[dict[str, Any]], out_dir: Path) -> Non
 def run_evaluate(cfg: EvalConfig, log: Any = print) -> dict[str, Any]:
     """Run the stage (see the module doc); returns the top-level metrics.json dict."""
     from common.models import load_model
-    from pipelines.eval_data import load_images
+    from pipelines.evaluation.data import load_images
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

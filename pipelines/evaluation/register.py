@@ -235,7 +235,7 @@ def find_version(model_dir: Path) -> tuple[str, Any]:
 def promote(params: str | Path, eval_dir: str | Path, train_dir: str | Path,
             out: str | Path, log: Any = print) -> dict[str, Any]:
     """Run the register stage (see the module doc); writes and returns register.json."""
-    from pipelines.evaluate import log_to_mlflow
+    from pipelines.evaluation.evaluate import log_to_mlflow
 
     cfg, names = load_register_config(params)
     eval_dir, train_dir = Path(eval_dir), Path(train_dir)

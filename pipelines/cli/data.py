@@ -30,7 +30,7 @@ def demo(dest: str = typer.Argument(..., help="output folder"),
          per_class: Optional[int] = typer.Option(None, help="images per class (default 64)"),
          seed: Optional[int] = typer.Option(None, help="crop seed (default 0)")) -> None:
     """Build the embedded demo corpus (crops of scikit-image's photographs; no download)."""
-    from pipelines.demo import build_demo
+    from pipelines.data.demo import build_demo
 
     try:
         cfg = load_section(params, "demo", {"size": size, "per_class": per_class, "seed": seed})
@@ -62,7 +62,7 @@ def ingest(src: str = typer.Argument(..., help="folder, .tar[.gz], .npz, or shar
     A re-run into the same OUT resumes when the inputs and settings are the same, and refuses,
     naming what changed, when they are not (--fresh starts over)."""
     from common.storage import StorageError
-    from pipelines.ingest import ingest as run
+    from pipelines.data.ingest import ingest as run
 
     over = {"name": name, "size": size, "shard_size": shard_size, "shard_bytes": shard_bytes,
             "gzip": gzip, "seed": seed, "small": small}
@@ -92,7 +92,7 @@ def spectra(shards: str = typer.Argument(..., help="folder or s3:// prefix of sh
                                        "refuses without it)")) -> None:
     """Per-image spectra, fits and schedule bounds on Ray (RAY_ADDRESS or a local cluster)."""
     from common.storage import StorageError
-    from pipelines.spectra_job import run_spectra
+    from pipelines.data.spectra_job import run_spectra
 
     over = {"workers": workers, "shards_per_task": shards_per_task, "eps_lo": eps_lo,
             "eps_hi": eps_hi}
@@ -115,7 +115,7 @@ def schedules(stats: str = typer.Argument(..., help="folder of spectra .parquet 
               seed: Optional[int] = typer.Option(None, help="fit seed (default 0)")) -> None:
     """Fit the Gaussian mixture over per-image schedule parameters; save JSON."""
     from common.storage import StorageError
-    from pipelines.schedule_model import fit_schedule_model
+    from pipelines.data.schedule_model import fit_schedule_model
 
     over = {"n_components": n_components, "per_class": per_class, "seed": seed}
     try:

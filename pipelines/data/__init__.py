@@ -1,0 +1,1 @@
+"""The data stages: ingest (images -> shards), spectra (per-image statistics), schedules."""

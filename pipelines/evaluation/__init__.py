@@ -1,0 +1,1 @@
+"""The evaluation stages: evaluate (sample quality), the feature network, register."""
