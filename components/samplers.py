@@ -166,7 +166,7 @@ def sample_dpmpp_2m(
     Two named variants (``SAMPLERS``): ``dpmpp_2m``, prism's default, with
     ``lower_order_final``; ``dpmpp_2m_full``, second order up to the last grid point and then
     the final denoise (the first-order step to sigma = 0): diffusers' and k-diffusion's
-    DPM-Solver++(2M) (``tests/test_core_samplers.py`` matches diffusers' scheduler).
+    DPM-Solver++(2M) (``tests/core/test_core_samplers.py`` matches diffusers' scheduler).
     """
     del generators
     cond = cond if cond is not None else Cond()

@@ -1,4 +1,11 @@
-"""Shared fixtures: where the shared data lives, and a real S3 server on loopback."""
+"""Shared fixtures: where the shared data lives, and a real S3 server on loopback.
+
+The tests are grouped by layer, one folder each: ``core/`` (the science core), ``data/``,
+``training/``, ``evaluation/`` (evaluate, register, experiments), ``serving/``, ``e2e/`` (fresh
+clones, Ray jobs, production MLflow, S3 end to end) and ``platform/`` (layers, manifests, CLI
+help, benchmark smoke runs). Their helpers (``train_helpers``, ``infra_helpers``,
+``e2e_clone``) and the golden records stay here.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers, for every subfolder
 SHARED_DATA = Path(os.environ.get("PRISM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 

@@ -1,5 +1,5 @@
 """One fresh clone of this repository with the README's first command run in it, shared by
-tests/test_e2e_dvc.py and tests/test_e2e_readme.py (computed once per test session).
+tests/e2e/test_e2e_dvc.py and tests/e2e/test_e2e_readme.py (computed once per test session).
 
 The clone holds only committed files; it reuses this checkout's ``.venv`` through a symlink
 and puts the clone first on PYTHONPATH (the venv's editable install points at this checkout).

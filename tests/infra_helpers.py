@@ -1,5 +1,6 @@
-"""Helpers shared by the tests/test_infra_*.py files (not a test module): free ports, waiting for
-a server, a real ``mlflow server`` on loopback, and stopping process groups we started."""
+"""Helpers shared by the tests/e2e/test_infra_*.py files (not a test module): free ports,
+waiting for a server, a real ``mlflow server`` on loopback, and stopping process groups we
+started."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests/test_train_*.py files (not a test module)."""
+"""Helpers shared by the tests/training/test_train_*.py files (not a test module)."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def test_unknown_route_has_the_same_shape(client):
     ({"steps": 0, "eta": 3}, ["eta", "steps"]),
 ])
 def test_validation_errors_name_the_top_level_fields(body, fields):
-    # the routes live on the Serve ingress (tests/test_serve_app.py posts to a real one);
+    # the routes live on the Serve ingress (tests/serving/test_serve_app.py posts to a real one);
     # here the request model's own errors go through the app's handler
     from fastapi.exceptions import RequestValidationError
     from pydantic import ValidationError

@@ -11,7 +11,7 @@ import yaml
 import prism_cli
 from components.samplers import SAMPLERS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _options(command, path: tuple[str, ...] = ("prism",)):

@@ -22,7 +22,7 @@ import requests
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 from infra_helpers import (  # noqa: E402
     ROOT,
     free_ports,

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 from train_helpers import ROOT  # noqa: E402, F401
 
 from common.models import load_model  # noqa: E402

@@ -22,7 +22,7 @@ from pipelines.experiments.common import (
     saved_samples,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(("name", "setting", "overrides", "says"), [

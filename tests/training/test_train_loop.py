@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 from train_helpers import debug_config, losses, write_shards  # noqa: E402, F401
 
 from common.run_config import ConfigError, config_from_dict, load_config  # noqa: E402
 from training.launch import run_local  # noqa: E402
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "train_debug_loss.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "train_debug_loss.json"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,7 +96,7 @@ def test_switches_read_yaml_booleans_as_on_off(tmp_path):
 
 
 def test_shipped_configs_load():
-    root = Path(__file__).resolve().parents[1] / "training" / "configs"
+    root = Path(__file__).resolve().parents[2] / "training" / "configs"
     names = sorted(p.name for p in root.glob("*.yaml"))
     assert {"debug.yaml", "cifar10-ddpm-eps.yaml", "cifar10-ddpm-x0.yaml",
             "unet-64.yaml"} <= set(names)
@@ -104,7 +104,7 @@ def test_shipped_configs_load():
         load_config(p)
 
 
-if __name__ == "__main__":  # regenerate the golden curve: python tests/test_train_loop.py
+if __name__ == "__main__":  # regenerate the golden curve: python tests/training/test_train_loop.py
     import tempfile
 
     torch.set_num_threads(1)

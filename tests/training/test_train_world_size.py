@@ -1,7 +1,7 @@
 """A run resumed on another number of ranks: 1 process -> 2 (torchrun, gloo) -> 1. The shard
 streams of a new layout are other streams, so they restart at the earliest unfinished epoch
 (the loop says so); weights, optimizer and step carry over; the same layout resumes exactly
-(tests/test_train_loop.py)."""
+(tests/training/test_train_loop.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 from train_helpers import DEBUG, QUIET, ROOT, debug_config, write_shards  # noqa: E402
 
 from common.run_config import load_config  # noqa: E402

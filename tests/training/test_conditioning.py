@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 from train_helpers import debug_config  # noqa: E402
 
 from common.models import load_model  # noqa: E402

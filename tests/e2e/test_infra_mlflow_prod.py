@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 from infra_helpers import ROOT, mlflow_tracking  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from components.artifact import save_model
 from components.networks.registry import build_network, preset_kwargs
 from prism_cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 torch.set_num_threads(1)
 
 

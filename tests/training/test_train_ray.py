@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 from train_helpers import debug_config  # noqa: E402
 
 from training.launch import run_local, run_ray  # noqa: E402

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # In a fresh process (the test session may hold its own Ray): start Ray as prism does, run a
 # task so that a worker exists, then list every listening TCP socket of the driver's process

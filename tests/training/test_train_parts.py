@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 from train_helpers import debug_config, write_shards  # noqa: E402, F401
 
 from components.diffusion import convert  # noqa: E402

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 from infra_helpers import free_ports, mlflow_tracking, start_group, stop_group, wait_http  # noqa: E402
 from test_serve_app import debug_model_dir  # noqa: E402
 

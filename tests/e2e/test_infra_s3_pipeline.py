@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load, load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 from infra_helpers import ROOT  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
