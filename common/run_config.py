@@ -75,6 +75,20 @@ class ModelConfig(_Section):
     preset: str = "unet-debug"
     overrides: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _known(self) -> ModelConfig:
+        # the registry imports torch and every network: deferred to validation, so that
+        # importing this module (the CLI, --help) stays light
+        from components.networks.registry import family_settings, preset_kwargs
+
+        family, _ = preset_kwargs(self.preset)  # an unknown preset: ValueError with the list
+        accepted = family_settings(family)
+        unknown = sorted(set(self.overrides) - accepted)
+        if unknown:
+            raise ValueError(f"model.overrides {unknown}: not settings of the {family} network "
+                             f"(preset {self.preset!r}); its settings: {sorted(accepted)}")
+        return self
+
 
 class ObjectiveConfig(_Section):
     """The loss. ``name: diffusion`` is ``components.objectives.DiffusionObjective``;
@@ -92,6 +106,17 @@ class ObjectiveConfig(_Section):
     sigmoid_bias: float = 0.0
     label_dropout: float = Field(0.0, ge=0, lt=1)
     options: dict[str, Any] = Field(default_factory=dict)  # family objective kwargs
+
+    @model_validator(mode="after")
+    def _schedule_builds(self) -> ObjectiveConfig:
+        from components.schedules import build_schedule  # torch: deferred as above
+
+        try:  # a schedule is a handful of numbers: building it is the check
+            build_schedule(self.schedule, **dict(self.schedule_kwargs))
+        except (TypeError, ValueError, KeyError) as err:
+            raise ValueError(f"objective.schedule {self.schedule!r} with schedule_kwargs "
+                             f"{dict(self.schedule_kwargs)}: {err}") from None
+        return self
 
 
 class OptimConfig(_Section):

@@ -7,6 +7,7 @@ A backbone is called as ``net(x, c_noise, class_labels)`` (see ``components.diff
 
 from __future__ import annotations
 
+import inspect
 from types import ModuleType
 from typing import Any
 
@@ -16,12 +17,26 @@ from components.networks import dimr, dit, flexi_unet, unet
 
 FAMILIES: dict[str, ModuleType] = {"unet": unet, "flexi_unet": flexi_unet, "dimr": dimr,
                                    "dit": dit}
+# what each family's ``build(**kwargs)`` takes: a network class's constructor, or a config model
+_BUILDS_FROM: dict[str, Any] = {"unet": unet.UNet, "flexi_unet": flexi_unet.FlexiUNet,
+                                "dimr": dimr.DiMRConfig, "dit": dit.DiTConfig}
 
 
 def _module(family: str) -> Any:
     if family not in FAMILIES:
         raise ValueError(f"unknown network family {family!r}: expected one of {sorted(FAMILIES)}")
     return FAMILIES[family]
+
+
+def family_settings(family: str) -> frozenset[str]:
+    """The keyword arguments a family's ``build`` accepts (what ``model.overrides`` may set)."""
+    _module(family)  # an unknown family: ValueError with the list
+    target = _BUILDS_FROM[family]
+    if hasattr(target, "model_fields"):  # a pydantic config model
+        return frozenset(target.model_fields)
+    params = inspect.signature(target.__init__).parameters.values()
+    return frozenset(p.name for p in params if p.name != "self"
+                     and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
 
 
 def list_presets() -> dict[str, str]:

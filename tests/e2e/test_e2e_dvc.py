@@ -103,7 +103,9 @@ def test_push_then_pull_into_a_fresh_clone_through_s3(clone, s3_server, tmp_path
     assert "s3" in run(clone.path, "dvc", "remote", "default")
     run(clone.path, "dvc", "push")
     git = ["git", "-c", "user.name=prism-test", "-c", "user.email=test@prism.invalid"]
-    run(clone.path, *git, "add", "dvc.lock")
+    # dvc.lock, and the uncached metrics, plots and register decision that go with it
+    run(clone.path, *git, "add", "dvc.lock", "outputs/metrics", "outputs/plots",
+        "outputs/register.json")
     run(clone.path, *git, "commit", "-q", "-m", "pipeline results")
     fresh = tmp_path / "fresh"
     run(tmp_path, "git", "clone", "-q", str(clone.path), str(fresh))
