@@ -16,7 +16,6 @@ import os
 from typing import Any
 
 SINGLE_HOST_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> bool:
@@ -30,10 +29,6 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         os.environ[SINGLE_HOST_ENV] = "0"  # for the node processes this one starts
-        # Ray 2.60 turns token authentication on for a new local cluster and warns at every
-        # start that it did; asking for that same mode keeps it and drops the warning (a
-        # RAY_AUTH_MODE the user set wins).
-        os.environ.setdefault(AUTH_MODE_ENV, "token")
         from ray._private import ray_constants  # read once, when ray was imported
 
         ray_constants.ENABLE_RAY_CLUSTER = False
