@@ -188,8 +188,9 @@ class Config(_Section):
 
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    objective: ObjectiveConfig = ObjectiveConfig()
+    # built per instance: their checks import torch, which importing this module must not
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -34,9 +34,16 @@ def family_settings(family: str) -> frozenset[str]:
     target = _BUILDS_FROM[family]
     if hasattr(target, "model_fields"):  # a pydantic config model
         return frozenset(target.model_fields)
-    params = inspect.signature(target.__init__).parameters.values()
-    return frozenset(p.name for p in params if p.name != "self"
-                     and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    names: set[str] = set()
+    for cls in target.__mro__:  # a constructor that passes **kwargs on: its base's too
+        if "__init__" not in vars(cls):
+            continue
+        params = inspect.signature(cls.__init__).parameters.values()
+        names |= {p.name for p in params if p.name != "self"
+                  and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return frozenset(names)
 
 
 def list_presets() -> dict[str, str]:
