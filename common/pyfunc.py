@@ -40,11 +40,10 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 from components.artifact import load_dir
 from components.generate import generate_with, to_uint8
 from components.model import GenerativeModel
-from components.options import GenerateOptions
+from components.options import DEFAULT_STEPS, GenerateOptions
 
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 ARTIFACT = "prism"  # the prism model directory is artifacts/prism inside the MLflow Model
-DEFAULT_STEPS = 32
 # GenerateOptions fields that are request parameters (time_aware is a pair: not offered here)
 _PARAM_TYPES = {int: "long", float: "double", str: "string", bool: "boolean"}
 

@@ -16,6 +16,7 @@ from components.model import GenerativeModel
 from components.samplers import SAMPLERS
 
 MAX_SEED = 2**63 - 1
+DEFAULT_STEPS = 32  # what a request that names no step count gets (HTTP, MLflow pyfunc)
 SamplerName = Literal["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_full"]
 ScheduleName = Literal["model", "spectral"]
 Upscale = Literal["ug", "cascade"]

@@ -318,9 +318,10 @@ class Sampler:
             for chunk in self._chunks([jobs[i] for i in idx], idx):
                 try:
                     await self._run_group(jobs, chunk, results)
-                except OptionError as exc:  # checked per request; a group is checked again
+                except ValueError as exc:  # a setting (OptionError names it) the checks missed
                     for i in chunk:
-                        results[i] = ServiceError(422, str(exc), exc.field).as_dict()
+                        results[i] = ServiceError(422, str(exc),
+                                                  getattr(exc, "field", None)).as_dict()
                 except Exception as exc:
                     log.exception("generate failed")
                     for i in chunk:

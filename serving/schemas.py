@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from components.options import (
+    DEFAULT_STEPS,
     MAX_SEED,
     SAMPLER_NAMES,
     GenerateOptions,
@@ -64,7 +65,7 @@ class GenerateRequest(BaseModel):
         None, min_length=1, max_length=MAX_IMAGES,
         description="One seed per image (then num_images is their count).")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Base seed: image i gets seed + i.")
-    steps: int = Field(32, ge=1, le=MAX_STEPS)
+    steps: int = Field(DEFAULT_STEPS, ge=1, le=MAX_STEPS)
     sampler: SamplerName = "ddim"
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity.")
     schedule: ScheduleName = "model"
