@@ -22,10 +22,13 @@ same images as ``prism sample --local`` and the service at those seeds and optio
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ from components.model import GenerativeModel
 from components.options import DEFAULT_STEPS, GenerateOptions
 
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+_PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 ARTIFACT = "prism"  # the prism model directory is artifacts/prism inside the MLflow Model
 # GenerateOptions fields that are request parameters (time_aware is a pair: not offered here)
 _PARAM_TYPES = {int: "long", float: "double", str: "string", bool: "boolean"}
@@ -120,6 +124,22 @@ def _requirements() -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """MLflow draws a progress bar for every artifact copy or upload, in carriage returns that
+    end up in training logs; copying a local model directory into an MLflow Model and logging
+    it need none."""
+    old = os.environ.get(_PROGRESS_ENV)
+    os.environ[_PROGRESS_ENV] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_PROGRESS_ENV, None)
+        else:
+            os.environ[_PROGRESS_ENV] = old
+
+
 def save_mlflow_model(model_dir: str | Path, dst: str | Path) -> Path:
     """Write the MLflow Model of the prism model directory ``model_dir`` to ``dst`` (which
     must not exist): the layout of the module doc, with signature and input example."""
@@ -129,7 +149,7 @@ def save_mlflow_model(model_dir: str | Path, dst: str | Path) -> Path:
     example = pd.DataFrame({"seed": [0, 1]})
     if num_classes:
         example["class_label"] = [0, min(1, num_classes - 1)]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, no_progress_bars():
         staged = Path(tmp) / ARTIFACT
         shutil.copytree(model_dir, staged)
         mlflow.pyfunc.save_model(str(dst), python_model=str(ENTRY),

@@ -19,7 +19,7 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from common.pyfunc import save_mlflow_model
+from common.pyfunc import no_progress_bars, save_mlflow_model
 from components.metrics.inception import sha256_file
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -78,7 +78,7 @@ def register_model(name: str, alias: str, run_id: str, model_dir: Path) -> str:
     tags = client.get_run(run_id).data.tags
     if tags.get("prism.weights_sha256") == digest and tags.get("prism.model_version"):
         return tags["prism.model_version"]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, no_progress_bars():
         mlflow.log_artifacts(str(save_mlflow_model(model_dir, Path(tmp) / "model")),
                              artifact_path="model")
     try:

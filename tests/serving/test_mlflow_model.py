@@ -137,3 +137,13 @@ def test_mlflow_models_serve_answers_with_the_same_images(registered, tmp_path):
     want = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(
         pd.DataFrame({"seed": [3, 4], "class_label": [0, 2]}), params={"steps": 4})
     np.testing.assert_array_equal(served, want)
+
+
+def test_building_the_mlflow_model_draws_no_progress_bar(registered, tmp_path, capfd):
+    """MLflow's artifact progress bars are carriage-return noise in a training log."""
+    from common.pyfunc import save_mlflow_model
+
+    save_mlflow_model(registered["model_dir"], tmp_path / "mlmodel")
+    out, err = capfd.readouterr()
+    assert "Downloading artifacts" not in out + err
+    assert (tmp_path / "mlmodel" / "MLmodel").is_file()
