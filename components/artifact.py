@@ -99,13 +99,15 @@ def load_dir(d: str | Path, device: str | torch.device = "cpu") -> GenerativeMod
     net = build_family(config["family"], **config["net_kwargs"])
     net.load_state_dict(load_file(str(d / "model.safetensors"), device="cpu"))
     net.to(device).train(False)
-    extra = dict(config.get("extra", {}))
-    if schedule.get("spectral_kind"):
-        extra.setdefault("spectral_kind", schedule["spectral_kind"])
+    kwargs = dict(schedule.get("kwargs", {}))
     return GenerativeModel(
         net=net, prediction=config["prediction"], n_cond=int(config["n_cond"]),
         resolution=int(config["resolution"]), in_channels=int(config["in_channels"]),
         num_classes=int(config["num_classes"]),
-        schedule=build_schedule(schedule["name"], **schedule.get("kwargs", {})),
-        kind=config.get("kind", "standard"), spectral=schedule.get("spectral"), extra=extra,
+        schedule=build_schedule(schedule["name"], **kwargs),
+        kind=config.get("kind", "standard"), spectral=schedule.get("spectral"),
+        extra=dict(config.get("extra", {})), family=config["family"],
+        net_kwargs=dict(config["net_kwargs"]), schedule_name=schedule["name"],
+        schedule_kwargs=kwargs, spectral_kind=schedule.get("spectral_kind"),
+        training=dict(config.get("training", {})),
     )
