@@ -65,14 +65,13 @@ def debug_model(directory: Path | None = None, preset: str = "unet-debug"
     sched, sched_name = (CosineSchedule(), "cosine") if debug else (ddpm_linear(), "ddpm_linear")
     prediction = "x0" if debug else "eps"
     model = GenerativeModel(net=net, prediction=prediction, n_cond=1, resolution=res,
-                            in_channels=3, num_classes=classes, schedule=sched)
+                            in_channels=3, num_classes=classes, schedule=sched, family=family,
+                            net_kwargs=kwargs, schedule_name=sched_name)
     if directory is None:
         return model, None
     from components.artifact import save_model
 
-    save_model(directory, net, family=family, net_kwargs=kwargs, prediction=prediction,
-               n_cond=1, resolution=res, in_channels=3, num_classes=classes,
-               schedule_name=sched_name, schedule_kwargs={})
+    save_model(directory, model)
     return model, str(directory)
 
 

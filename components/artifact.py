@@ -16,6 +16,9 @@ Layout of a model directory (also the MLflow artifact path ``model/`` of a train
     progress.json       written by the training loop: {"step", "images_seen",
                          "train_seconds", "first_step_s", "train_flops", "flops_per_image"}
                          (how far training had come; not read when loading)
+
+Every field of ``config.json`` and ``schedule.json`` is a field of the ``GenerativeModel``
+that :func:`load_dir` returns, so ``save_model(other, load_dir(d))`` writes the same files.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from components.generate import GenerativeModel
 from components.networks.registry import build_family
@@ -53,26 +55,45 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def save_model(directory: str | Path, net: nn.Module, *, family: str, net_kwargs: dict,
-               prediction: str, n_cond: int, resolution: int, in_channels: int,
-               num_classes: int, schedule_name: str, schedule_kwargs: dict[str, float],
-               spectral: dict[str, Any] | None = None, spectral_kind: str | None = None,
-               kind: str = "standard", extra: dict[str, Any] | None = None,
+def save_model(directory: str | Path, model: GenerativeModel, *,
                training: dict[str, Any] | None = None) -> Path:
-    """Write a model directory (see the module doc); returns its path."""
+    """Write ``model`` as a model directory (see the module doc); returns its path.
+
+    ``training`` is the resolved training config to record in ``config.json`` (None: the
+    model's own ``training``). The model must say how to rebuild it: ``family`` and
+    ``net_kwargs`` for the network, ``schedule_name`` and ``schedule_kwargs`` for its schedule
+    (checked against ``model.schedule``, so that ``schedule.json`` is what sampling used).
+    """
+    if model.family is None or model.schedule_name is None:
+        raise ValueError("save_model: the model needs its family and schedule_name (how "
+                         "load_dir rebuilds its network and schedule)")
+    _check_schedule(model)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
     save_file(weights, str(d / "model.safetensors"))
-    config = {"format": FORMAT, "version": VERSION, "family": family,
-              "net_kwargs": _jsonable(net_kwargs), "prediction": prediction, "n_cond": n_cond,
-              "resolution": resolution, "in_channels": in_channels, "num_classes": num_classes,
-              "kind": kind, "extra": _jsonable(extra or {}), "training": training or {}}
+    config = {"format": FORMAT, "version": VERSION, "family": model.family,
+              "net_kwargs": _jsonable(model.net_kwargs), "prediction": model.prediction,
+              "n_cond": model.n_cond, "resolution": model.resolution,
+              "in_channels": model.in_channels, "num_classes": model.num_classes,
+              "kind": model.kind, "extra": _jsonable(model.extra),
+              "training": model.training if training is None else training}
     (d / "config.json").write_text(json.dumps(config, indent=1))
-    schedule = {"name": schedule_name, "kwargs": dict(schedule_kwargs), "spectral": spectral,
-                "spectral_kind": spectral_kind}
+    schedule = {"name": model.schedule_name, "kwargs": dict(model.schedule_kwargs),
+                "spectral": model.spectral, "spectral_kind": model.spectral_kind}
     (d / "schedule.json").write_text(json.dumps(schedule, indent=1))
     return d
+
+
+def _check_schedule(model: GenerativeModel) -> None:
+    """Raise unless ``schedule_name(**schedule_kwargs)`` has the model schedule's lambda(t)."""
+    named = build_schedule(str(model.schedule_name), **model.schedule_kwargs)
+    t = torch.linspace(0.0, 1.0, 33, dtype=torch.float64)
+    lam_named = named.lambda_(t).double()
+    lam_model = model.schedule.lambda_(t).double()
+    if not torch.allclose(lam_named, lam_model, rtol=1e-6, atol=1e-6):
+        raise ValueError(f"save_model: model.schedule is not the schedule "
+                         f"{model.schedule_name!r} with kwargs {model.schedule_kwargs}")
 
 
 def load_dir(d: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:
@@ -99,13 +120,15 @@ def load_dir(d: str | Path, device: str | torch.device = "cpu") -> GenerativeMod
     net = build_family(config["family"], **config["net_kwargs"])
     net.load_state_dict(load_file(str(d / "model.safetensors"), device="cpu"))
     net.to(device).train(False)
-    extra = dict(config.get("extra", {}))
-    if schedule.get("spectral_kind"):
-        extra.setdefault("spectral_kind", schedule["spectral_kind"])
+    kwargs = dict(schedule.get("kwargs", {}))
     return GenerativeModel(
         net=net, prediction=config["prediction"], n_cond=int(config["n_cond"]),
         resolution=int(config["resolution"]), in_channels=int(config["in_channels"]),
         num_classes=int(config["num_classes"]),
-        schedule=build_schedule(schedule["name"], **schedule.get("kwargs", {})),
-        kind=config.get("kind", "standard"), spectral=schedule.get("spectral"), extra=extra,
+        schedule=build_schedule(schedule["name"], **kwargs),
+        kind=config.get("kind", "standard"), spectral=schedule.get("spectral"),
+        extra=dict(config.get("extra", {})), family=config["family"],
+        net_kwargs=dict(config["net_kwargs"]), schedule_name=schedule["name"],
+        schedule_kwargs=kwargs, spectral_kind=schedule.get("spectral_kind"),
+        training=dict(config.get("training", {})),
     )

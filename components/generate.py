@@ -127,7 +127,7 @@ def sampling_grid(model: GenerativeModel, opts: GenerateOptions, seeds: list[int
         dist.sample(1, generator=torch.Generator().manual_seed(int(s) ^ SCHEDULE_STREAM),
                     class_labels=torch.tensor([c]))
         for s, c in zip(seeds, labels, strict=True)])  # (N, 4)
-    kind = model.extra.get("spectral_kind", "mixed")
+    kind = model.spectral_kind or "mixed"
     return spectral_lambda_grid(params, opts.steps, kind), lambda_bounds(params)
 
 

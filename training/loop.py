@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common.run_config import Config
 from components.artifact import save_model
 from training import parts
-from training.build import build_model, build_objective, n_cond_of, param_groups
+from training.build import build_model, build_objective, param_groups
 from training.callbacks import Callback, Callbacks
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import MemoryData, build_data
@@ -50,7 +50,7 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
 
     # -- model, EMA, optimizer, objective
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    net, family, net_kwargs = build_model(cfg)
+    net, family, _ = build_model(cfg)
     net.to(device)
     if channels_last:
         net.to(memory_format=torch.channels_last)
@@ -88,15 +88,8 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
                       "parameters": sum(p.numel() for p in net.parameters())})
 
     def export(directory: Path) -> Path:  # the EMA model, with how far training had come
-        exported = generative_model(cfg, ema, spectral)
-        d = save_model(
-            directory, ema, family=family, net_kwargs=net_kwargs,
-            prediction=cfg.objective.prediction, n_cond=n_cond_of(cfg),
-            resolution=cfg.data.resolution, in_channels=cfg.data.channels,
-            num_classes=cfg.data.num_classes, schedule_name=cfg.objective.schedule,
-            schedule_kwargs=dict(cfg.objective.schedule_kwargs), spectral=spectral,
-            spectral_kind=cfg.objective.per_instance,
-            kind=exported.kind, extra=exported.extra, training=cfg.public_dump())
+        d = save_model(directory, generative_model(cfg, ema, spectral),
+                       training=cfg.public_dump())
         (d / "progress.json").write_text(json.dumps(progress()))
         return d
 

@@ -10,7 +10,7 @@ import torch
 
 from common.run_config import Config
 from components.generate import GenerativeModel, generate, image_grid, to_uint8
-from training.build import n_cond_of, schedule_of, ssd_settings_of
+from training.build import n_cond_of, network_spec, schedule_of, ssd_settings_of
 
 
 def generative_model(cfg: Config, net: torch.nn.Module, spectral: dict[str, Any] | None
@@ -19,12 +19,17 @@ def generative_model(cfg: Config, net: torch.nn.Module, spectral: dict[str, Any]
     kind = "ssd" if cfg.objective.name == "ssd" else "standard"
     extra: dict[str, Any] = ssd_settings_of(cfg) if kind == "ssd" else {}  # process settings
     if cfg.objective.per_instance:
+        # per-instance exports carry the kind in config.json's extra as well as schedule.json
         extra["spectral_kind"] = cfg.objective.per_instance
+    family, net_kwargs = network_spec(cfg)
     return GenerativeModel(
         net=net, prediction=cfg.objective.prediction, n_cond=n_cond_of(cfg),
         resolution=cfg.data.resolution, in_channels=cfg.data.channels,
         num_classes=cfg.data.num_classes, schedule=schedule_of(cfg), kind=kind,
-        spectral=spectral, extra=extra)
+        spectral=spectral, extra=extra, family=family, net_kwargs=net_kwargs,
+        schedule_name=cfg.objective.schedule,
+        schedule_kwargs=dict(cfg.objective.schedule_kwargs),
+        spectral_kind=cfg.objective.per_instance)
 
 
 def load_schedule_model(cfg: Config, train_params: np.ndarray | None) -> dict[str, Any] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -132,6 +134,22 @@ def test_spectral_schedule_per_image():
     assert on_global.shape == batch.shape and not torch.allclose(on_global, batch)
     with pytest.raises(ValueError, match="spectral"):
         generate(debug_model(), seeds=[0], steps=STEPS, schedule="spectral")
+
+
+def test_spectral_kind_picks_the_per_image_schedule():
+    """The model's spectral_kind maps a drawn schedule to its grid; unset means "mixed"."""
+    from components.generate import GenerateOptions, sampling_grid
+    from components.spectral_schedules import ScheduleModel
+
+    rng = np.random.default_rng(0)
+    params = np.stack([rng.normal(0, 1, 200), rng.normal(0.5, 0.05, 200),  # beta != 1
+                       rng.normal(-8, 1, 200), rng.normal(8, 1, 200)], axis=1)
+    model = debug_model(n_cond=3, spectral=ScheduleModel.fit(params, n_components=1).to_json())
+    opts = GenerateOptions(steps=STEPS, schedule="spectral")
+    grids = {kind: sampling_grid(dataclasses.replace(model, spectral_kind=kind), opts, [3, 4],
+                                 None)[0] for kind in (None, "mixed", "frequency", "power")}
+    torch.testing.assert_close(grids[None], grids["mixed"], atol=0, rtol=0)
+    assert not torch.allclose(grids["frequency"], grids["power"])
 
 
 @pytest.mark.parametrize("kwargs,field,word", [

@@ -10,7 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from components.artifact import save_model
+from components.model import GenerativeModel
 from components.networks.registry import build_network, preset_kwargs
+from components.schedules import CosineSchedule
 from pipelines.evaluation.data import ImageSet
 from pipelines.evaluation.evaluate import EvalConfig, run_evaluate
 from pipelines.evaluation.feature_net import DEBUG_RECIPE, save_trained, train_feature_net
@@ -25,9 +27,10 @@ def _model_dir(path, num_classes: int = 2):
     for p in net.parameters():
         if p.ndim > 1 and not p.any():
             torch.nn.init.normal_(p, std=0.05)
-    return save_model(path, net, family="unet", net_kwargs=kwargs, prediction="x0", n_cond=1,
-                      resolution=32, in_channels=3, num_classes=num_classes,
-                      schedule_name="cosine", schedule_kwargs={})
+    model = GenerativeModel(net=net, prediction="x0", n_cond=1, resolution=32, in_channels=3,
+                            num_classes=num_classes, schedule=CosineSchedule(), family="unet",
+                            net_kwargs=kwargs, schedule_name="cosine")
+    return save_model(path, model)
 
 
 def _real_npz(path, n: int = 24, seed: int = 0):

@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from components.artifact import save_model
+from components.model import GenerativeModel
 from components.networks.registry import preset_kwargs
+from components.schedules import CosineSchedule
 
 pytestmark = pytest.mark.ray
 STEPS = 4
@@ -45,9 +47,10 @@ def debug_model_dir(path, num_classes: int = 4, seed: int = 0):
     for p in net.parameters():
         if p.ndim > 1 and not p.any():
             torch.nn.init.normal_(p, std=0.05)
-    return save_model(path, net, family="unet", net_kwargs=kwargs, prediction="x0", n_cond=1,
-                      resolution=16, in_channels=3, num_classes=num_classes,
-                      schedule_name="cosine", schedule_kwargs={})
+    model = GenerativeModel(net=net, prediction="x0", n_cond=1, resolution=16, in_channels=3,
+                            num_classes=num_classes, schedule=CosineSchedule(), family="unet",
+                            net_kwargs=kwargs, schedule_name="cosine")
+    return save_model(path, model)
 
 
 def test_config(model_uri: str, port: int, tracking_uri: str, **args) -> dict:

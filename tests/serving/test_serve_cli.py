@@ -18,7 +18,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from components.artifact import save_model
+from components.model import GenerativeModel
 from components.networks.registry import build_network, preset_kwargs
+from components.schedules import CosineSchedule
 from prism_cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,9 +33,11 @@ def _model_dir(path: Path) -> Path:
     for p in net.parameters():
         if p.ndim > 1 and not p.any():
             torch.nn.init.normal_(p, std=0.05)
-    return save_model(path, net, family="unet", net_kwargs=dict(
-        preset_kwargs("unet-debug")[1], num_classes=4), prediction="x0", n_cond=1,
-        resolution=16, in_channels=3, num_classes=4, schedule_name="cosine", schedule_kwargs={})
+    model = GenerativeModel(net=net, prediction="x0", n_cond=1, resolution=16, in_channels=3,
+                            num_classes=4, schedule=CosineSchedule(), family="unet",
+                            net_kwargs=dict(preset_kwargs("unet-debug")[1], num_classes=4),
+                            schedule_name="cosine")
+    return save_model(path, model)
 
 
 def test_sample_local_writes_pngs(tmp_path):

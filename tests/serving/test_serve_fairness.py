@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from components.artifact import save_model
+from components.model import GenerativeModel
 from components.networks.registry import build_network, preset_kwargs
+from components.schedules import CosineSchedule
 from serving.model import Sampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,10 +29,11 @@ def model_dir(tmp_path_factory) -> Path:
     for p in net.parameters():
         if p.ndim > 1 and not p.any():
             torch.nn.init.normal_(p, std=0.05)
-    return save_model(tmp_path_factory.mktemp("m") / "model", net, family="unet",
-                      net_kwargs=dict(preset_kwargs("unet-debug")[1], num_classes=4),
-                      prediction="x0", n_cond=1, resolution=16, in_channels=3, num_classes=4,
-                      schedule_name="cosine", schedule_kwargs={})
+    model = GenerativeModel(net=net, prediction="x0", n_cond=1, resolution=16, in_channels=3,
+                            num_classes=4, schedule=CosineSchedule(), family="unet",
+                            net_kwargs=dict(preset_kwargs("unet-debug")[1], num_classes=4),
+                            schedule_name="cosine")
+    return save_model(tmp_path_factory.mktemp("m") / "model", model)
 
 
 def _sampler(model_dir: Path, **config) -> Sampler:
