@@ -102,6 +102,18 @@ def tar_members(raw: bytes) -> list[tuple[str, bytes]]:
 
 
 def _fast_members(data: bytes) -> list[tuple[str, bytes]]:
+    offsets: list[int] = []  # of the headers read, with the checksums they record
+    chks: list[int] = []
+    try:
+        out = _scan_members(data, offsets, chks)
+    except (_NotPlain, tarfile.ReadError):
+        _check_headers(data, offsets, chks)  # a damaged earlier header is the error
+        raise
+    _check_headers(data, offsets, chks)
+    return out
+
+
+def _scan_members(data: bytes, offsets: list[int], chks: list[int]) -> list[tuple[str, bytes]]:
     out: list[tuple[str, bytes]] = []
     pos, n, long_name = 0, len(data), None
     while pos + 512 <= n:
@@ -116,8 +128,8 @@ def _fast_members(data: bytes) -> list[tuple[str, bytes]]:
             chk = int(chk_field.rstrip(b"\0 ") or b"0", 8)
         except ValueError:
             raise tarfile.ReadError(f"bad tar header at byte {pos}") from None
-        if chk != sum(header[:148]) + 256 + sum(header[156:]):  # the field counts as spaces
-            raise tarfile.ReadError(f"bad tar header checksum at byte {pos}")
+        offsets.append(pos)
+        chks.append(chk)
         flag, body = header[156:157], pos + 512
         pos = body + (size + 511) // 512 * 512
         if flag == b"L":
@@ -137,6 +149,21 @@ def _fast_members(data: bytes) -> list[tuple[str, bytes]]:
         long_name = None
         out.append((name, data[body:body + size]))
     return out
+
+
+def _check_headers(data: bytes, offsets: list[int], chks: list[int]) -> None:
+    """Raise at the first header whose bytes (the checksum field counted as spaces) do not
+    sum to the checksum it records. All headers at once: summing each in Python took a
+    third of the reader's time (2 us a member)."""
+    if not offsets:
+        return
+    blocks = np.frombuffer(data, np.uint8, count=len(data) // 512 * 512).reshape(-1, 512)
+    headers = blocks[np.asarray(offsets) // 512]  # (n, 512); headers are 512-aligned
+    sums = (headers.sum(axis=1, dtype=np.int64)
+            - headers[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32)
+    bad = np.flatnonzero(sums != np.asarray(chks))
+    if bad.size:
+        raise tarfile.ReadError(f"bad tar header checksum at byte {offsets[bad[0]]}")
 
 
 def _finish(rec: dict[str, Any]) -> Iterator[dict[str, Any]]:
