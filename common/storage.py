@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 CONNECT_TIMEOUT_S = float(os.environ.get("PRISM_S3_CONNECT_TIMEOUT_S", "3"))
 READ_TIMEOUT_S = float(os.environ.get("PRISM_S3_READ_TIMEOUT_S", "60"))
@@ -144,6 +144,21 @@ def read_bytes(url: str) -> bytes:
     bucket, key = split_s3(url)
     try:
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as exc:  # noqa: BLE001
+        raise _s3_error("read", url, exc) from None
+
+
+def open_read(url: str) -> BinaryIO:
+    """A binary file object reading ``url`` from its start: the local file, or the body of an
+    S3 GET, streamed as it is read (a context manager; close it when done)."""
+    if not is_s3(url):
+        try:
+            return open(url, "rb")  # noqa: SIM115 - the caller closes it
+        except OSError as exc:
+            raise StorageError(f"read {url}: {exc.strerror or exc}") from None
+    bucket, key = split_s3(url)
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
     except Exception as exc:  # noqa: BLE001
         raise _s3_error("read", url, exc) from None
 

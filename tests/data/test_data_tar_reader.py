@@ -95,3 +95,26 @@ def test_shards_are_webdatasets_own_format(tmp_path: Path):
     for s, r in zip(samples, ours, strict=True):
         assert s["png"] == r["data"] and int(s["cls"]) == r["label"]
         assert set(s) >= {"__key__", "png", "cls", "json"}
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_expand_tars_gives_webdatasets_tar_expansion(fmt):
+    """``expand_tars`` is a drop-in for webdataset's ``tar_file_expander`` (the training stream's
+    tar expansion stage): the same file records, end-of-shard markers and skipped metadata
+    members, for plain and gzip shards, on the fast path and through ``tarfile``."""
+    from webdataset.tariterators import tar_file_expander
+
+    from common.shards import expand_tars
+
+    members = [*MEMBERS, ("__index__", b"metadata"), ("k3.png", b"three")]
+    if fmt == tarfile.PAX_FORMAT:
+        members.append(("ключ.png", b"pax header"))
+    raw = _tar(members, fmt)
+    for data in (raw, gzip.compress(raw)):
+        sources = [{"url": f"s{i}", "stream": io.BytesIO(data)} for i in range(2)]
+        ours = list(expand_tars(sources))
+        for s in sources:
+            s["stream"].seek(0)
+        assert ours == list(tar_file_expander(sources))
+        assert ours.count({}) == 2 and {"fname": "k3.png", "data": b"three",
+                                        "__url__": "s1"} in ours

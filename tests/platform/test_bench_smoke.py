@@ -54,3 +54,17 @@ def test_train_profile_smoke_accounts_for_the_step_by_op_class(tmp_path):
     assert row["kernel_ms"] == pytest.approx(sum(per_class.values()))
     assert row["kernel_ms"] <= row["wall_ms"] * 1.5  # profiled op time is of the step's order
     assert "ms per step" in proc.stdout
+
+
+def test_stream_throughput_smoke_times_both_streams(tmp_path):
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("the baseline stream is read from git")
+    proc = _run("stream_throughput.py", tmp_path)
+    result = json.loads((tmp_path / "stream_throughput.json").read_text())
+    median = result["median"]
+    assert set(median) == {"streams@HEAD", "this tree"}
+    assert all(m["samples_per_second"] > 0 and m["longest_wait_ms"] > 0
+               for m in median.values())
+    assert result["ratio"] == pytest.approx(median["this tree"]["samples_per_second"]
+                                            / median["streams@HEAD"]["samples_per_second"])
+    assert "ratio this tree / streams@HEAD" in proc.stdout
