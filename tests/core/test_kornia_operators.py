@@ -1,9 +1,10 @@
 """The kornia operators of the science core compute what the definitions say: each is checked
-against a small reference implementation of the definition (plain torch convolutions), on
-random inputs of several sizes and dtypes."""
+against a small reference implementation of the definition (plain torch convolutions and
+arithmetic), on random inputs of several sizes and dtypes."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from kornia.geometry.transform import pyrdown
 
 from components import scale
 from components.metrics import swd
+from components.spectra import LUMA_REC601, luminance
 
 SIZES = [(3, 3), (3, 8), (4, 4), (7, 5), (16, 16), (33, 64), (64, 64)]
 TINY = [(1, 1), (1, 7), (2, 2), (2, 9)]  # below reflect padding's 3 pixels
@@ -85,3 +87,25 @@ def test_kornia_pyrdown_is_not_the_pyramid_reduction() -> None:
     blurred = ref_blur_2d(x)
     torch.testing.assert_close(pyrdown(x), F.avg_pool2d(blurred, 2), atol=1e-6, rtol=0)
     assert (pyrdown(x) - blurred[..., ::2, ::2]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_luminance_is_rec601(dtype) -> None:
+    x = torch.rand(4, 3, 17, 9, generator=torch.Generator().manual_seed(5), dtype=dtype) * 2 - 1
+    r, g, b = x.unbind(-3)
+    want = LUMA_REC601[0] * r + LUMA_REC601[1] * g + LUMA_REC601[2] * b
+    got = luminance(x)
+    assert got.dtype == dtype and got.shape == (4, 17, 9)
+    torch.testing.assert_close(got, want, atol=ATOL[dtype], rtol=0)
+    np.testing.assert_allclose(luminance(x.numpy()), want.numpy(), atol=ATOL[dtype], rtol=0)
+
+
+def test_luminance_of_integer_tensors_is_float() -> None:
+    """Integer images are mixed in float32 (kornia's own uint8 path would round to uint8)."""
+    x = torch.randint(0, 256, (2, 3, 5, 5), generator=torch.Generator().manual_seed(6),
+                      dtype=torch.uint8)
+    got = luminance(x)
+    assert got.dtype == torch.float32
+    r, g, b = x.float().unbind(-3)
+    want = LUMA_REC601[0] * r + LUMA_REC601[1] * g + LUMA_REC601[2] * b
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
