@@ -116,7 +116,7 @@ class PrismModel(mlflow.pyfunc.PythonModel):
 def _requirements() -> list[str]:
     """The installed versions of what the model's code needs besides prism itself."""
     out = []
-    for dist in ("torch", "numpy", "safetensors", "scipy", "pandas", "mlflow"):
+    for dist in ("torch", "numpy", "safetensors", "scipy", "kornia", "pandas", "mlflow"):
         try:
             out.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
         except metadata.PackageNotFoundError:

@@ -12,6 +12,11 @@ All functions take batches ``(..., H, W)`` (usually (B, C, H, W)) on any device 
   add up to the image energy: what the measured chromatogram needs); ``kind="gaussian"``
   uses a 5-tap binomial blur before decimation and bilinear expansion (Burt & Adelson).
   Both reconstruct exactly from the Laplacian pyramid.
+
+The binomial blur is kornia's separable filter with kornia's Pascal (binomial) kernel: the
+same padding and convolutions as the definition, so the same values. ``R`` stays on torch's
+anti-aliased bilinear kernel: kornia's ``resize(antialias=True)`` pre-blurs with a Gaussian
+instead, a different operator from the one whose transpose Scale Space Diffusion uses.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from kornia.filters import filter2d_separable
+from kornia.filters.kernels import get_pascal_kernel_1d
 from torch import Tensor
 
 PyramidKind = Literal["box", "gaussian"]
@@ -130,21 +137,24 @@ def resize_matrix(n_in: int, n_out: int, antialias: bool = True,
 
 # --------------------------------------------------------------------------- pyramids
 
-_BINOMIAL5 = (1.0, 4.0, 6.0, 4.0, 1.0)
-
-
 def _blur_binomial(x: Tensor) -> Tensor:
-    """Separable 5-tap binomial blur [1 4 6 4 1]/16 with reflect padding, (N, 1, H, W)."""
-    k = torch.tensor(_BINOMIAL5, dtype=x.dtype, device=x.device) / 16.0
-    pad_mode = "reflect" if min(x.shape[-2:]) > 2 else "replicate"
-    x = F.pad(x, (2, 2, 0, 0), mode=pad_mode)
-    x = F.conv2d(x, k.reshape(1, 1, 1, 5))
-    x = F.pad(x, (0, 0, 2, 2), mode=pad_mode)
-    return F.conv2d(x, k.reshape(1, 1, 5, 1))
+    """Separable 5-tap binomial blur [1 4 6 4 1]/16 with reflect padding, (N, 1, H, W).
+
+    Reflect padding by 2 needs at least 3 pixels along each side; smaller images (the last
+    levels of a deep pyramid) are padded by replication instead.
+    """
+    k = get_pascal_kernel_1d(5, norm=True, device=x.device, dtype=x.dtype)[None]  # (1, 5)
+    border = "reflect" if min(x.shape[-2:]) > 2 else "replicate"
+    return filter2d_separable(x, k, k, border_type=border)
 
 
 def pyramid_down(x: Tensor, kind: PyramidKind = "box") -> Tensor:
-    """One pyramid reduction by 2: ``D_2`` (box) or blur-then-decimate (gaussian)."""
+    """One pyramid reduction by 2: ``D_2`` (box) or blur-then-decimate (gaussian).
+
+    The gaussian reduction keeps every second pixel of the blurred image (Burt & Adelson).
+    kornia's ``pyrdown`` resamples the blurred image bilinearly instead, which at a factor of 2
+    averages 2 x 2 blocks: a further blur, so it is not used here.
+    """
     if kind == "box":
         return downsample_mean(x, 2)
     if kind == "gaussian":

@@ -2,7 +2,10 @@
 
 Conventions
 - Images are float NCHW in [-1, 1]; a *plane* is one (H, W) array (a channel or luminance).
-- Luminance is Rec.601 luma, ``Y = 0.299 R + 0.587 G + 0.114 B`` (on [-1, 1] values).
+- Luminance is Rec.601 luma, ``Y = 0.299 R + 0.587 G + 0.114 B`` (on [-1, 1] values): kornia's
+  ``rgb_to_grayscale`` for tensors, with these weights. The spectrum paths mix the
+  complex channel spectra with the same weights instead (the DFT is linear), which no colour
+  conversion routine does.
 - Orthonormal 2-D DFT, ``X = F x / sqrt(H W)``, so white noise of variance s^2 has flat power
   ``E|X_k|^2 = s^2`` and the per-frequency SNR at log-SNR lambda is ``e^lambda S(f)``.
 - Radial bins of integer radius ``r = round(sqrt(ky^2 + kx^2))`` with ``k`` the integer
@@ -27,6 +30,7 @@ from types import ModuleType
 import numpy as np
 import scipy.fft
 import torch
+from kornia.color import rgb_to_grayscale
 
 from components.spectral_bins import bin_frequencies, bin_matrices, chunk_size
 
@@ -101,9 +105,16 @@ def rapsd(x: Array) -> Array:
 
 
 def luminance(images: Array) -> Array:
-    """Rec.601 luma of RGB images: (..., 3, H, W) -> (..., H, W)."""
+    """Rec.601 luma of RGB images: (..., 3, H, W) -> (..., H, W).
+
+    Tensors go through kornia's ``rgb_to_grayscale`` (integer tensors as float32, not
+    kornia's rounded uint8 grey); NumPy arrays are mixed here with the same weights.
+    """
     if images.ndim < 3 or images.shape[-3] != 3:
         raise ValueError(f"luminance needs (..., 3, H, W) RGB images, got {tuple(images.shape)}")
+    if isinstance(images, torch.Tensor):
+        x = images if images.is_floating_point() else images.float()
+        return rgb_to_grayscale(x, torch.tensor(LUMA_REC601, dtype=torch.float64)).squeeze(-3)
     r, g, b = images[..., 0, :, :], images[..., 1, :, :], images[..., 2, :, :]
     return LUMA_REC601[0] * r + LUMA_REC601[1] * g + LUMA_REC601[2] * b
 

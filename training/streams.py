@@ -13,6 +13,13 @@ same number of steps. Within a shard the samples are permuted (and flipped) by
 ``(seed, e, shard, g)``. A stream's position is ``(epoch, shard position, sample position)``;
 each batch carries the position after it, so the trainer knows where every stream stands.
 
+The horizontal flip is the stream's only augmentation, applied to the uint8 array as the batch
+is collated, its flag drawn from the position's key. GPU augmentation (``kornia.augmentation``)
+is not used: it draws from torch's global generator rather than from the stream position, so a
+resumed run would augment differently, and any augmentation beyond a horizontal flip (crops,
+colour jitter) would change the images that the per-image spectral statistics were measured on
+(a horizontal flip leaves the radially averaged power spectrum unchanged).
+
 A stream is a ``wds.DataPipeline`` (:func:`stream_pipeline`), one per loader worker::
 
     EpochShardList    every stream's shard entries, epoch after epoch, forever   (source)

@@ -9,6 +9,12 @@ projections. Reported per level (finest first, times 1e3 as in the paper) and av
 
 All randomness (patch positions, directions) comes from ``seed``, so two calls with the same
 inputs agree exactly.
+
+The pyramid is the paper's: a 5x5 binomial blur with reflect padding (kornia's ``filter2d``
+with kornia's Pascal kernel), then every second pixel. kornia's ``pyrdown`` and ``pyrup`` are
+not used: they resample bilinearly (at a factor of 2, ``pyrdown`` averages 2 x 2 blocks of the
+blurred image, and ``pyrup`` interpolates instead of inserting zeros), which changes the bands
+and with them the distance.
 """
 
 from __future__ import annotations
@@ -16,18 +22,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+from kornia.filters import filter2d
+from kornia.filters.kernels import get_pascal_kernel_2d
 from torch import Tensor
-
-# 5-tap binomial filter [1, 4, 6, 4, 1] / 16 (separable Gaussian of the paper's pyramid).
-_BINOMIAL_5 = (1.0, 4.0, 6.0, 4.0, 1.0)
 
 
 def _blur(x: Tensor) -> Tensor:
-    """Depthwise 5x5 binomial blur with reflect padding, x (B, C, H, W)."""
-    k1 = torch.tensor(_BINOMIAL_5, dtype=x.dtype, device=x.device) / 16.0
-    k2 = (k1[:, None] * k1[None, :]).expand(x.shape[1], 1, 5, 5)
-    return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), k2, groups=x.shape[1])
+    """Depthwise 5x5 binomial blur, [1 4 6 4 1]^T [1 4 6 4 1] / 256, with reflect padding,
+    x (B, C, H, W) with H, W >= 3 (the separable Gaussian of the paper's pyramid)."""
+    k = get_pascal_kernel_2d(5, norm=True, device=x.device, dtype=x.dtype)[None]  # (1, 5, 5)
+    return filter2d(x, k, border_type="reflect")
 
 
 def gaussian_pyramid(x: Tensor, levels: int) -> list[Tensor]:

@@ -53,7 +53,12 @@ DEBUG_RECIPE = FeatureNetRecipe(width=4, epochs=1, batch_size=32, max_train_imag
 
 
 def augment(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Random crops (reflect padding) and horizontal flips of x (B, C, H, W); CPU-drawn offsets."""
+    """Random crops (reflect padding) and horizontal flips of x (B, C, H, W); CPU-drawn offsets.
+
+    Every draw comes from ``gen`` (seeded by the recipe), so the feature network depends on
+    the recipe alone; ``kornia.augmentation`` draws from torch's global generator and takes
+    none, which is why these two operations are written out here.
+    """
     b, _, h, w = x.shape
     if pad:
         xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
