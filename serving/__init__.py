@@ -10,7 +10,9 @@
     prism sample --local --model DIR --n 4 --resolution 64 --out samples/   # no server
 
 Modules: ``schemas`` (request/response models), ``app`` (routes only), ``model`` (the
-batched ``Sampler`` deployment), ``loading`` (registry references), ``encode`` (PNG),
-``merging`` (one device call of everything waiting), ``direct`` (the Ingress replicas on one
-shared port), ``launch`` (start/stop from ``config.yaml``), ``cli`` (the two commands).
+``Sampler`` deployment: loads and delegates), ``service`` (its work, no Ray), ``jobs`` (a
+request as a job: checks, caps, parts), ``loading`` (registry references, the model cache),
+``memory`` (device memory estimates), ``merging`` (one device call of everything waiting),
+``diagnostics`` (timing inside a replica), ``encode`` (PNG), ``direct`` (the Ingress replicas
+on one shared port), ``launch`` (start/stop from ``config.yaml``), ``cli`` (the two commands).
 """

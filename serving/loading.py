@@ -7,7 +7,12 @@ local model directory (only from the service configuration, never from a request
 
 from __future__ import annotations
 
+import asyncio
 import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,11 @@ _REGISTRY = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<vers
 
 
 class ModelNotFound(LookupError):
-    """The named model, alias or version does not exist."""
+    """The named model, alias or version does not exist, or is not served here."""
+
+
+class ModelLoading(LookupError):
+    """The model is being loaded for an earlier request."""
 
 
 def default_device() -> str:
@@ -103,3 +112,76 @@ def load_served_model(uri: str, device: str, cuda_graphs: bool = False
         "cuda_graphs": graphed,
     }
     return model, info
+
+
+@dataclass
+class Loaded:
+    """A model on its device and its description (an entry of ``/v1/models``)."""
+
+    model: GenerativeModel
+    info: dict[str, Any]
+
+
+Loader = Callable[[str, str, bool], tuple[GenerativeModel, dict[str, Any]]]
+
+
+class ModelCache:
+    """The default model and up to ``max_models - 1`` others, by canonical reference.
+
+    Another model is loaded on its first request, only when ``allow_other`` and only from
+    the registry (``models:/``: a request never names a directory); the least recently used
+    one makes room, never the default. ``load`` is :func:`load_served_model` or a stand-in
+    with its signature."""
+
+    def __init__(self, default_uri: str, device: str, *, max_models: int = 2,
+                 allow_other: bool = True, cuda_graphs: bool = False,
+                 load: Loader = load_served_model) -> None:
+        self.default_uri, self.device = normalize_uri(default_uri), device
+        self.max_models, self.allow_other, self.cuda_graphs = max_models, allow_other, cuda_graphs
+        self._load = load
+        self.models: OrderedDict[str, Loaded] = OrderedDict()
+        self.loading: set[str] = set()
+        self._lock = threading.Lock()  # loads run in worker threads
+
+    @property
+    def ready(self) -> bool:
+        """Whether the default model is loaded (the replica can answer)."""
+        return self.default_uri in self.models
+
+    def load(self, uri: str) -> Loaded:
+        """Load ``uri`` (canonical) now and keep it, evicting the least recently used other."""
+        loaded = Loaded(*self._load(uri, self.device, self.cuda_graphs))
+        with self._lock:
+            self.models[uri] = loaded
+            while len(self.models) > self.max_models:
+                old = next(k for k in self.models if k != self.default_uri)
+                self.models.pop(old)
+        return loaded
+
+    async def get(self, ref: str | None) -> Loaded:
+        """The model that ``ref`` names (None or an alias of the default: the default),
+        loaded in a worker thread on first use. Raises ModelNotFound or ModelLoading."""
+        default = self.models.get(self.default_uri)
+        if ref is None or (default is not None and ref in default.info["aliases"]):
+            ref = self.default_uri
+        uri = normalize_uri(ref)
+        if uri in self.models:
+            self.models.move_to_end(uri)
+            return self.models[uri]
+        if uri in self.loading:
+            raise ModelLoading(f"model {uri} is still loading")
+        if not self.allow_other or not uri.startswith("models:/"):
+            raise ModelNotFound(f"model {ref!r} is not served here")
+        self.loading.add(uri)
+        try:
+            return await asyncio.to_thread(self.load, uri)
+        finally:
+            self.loading.discard(uri)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """``/v1/models``: every loaded model, and the default one first while it loads."""
+        out = [dict(lm.info, loaded=True) for lm in self.models.values()]
+        if not self.ready:
+            out.insert(0, {"name": self.default_uri, "uri": self.default_uri, "version": "",
+                           "loaded": False})
+        return out

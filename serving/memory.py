@@ -1,5 +1,6 @@
 """How much device memory a generation will take, estimated before it runs, so that the
-service refuses (413) or splits a request instead of failing on the device.
+service refuses a request (413) or splits a batch of requests (:func:`split_under_cap`)
+instead of failing on the device.
 
 The estimate measures each network once, with forward hooks on a single native-resolution
 pass (the live activations' bound per pixel, and the attention score matrices' per pixel
@@ -92,3 +93,22 @@ def memory_estimate_bytes(model: GenerativeModel, *, n_images: int, resolution: 
     params = _parameter_bytes(model.net)
     state = 4 * n_images * model.in_channels * pixels  # x, prediction, noise, output
     return int(params + bytes_per_float * (batch * act + state))
+
+
+def split_under_cap(model: GenerativeModel, n_images: list[int], *, resolution: int,
+                    cfg_scale: float, upscale: str, cap_bytes: int) -> list[list[int]]:
+    """Consecutive requests of ``n_images`` images each (one setting, one resolution) grouped
+    so that each group's generate call stays under ``cap_bytes``: lists of positions in
+    ``n_images``, in order. A request over the cap on its own gets a group of its own."""
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    n = 0
+    for i, k in enumerate(n_images):
+        need = memory_estimate_bytes(model, n_images=n + k, resolution=resolution,
+                                     cfg_scale=cfg_scale, upscale=upscale)
+        if cur and need > cap_bytes:
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append(i)
+        n += k
+    return groups + [cur]

@@ -4,7 +4,7 @@ Validation that needs only the request happens here (pydantic -> 422 naming the 
 closed sets of values and the seed range are ``components.options``'s, and
 :meth:`GenerateRequest.options` turns a request into the ``GenerateOptions`` the sampler takes.
 Validation that needs the model (``components.options.check_options``: resolution multiple of
-native, class range; the memory cap, ``serving.memory``) happens in :mod:`serving.model` and
+native, class range; the memory cap, ``serving.memory``) happens in :mod:`serving.jobs` and
 comes back as a ``ServiceError`` naming the field the check named.
 """
 
