@@ -18,6 +18,7 @@ from components.generate import GenerativeModel
 def _download(uri: str, dst: Path) -> Path:
     """``runs:/ID/path``, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or any MLflow
     artifact URI -> a local directory (MLflow's client, honouring MLFLOW_TRACKING_URI)."""
+    # mlflow: deferred, a heavy import that only MLflow URIs need
     import mlflow
 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))

@@ -22,6 +22,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
     """Connect to ``address`` (else ``$RAY_ADDRESS``), or start a local cluster whose every
     server, the dashboard included, listens on 127.0.0.1 only. Nothing happens when Ray is
     already initialised in this process. Returns whether this call started or joined Ray."""
+    # ray: deferred, a heavy import that only Ray jobs need
     import ray
 
     if ray.is_initialized():

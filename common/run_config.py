@@ -14,7 +14,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from common.network_settings import NETWORK_SETTINGS, FamilySettings, NetworkSettings
+from common.schedule_settings import SCHEDULE_PARAMS, ScheduleParams
 
 
 def _switch_value(value: Any) -> Any:
@@ -69,36 +81,66 @@ class DataConfig(_Section):
         return self
 
 
+def _network_of(preset: str, overrides: dict[str, Any]) -> FamilySettings:
+    """The typed settings of ``preset``'s family: the preset's values, then ``overrides``."""
+    # the preset tables live beside the networks, which import torch: deferred to validation,
+    # so that importing this module (the CLI, --help) stays light
+    from components.networks.registry import preset_kwargs
+
+    family, kwargs = preset_kwargs(preset)
+    if "family" in overrides:
+        raise ValueError(f"the family is the preset's ({family}): choose another model.preset")
+    return NETWORK_SETTINGS[family].model_validate({**kwargs, **overrides})
+
+
 class ModelConfig(_Section):
-    """A preset from ``components.networks.registry`` plus constructor overrides."""
+    """A preset from ``components.networks.registry`` plus constructor overrides, validated
+    into the preset family's typed settings (``common.network_settings``): a bad override
+    fails naming it (``model.overrides.depth: Input should be a valid integer``)."""
 
     preset: str = "unet-debug"
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    overrides: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    # the preset's settings with the overrides applied: derived here, never set nor dumped
+    # (None only where the preset or the overrides failed, and then the config does not load)
+    network: NetworkSettings | None = Field(None, exclude=True, validate_default=True)
 
-    @model_validator(mode="after")
-    def _known(self) -> ModelConfig:
-        # the registry imports torch and every network: deferred to validation, so that
-        # importing this module (the CLI, --help) stays light
-        from components.networks.registry import family_settings, preset_kwargs
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str) -> str:
+        _network_of(preset, {})  # an unknown preset: ValueError with the list
+        return preset
 
-        family, _ = preset_kwargs(self.preset)  # an unknown preset: ValueError with the list
-        accepted = family_settings(family)
-        unknown = sorted(set(self.overrides) - accepted)
-        if unknown:
-            raise ValueError(f"model.overrides {unknown}: not settings of the {family} network "
-                             f"(preset {self.preset!r}); its settings: {sorted(accepted)}")
-        return self
+    @field_validator("overrides")
+    @classmethod
+    def _typed_overrides(cls, overrides: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "preset" not in info.data:  # the preset's own error is reported
+            return overrides
+        network = _network_of(info.data["preset"], overrides)
+        return {k: getattr(network, k) for k in overrides}
+
+    @field_validator("network", mode="before")
+    @classmethod
+    def _derived_network(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise ValueError("derived from model.preset and model.overrides: set those instead")
+        if "preset" not in info.data or "overrides" not in info.data:
+            return None
+        return _network_of(info.data["preset"], info.data["overrides"])
 
 
 class ObjectiveConfig(_Section):
     """The loss. ``name: diffusion`` is ``components.objectives.DiffusionObjective``;
     ``ssd`` and ``dimr_multiscale`` are the family objectives, built from these fields and
-    ``options`` (see ``training.build.build_objective``)."""
+    ``options`` (see ``training.build.build_objective``). ``schedule_kwargs`` are validated
+    into the schedule's typed parameters (``common.schedule_settings``)."""
 
     name: Literal["diffusion", "ssd", "dimr_multiscale"] = "diffusion"
     prediction: Literal["eps", "x0", "v"] = "eps"
-    schedule: str = "cosine"  # components.schedules.build_schedule name
-    schedule_kwargs: dict[str, float] = Field(default_factory=dict)
+    schedule: str = "cosine"  # a components.schedules.SCHEDULES name
+    schedule_kwargs: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    # the schedule's parameters with their defaults: derived here, never set nor dumped
+    # (None only where the schedule or its kwargs failed, and then the config does not load)
+    schedule_params: ScheduleParams | None = Field(None, exclude=True, validate_default=True)
     # per-image spectral schedules: a components.spectral_schedules kind, or None (global)
     per_instance: Literal["frequency", "power", "mixed"] | None = None
     weighting: Literal["uniform", "min_snr", "sigmoid"] = "uniform"
@@ -107,16 +149,33 @@ class ObjectiveConfig(_Section):
     label_dropout: float = Field(0.0, ge=0, lt=1)
     options: dict[str, Any] = Field(default_factory=dict)  # family objective kwargs
 
-    @model_validator(mode="after")
-    def _schedule_builds(self) -> ObjectiveConfig:
-        from components.schedules import build_schedule  # torch: deferred as above
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, schedule: str) -> str:
+        if schedule not in SCHEDULE_PARAMS:
+            raise ValueError(f"unknown schedule {schedule!r}: expected one of "
+                             f"{', '.join(SCHEDULE_PARAMS)}")
+        return schedule
 
-        try:  # a schedule is a handful of numbers: building it is the check
-            build_schedule(self.schedule, **dict(self.schedule_kwargs))
-        except (TypeError, ValueError, KeyError) as err:
-            raise ValueError(f"objective.schedule {self.schedule!r} with schedule_kwargs "
-                             f"{dict(self.schedule_kwargs)}: {err}") from None
-        return self
+    @field_validator("schedule_kwargs")
+    @classmethod
+    def _typed_kwargs(cls, kwargs: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "schedule" not in info.data:  # the schedule's own error is reported
+            return kwargs
+        if "name" in kwargs:
+            raise ValueError("the schedule's name is objective.schedule: set that instead")
+        params = SCHEDULE_PARAMS[info.data["schedule"]].model_validate(kwargs)
+        return {k: getattr(params, k) for k in kwargs}
+
+    @field_validator("schedule_params", mode="before")
+    @classmethod
+    def _derived_params(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise ValueError("derived from objective.schedule and objective.schedule_kwargs: "
+                             "set those instead")
+        if "schedule" not in info.data or "schedule_kwargs" not in info.data:
+            return None
+        return SCHEDULE_PARAMS[info.data["schedule"]].model_validate(info.data["schedule_kwargs"])
 
 
 class OptimConfig(_Section):
@@ -188,9 +247,9 @@ class Config(_Section):
 
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
-    # built per instance: their checks import torch, which importing this module must not
+    # built per instance: the model's checks import torch, which importing this module must not
     model: ModelConfig = Field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    objective: ObjectiveConfig = ObjectiveConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -50,6 +50,7 @@ def join(base: str, *parts: str) -> str:
 
 @lru_cache(maxsize=4)
 def _client(endpoint: str | None, profile: str | None, key_hash: int) -> Any:
+    # boto3: deferred, a heavy import that only s3:// URLs need
     import boto3
     from botocore.config import Config
 

@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from components.diffusion import Cond, as_prediction, check_image_range, q_sample
+from components.scale import band_energies
 from components.schedules import DiscreteSchedule, Schedule, lambda_from_alpha_bar
 
 LN4 = math.log(4.0)
@@ -162,9 +164,6 @@ def measured_chromatogram(
     ``lambda``, ``energy_fraction`` (levels, n_t), ``emergence`` (levels,),
     ``emergence_interp`` (levels,), ``clean_energy`` (levels,).
     """
-    from components.diffusion import Cond, as_prediction, check_image_range, q_sample
-    from components.scale import band_energies
-
     check_image_range(images, "measured_chromatogram images")
     cond = cond if cond is not None else Cond()
     t_grid = _f64(t_grid).flatten().cpu()
@@ -213,7 +212,6 @@ def noise_band_energies(levels: int, kind: str = "box", size: int = 32) -> Tenso
         n = 3.0 / 4.0 ** (k + 1)
         n[-1] = 1.0 / 4.0 ** (levels - 1)
         return n
-    from components.scale import band_energies
 
     basis = torch.eye(size * size, dtype=torch.float64).reshape(-1, 1, size, size)
     return band_energies(basis, levels, kind).sum(0)  # (L,)
@@ -224,8 +222,6 @@ def band_snr(images: Tensor, levels: int, kind: str = "box") -> dict[str, Tensor
     ``E`` clean band energies (batch mean), ``M`` band energies of the batch-mean image,
     ``N`` band energies of unit white noise, ``rho = (E - M) / N`` the band SNR at
     lambda = 0 of the fluctuation about the mean, ``m = M / E`` the share of the mean."""
-    from components.scale import band_energies
-
     x = images.detach().double().cpu()
     e = band_energies(x, levels, kind).mean(0)
     m = band_energies(x.mean(0, keepdim=True), levels, kind)[0]
@@ -272,6 +268,7 @@ def plot_chromatogram(
     band energy fractions are drawn as markers on the first panel. Saves to ``path`` if
     given; returns the figure.
     """
+    # matplotlib: deferred, only the plot needs it
     import matplotlib
 
     matplotlib.use("Agg")

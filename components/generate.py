@@ -18,8 +18,12 @@ import torch
 from torch import Tensor
 
 from components.diffusion import Cond, NetworkDenoiser
+from components.guidance import TimeAwareConditioning, cascaded_upscale, guided_denoiser
 from components.model import GenerativeModel
 from components.options import GenerateOptions, check_options
+from components.samplers import get_sampler, lambda_grid
+from components.spectral_schedules import ScheduleModel, lambda_bounds, spectral_lambda_grid
+from components.ssd import ssd_generate
 
 # A separate stream for the per-image spectral schedule draw, so it does not shift the noise.
 SCHEDULE_STREAM = 0x5EED_5C4E
@@ -92,8 +96,6 @@ def generate_with(model: GenerativeModel, opts: GenerateOptions, seeds: list[int
     device = torch.device(device)
     m = check_options(model, opts, seeds, class_labels)
     if model.kind == "ssd":
-        from components.ssd import ssd_generate
-
         return ssd_generate(model, seeds, opts.steps, class_labels, device).clamp(-1, 1)
     with torch.no_grad():
         x = _sample(model, opts, seeds, class_labels, m, device)
@@ -104,8 +106,6 @@ def sampling_grid(model: GenerativeModel, opts: GenerateOptions, seeds: list[int
                   class_labels: list[int] | None) -> tuple[Tensor, Tensor | None]:
     """The log-SNR grid, (steps + 1,) for the model's schedule or (steps + 1, N) for
     per-image spectral schedules, and the per-image ``lambda_bounds`` (N, 2) or None."""
-    from components.samplers import lambda_grid
-
     if opts.schedule == "model":
         lambdas = lambda_grid(model.schedule, opts.steps)
         if model.n_cond != 3:
@@ -114,11 +114,6 @@ def sampling_grid(model: GenerativeModel, opts: GenerateOptions, seeds: list[int
         # schedule: every image's end points are that schedule's
         ends = model.schedule.lambda_(torch.tensor([0.0, 1.0], dtype=torch.float64)).float()
         return lambdas, ends.expand(len(seeds), 2).clone()
-    from components.spectral_schedules import (
-        ScheduleModel,
-        lambda_bounds,
-        spectral_lambda_grid,
-    )
 
     dist = ScheduleModel.from_json(model.spectral or {})
     labels = class_labels or [-1] * len(seeds)
@@ -134,9 +129,6 @@ def sampling_grid(model: GenerativeModel, opts: GenerateOptions, seeds: list[int
 def _sample(model: GenerativeModel, opts: GenerateOptions, seeds: list[int],
             class_labels: list[int] | None, m: int, device: torch.device) -> Tensor:
     """Noise -> images at m x native: one sampler run (upsample guidance) or the cascade."""
-    from components.guidance import cascaded_upscale
-    from components.samplers import get_sampler
-
     lambdas, bounds = sampling_grid(model, opts, seeds, class_labels)
     cond = Cond(labels_tensor(class_labels, device), None if bounds is None else bounds.to(device))
     gens = per_image_generators(seeds)
@@ -162,8 +154,6 @@ def auto_switch_level(resolution: int, layout_size: int = 8) -> float:
 def _guided(model: GenerativeModel, opts: GenerateOptions, cond: Cond, m: int) -> Any:
     """The denoiser with guidance: CFG and UG composed in ``opts.ug_order`` (see
     ``components.guidance.guided_denoiser``), time-aware conditioning outermost."""
-    from components.guidance import TimeAwareConditioning, guided_denoiser
-
     den: Any = base_denoiser(model)
     if m > 1 or opts.cfg_scale != 1.0:
         # w_t = theta H(t - (1 - eta)): active while lambda <= lambda(1 - eta)

@@ -12,6 +12,7 @@ discrete ones, so that the inverse is exact to 1e-5).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -321,36 +322,44 @@ def min_snr_weight(lam: Tensor, gamma: float = 5.0, prediction: str = "eps") -> 
 # --------------------------------------------------------------------------- registry
 
 
-def _steps_as_int(kw: dict[str, float]) -> dict[str, float]:
-    """A discrete schedule's keyword arguments with its step count ``T`` as an int."""
-    return {k: (int(v) if k == "T" else v) for k, v in kw.items()}
+def sid2_shifted(d: int, d_ref: int = 64, lambda_min: float = -15.0,
+                 lambda_max: float = 15.0) -> CosineSchedule:
+    """SiD2's shifted cosine for images of side ``d`` against the reference side ``d_ref``."""
+    return CosineSchedule.shifted(d, d_ref, lambda_min=lambda_min, lambda_max=lambda_max)
+
+
+def sid2_interpolated(d: int, d_ref_lo: float = 32, d_ref_hi: float = 256,
+                      lambda_min: float = -15.0, lambda_max: float = 15.0
+                      ) -> InterpolatedCosineSchedule:
+    """Simple Diffusion's interpolated cosine for side ``d``: near t = 1 (layout) the shift of
+    the low reference ``d_ref_lo``, near t = 0 (detail) that of the high one ``d_ref_hi``."""
+    if d <= 0 or d_ref_lo <= 0 or d_ref_hi <= 0:
+        raise ValueError(f"sid2_interpolated: sizes must be positive, got d={d}, "
+                         f"d_ref_lo={d_ref_lo}, d_ref_hi={d_ref_hi}")
+    return InterpolatedCosineSchedule(
+        shift_start=2 * math.log(d_ref_hi / d), shift_end=2 * math.log(d_ref_lo / d),
+        lambda_min=lambda_min, lambda_max=lambda_max,
+    )
+
+
+# schedule name -> its factory; the keyword arguments of each are the schedule's parameters
+# (``common.schedule_settings`` mirrors them as typed models, checked by a test)
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "cosine": CosineSchedule,
+    "sid2_shifted": sid2_shifted,
+    "sid2_interpolated": sid2_interpolated,
+    "ddpm_linear": ddpm_linear,
+    "sd_scaled_linear": sd_scaled_linear,
+    "squaredcos_cap_v2": squaredcos_cap_v2,  # diffusers' improved-DDPM cosine
+    "edm": EDMSchedule,
+}
+# parameters that are counts or sizes: a JSON float (``1000.0``) is read as the integer
+_INTEGER_PARAMETERS = {"T", "d", "d_ref"}
 
 
 def build_schedule(name: str, **kw: float) -> Schedule:
-    """Schedule by name: ``cosine``, ``sid2_shifted`` (needs d, d_ref), ``sid2_interpolated``
-    (needs d, d_ref_lo, d_ref_hi), ``ddpm_linear``, ``sd_scaled_linear``,
-    ``squaredcos_cap_v2`` (diffusers' improved-DDPM cosine), ``edm``."""
-    if name == "cosine":
-        return CosineSchedule(**kw)
-    if name == "sid2_shifted":
-        d, d_ref = int(kw.pop("d")), int(kw.pop("d_ref", 64))
-        return CosineSchedule.shifted(d, d_ref, **kw)
-    if name == "sid2_interpolated":
-        d = int(kw.pop("d"))
-        lo, hi = float(kw.pop("d_ref_lo", 32)), float(kw.pop("d_ref_hi", 256))
-        # near t = 1 (layout) the low reference, near t = 0 (detail) the high reference
-        return InterpolatedCosineSchedule(
-            shift_start=2 * math.log(hi / d), shift_end=2 * math.log(lo / d), **kw
-        )
-    if name == "ddpm_linear":
-        return ddpm_linear(**_steps_as_int(kw))
-    if name == "sd_scaled_linear":
-        return sd_scaled_linear(**_steps_as_int(kw))
-    if name == "squaredcos_cap_v2":
-        return squaredcos_cap_v2(**_steps_as_int(kw))
-    if name == "edm":
-        return EDMSchedule(**kw)
-    raise ValueError(
-        f"unknown schedule {name!r}: expected cosine, sid2_shifted, sid2_interpolated, "
-        "ddpm_linear, sd_scaled_linear, squaredcos_cap_v2 or edm"
-    )
+    """The schedule ``name`` of ``SCHEDULES`` with its keyword parameters."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}: expected one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[name](**{k: int(v) if k in _INTEGER_PARAMETERS else v
+                              for k, v in kw.items()})

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from PIL import Image, ImageDraw
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path("outputs/demo")
 PER_CLASS = 4
@@ -81,8 +83,6 @@ def class_grid(real_root: Path, generated: Path, labels: list[int], dest: Path,
     """One row per class: its name, ``PER_CLASS`` real corpus images (``real_root/<k>_<name>``),
     a gap, then the generated ``seed_*.png`` of that class (seed order; ``labels[i]`` is the
     class of seed i). Images are scaled up ``scale`` times (nearest)."""
-    from PIL import Image, ImageDraw
-
     files = sorted(generated.glob("seed_*.png"), key=lambda p: int(p.stem.split("_")[1]))
     if len(files) != len(labels):
         raise SystemExit(f"demo: {len(files)} images in {generated}, expected {len(labels)}")

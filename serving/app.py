@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.direct import DirectServer
 from serving.encode import grid_png, png_base64, png_bytes
 from serving.model import Sampler
 from serving.schemas import ErrorBody, GenerateRequest, GenerateResponse, ModelsResponse
@@ -159,8 +160,6 @@ class Ingress:
         self.sampler = sampler
         self._direct = None
         if direct_http:
-            from serving.direct import DirectServer
-
             self._direct = DirectServer(api, direct_http["host"], int(direct_http["port"]),
                                         ready=self._initialised)
             self._direct.start()  # binds now; accepts once Serve has initialised the replica

@@ -14,6 +14,8 @@ from typing import Any
 
 import typer
 
+from serving.direct import PortInUse, check_port_free, enable_throughput_mode
+
 serving_app = typer.Typer(no_args_is_help=True)
 DEFAULT_PIDFILE = Path(os.environ.get("PRISM_SERVE_PIDFILE", ".prism-serve.pid"))
 
@@ -50,9 +52,9 @@ def serve_cmd(
         _fail(f"--ingress-replicas must be >= 1, got {ingress_replicas}")
     if direct_ingress and not detach:
         # before anything imports ray.serve: Ray Serve reads these settings at import
-        from serving.direct import enable_throughput_mode
-
         enable_throughput_mode()
+    # torch and Ray (through serving.launch and serving.loading): deferred to the command, so
+    # --help stays fast
     from serving.launch import base_url, load_config, wait_ready, with_ingress_replicas
     from serving.launch import direct_ingress as with_direct_ingress
 
@@ -65,7 +67,6 @@ def serve_cmd(
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     url = base_url(cfg)
-    from serving.direct import PortInUse, check_port_free
 
     if detach:
         http = cfg.get("http_options", {})

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import socket
@@ -91,6 +92,7 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def _server_class() -> type:
+    # uvicorn: deferred, a heavy import that only the direct ingress needs
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -154,6 +156,4 @@ class DirectServer:
 
 
 def _has(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None

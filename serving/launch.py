@@ -11,13 +11,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray
 import requests
 import torch
 import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
+from common.ray_local import init_ray
 from serving.app import AppArgs, Ingress
+from serving.direct import check_port_free
 from serving.model import Sampler
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
@@ -123,9 +126,6 @@ def base_url(cfg: dict[str, Any]) -> str:
 
 def start(cfg: dict[str, Any], ray_init: dict[str, Any] | None = None) -> str:
     """Start Ray (if needed), the HTTP proxy and the application; return the base URL."""
-    from common.ray_local import init_ray
-    from serving.direct import check_port_free
-
     http = cfg.get("http_options", {})
     # before Ray starts: a clear error (PortInUse), nothing to clean up
     check_port_free(http.get("host", "127.0.0.1"), int(http.get("port", 8000)))
@@ -177,8 +177,6 @@ def wait_ready(url: str, timeout_s: float = 120.0,
 def stop() -> None:
     """Shut Serve down (nothing to do when this process started no Ray, e.g. after
     :class:`~serving.direct.PortInUse`)."""
-    import ray
-
     global _STARTED_RAY
     if ray.is_initialized():
         serve.shutdown()

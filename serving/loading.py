@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from common.models import load_model
+from components.cuda_graphs import use_cuda_graphs
 from components.generate import GenerativeModel
 
 _REGISTRY = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?$")
@@ -51,6 +53,7 @@ def resolve_registry(uri: str) -> tuple[str, str, list[str]]:
 
     Raises ModelNotFound for an unknown model, alias or version.
     """
+    # mlflow: deferred, a heavy import that only MLflow URIs need
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -83,8 +86,6 @@ def load_served_model(uri: str, device: str, cuda_graphs: bool = False
 
     ``cuda_graphs``: on CUDA, run the network's forward passes as recorded CUDA graphs
     (``components.cuda_graphs``; standard models, not Scale Space ones)."""
-    from common.models import load_model
-
     aliases: list[str] = []
     load_uri = uri
     if uri.startswith("models:/"):
@@ -102,8 +103,6 @@ def load_served_model(uri: str, device: str, cuda_graphs: bool = False
     model.net.train(False)
     graphed = cuda_graphs and str(device).startswith("cuda") and model.kind == "standard"
     if graphed:
-        from components.cuda_graphs import use_cuda_graphs
-
         model.net = use_cuda_graphs(model.net)
     info = {
         "name": name, "uri": uri, "version": version, "aliases": aliases or [uri, name],

@@ -20,7 +20,7 @@ from torch import nn
 from common.run_config import Config
 from components.multiscale import MultiScaleObjective
 from components.networks.flexi_unet import SSD_SETTINGS
-from components.networks.registry import build_family, preset_kwargs
+from components.networks.registry import build_family
 from components.objectives import DiffusionObjective
 from components.schedules import Schedule, build_schedule
 from components.ssd import SSDObjective
@@ -39,22 +39,25 @@ def n_cond_of(cfg: Config) -> int:
 
 def schedule_of(cfg: Config) -> Schedule:
     """The global schedule (also the sampling grid's schedule for per-instance runs)."""
-    return build_schedule(cfg.objective.schedule, **dict(cfg.objective.schedule_kwargs))
+    params = cfg.objective.schedule_params
+    return build_schedule(params.name, **params.kwargs())
 
 
 def network_spec(cfg: Config) -> tuple[str, dict[str, Any]]:
     """(family, constructor kwargs) of the run's network: the preset, the data's classes and
-    channels, the conditioning width, then the config's overrides."""
-    family, kwargs = preset_kwargs(cfg.model.preset)
+    channels, the conditioning width, then the config's overrides, validated again as the
+    family's typed settings."""
+    network = cfg.model.network
     # every backbone family takes these (the backbone contract of CONVENTIONS.md)
-    kwargs.update(num_classes=cfg.data.num_classes, n_cond=n_cond_of(cfg),
-                  in_channels=cfg.data.channels)
-    kwargs.update(cfg.model.overrides)
-    res = kwargs.get("resolution")
-    if res is not None and res != cfg.data.resolution and cfg.objective.name == "diffusion":
+    data = dict(num_classes=cfg.data.num_classes, n_cond=n_cond_of(cfg),
+                in_channels=cfg.data.channels)
+    settings = type(network).model_validate({**network.model_dump(), **data,
+                                             **cfg.model.overrides})
+    res = settings.resolution
+    if res != cfg.data.resolution and cfg.objective.name == "diffusion":
         raise ValueError(f"model.preset {cfg.model.preset!r} is built for {res}x{res} images "
                          f"but data.resolution is {cfg.data.resolution}")
-    return family, kwargs
+    return settings.family, settings.kwargs()
 
 
 def build_model(cfg: Config) -> tuple[nn.Module, str, dict[str, Any]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from common.run_config import Config
 
@@ -92,8 +93,6 @@ class JsonlLogger(Callback):
 
     def on_images(self, step: int, name: str, image: np.ndarray) -> None:
         if self.active:
-            from PIL import Image
-
             (self.run_dir / "samples").mkdir(exist_ok=True)
             Image.fromarray(image).save(self.run_dir / "samples" / f"{name}-{step:08d}.png")
 

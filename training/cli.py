@@ -32,6 +32,7 @@ def train_command(
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
     if ray:
+        # the loop (torch) and Ray: deferred to the command, so --help stays fast
         from training.launch import run_ray
 
         result = run_ray(cfg, workers, use_gpu=gpu, storage_path=storage,

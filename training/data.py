@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from common.run_config import Config
+from components.spectra import gaussian_random_field, image_statistics
 from components.spectral_schedules import lambda_bounds, params_from_stats
 from training.streams import ShardStreamDataset, check_class_count, load_spectral_params
 
@@ -70,8 +71,6 @@ def synthetic_images(n: int, size: int, num_classes: int, seed: int) -> tuple[np
     Each image is a Gaussian random field with power spectrum ~ f^-beta (beta in [1.5, 2.5])
     per channel plus a class-dependent mean colour, so that a model has structure to learn.
     """
-    from components.spectra import gaussian_random_field
-
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, max(num_classes, 1), size=n)
     palette = np.random.default_rng(seed + 1).uniform(-0.5, 0.5, size=(max(num_classes, 1), 3))
@@ -86,8 +85,6 @@ def synthetic_images(n: int, size: int, num_classes: int, seed: int) -> tuple[np
 
 def spectral_params_of(images: np.ndarray) -> np.ndarray:
     """(n, H, W, 3) uint8 -> (n, 4) spectral parameters (log_A, beta, lambda_min, lambda_max)."""
-    from components.spectra import image_statistics
-
     x = images.transpose(0, 3, 1, 2).astype(np.float64) / 127.5 - 1.0
     return params_from_stats(image_statistics(x)).astype(np.float32)
 

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from common.ray_local import init_ray
 from common.run_config import Config, config_from_dict
 from training.callbacks import Callback, ConsoleLogger, JsonlLogger
 from training.checkpoint import latest_checkpoint
@@ -25,6 +26,8 @@ from training.loop import train
 def _tracking(cfg: Config) -> list[Callback]:
     if not cfg.tracking.enabled:
         return []
+    # mlflow (through training.tracking) and ray: deferred, heavy imports that only tracked
+    # runs and Ray runs need
     from training.tracking import MLflowLogger
 
     return [MLflowLogger()]
@@ -79,7 +82,6 @@ def run_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_path: str 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from common.ray_local import init_ray
     from training.tracking import tracking_uri
 
     init_ray(configure_logging=False)

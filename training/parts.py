@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from common.run_config import Config
 
@@ -105,6 +107,7 @@ def crossed(images_seen: int, batch: int, every: int) -> bool:
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    # resource: Unix only, and only the CPU path reads it
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -131,9 +134,6 @@ def step_flops_per_image(objective: Any, net: nn.Module, batch: dict, cfg: Confi
     Measured by the loop rather than declared by the model, so that an equal-compute
     comparison rests on what each run did. The gradients it leaves are cleared.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     size = batch["images"].shape[0]
     n = min(n, size)
     part = {k: v[:n].clone() if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == size

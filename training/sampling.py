@@ -10,6 +10,7 @@ import torch
 
 from common.run_config import Config
 from components.generate import GenerativeModel, generate, image_grid, to_uint8
+from components.spectral_schedules import ScheduleModel
 from training.build import n_cond_of, network_spec, schedule_of, ssd_settings_of
 
 
@@ -43,7 +44,6 @@ def load_schedule_model(cfg: Config, train_params: np.ndarray | None) -> dict[st
     if train_params is None:
         raise ValueError("objective.per_instance: set sampling.schedule_model (the fitted "
                          "schedule model JSON)")
-    from components.spectral_schedules import ScheduleModel
 
     n_comp = max(1, min(4, len(train_params) // 20))
     return ScheduleModel.fit(train_params.astype(np.float64), n_components=n_comp,

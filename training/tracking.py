@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from common.registry import (
     git_commit,
@@ -76,6 +77,7 @@ class MLflowLogger(Callback):
         self.active = info["rank"] == 0 and cfg.tracking.enabled
         if not self.active:
             return
+        # mlflow: deferred, a heavy import that only tracked runs need
         import mlflow
 
         quiet_mlflow()
@@ -156,8 +158,6 @@ class MLflowLogger(Callback):
 def readable(image: np.ndarray, caption: str, min_side: int = 512) -> np.ndarray:
     """A sample grid as a person looks at it in the MLflow UI: enlarged by an integer factor
     (nearest neighbour, pixels stay pixels) to at least ``min_side`` wide, under a caption."""
-    from PIL import Image, ImageDraw
-
     h, w = image.shape[:2]
     k = max(1, -(-min_side // w))
     grid = Image.fromarray(image).convert("RGB").resize((w * k, h * k), Image.NEAREST)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load, save
 from torch import Tensor, nn
 
 
@@ -103,8 +104,6 @@ def save_feature_net(net: FeatureNet, path: str | Path, meta: dict[str, Any]) ->
     The sidecar holds the architecture config, ``meta`` (recipe, classes, accuracy) and the
     SHA-256 of the weights file.
     """
-    from safetensors.torch import save
-
     p = Path(path).with_suffix(".safetensors")
     p.parent.mkdir(parents=True, exist_ok=True)
     # state dict in sorted key order, contiguous CPU float32: the bytes depend only on weights
@@ -124,8 +123,6 @@ def load_feature_net(path: str | Path, device: str | torch.device = "cpu",
 
     With ``verify`` the file's SHA-256 must equal the sidecar's (a mismatch raises).
     """
-    from safetensors.torch import load
-
     p = Path(path)
     if p.suffix != ".safetensors":
         p = p.with_suffix(".safetensors")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05"
@@ -201,8 +202,6 @@ def load_fid_inception(path: str | Path, device: str | torch.device = "cpu") -> 
     if not p.is_file():
         raise FileNotFoundError(f"FID Inception weights not found at {p}")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(str(p))
     else:
         state = torch.load(p, map_location="cpu", weights_only=True)

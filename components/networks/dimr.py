@@ -23,11 +23,11 @@ Linear (ours, documented): at initialisation the network ignores them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from components.networks.adaln import AdaLayerNorm, TimeEmbedding
@@ -38,6 +38,7 @@ from components.networks.blocks import (
     init_linear,
     zero_init,
 )
+from components.networks.checks import check_at_least, config_from_kwargs
 from components.networks.tdln import (
     TDLayerNorm,
     fourier_embed,
@@ -46,33 +47,51 @@ from components.networks.tdln import (
 )
 
 
-class BranchConfig(BaseModel):
+@dataclass(frozen=True)
+class BranchConfig:
     """One resolution branch."""
 
-    model_config = ConfigDict(extra="forbid")
     kind: Literal["transformer", "convnext"]
-    dim: int = Field(gt=0)
-    depth: int = Field(gt=0, description="number of blocks (odd: U-ViT in/middle/out)")
-    num_heads: int = Field(default=0, ge=0, description="attention heads (transformer only)")
-    hidden_dim: int = Field(default=0, ge=0, description="GEGLU hidden width; 0 means 2 dim")
-    downsample: int = Field(default=1, ge=1, description="area-downsampling of the input")
-    patch: int = Field(default=1, ge=1, description="patchify conv kernel and stride")
-    kernel_size: int = Field(default=7, ge=1, description="ConvNeXt depthwise kernel")
-    out_kernel_size: int = Field(default=3, ge=1, description="output head conv kernel")
+    dim: int
+    depth: int  # number of blocks (odd: U-ViT in/middle/out)
+    num_heads: int = 0  # attention heads (transformer only)
+    hidden_dim: int = 0  # GEGLU hidden width; 0 means 2 dim
+    downsample: int = 1  # area-downsampling of the input
+    patch: int = 1  # patchify conv kernel and stride
+    kernel_size: int = 7  # ConvNeXt depthwise kernel
+    out_kernel_size: int = 3  # output head conv kernel
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("transformer", "convnext"):
+            raise ValueError(f"branch kind must be 'transformer' or 'convnext', got {self.kind!r}")
+        check_at_least(self, dim=1, depth=1, num_heads=0, hidden_dim=0, downsample=1, patch=1,
+                       kernel_size=1, out_kernel_size=1)
 
 
-class DiMRConfig(BaseModel):
-    """The whole network; ``branches`` from coarse to fine."""
+@dataclass(frozen=True)
+class DiMRConfig:
+    """The whole network; ``branches`` from coarse to fine (``BranchConfig`` or its fields)."""
 
-    model_config = ConfigDict(extra="forbid")
-    in_channels: int = Field(default=3, gt=0)
-    resolution: int = Field(default=32, gt=0)
-    num_classes: int = Field(default=0, ge=0, description="0: unconditional")
+    branches: tuple[BranchConfig, ...]
+    in_channels: int = 3
+    resolution: int = 32
+    num_classes: int = 0  # 0: unconditional
     n_cond: Literal[1, 3] = 1
-    branches: list[BranchConfig] = Field(min_length=1)
     # "td": TD-LN, the paper's network; "ada_zero": the ablation, adaLN-Zero norms and gates
     # from a time embedding of the coarsest branch's width (``adaln.py``)
     time_norm: Literal["td", "ada_zero"] = "td"
+
+    def __post_init__(self) -> None:
+        branches = tuple(b if isinstance(b, BranchConfig) else config_from_kwargs(BranchConfig, b)
+                         for b in self.branches)
+        object.__setattr__(self, "branches", branches)  # frozen: set once, here
+        if not branches:
+            raise ValueError("DiMRConfig needs at least one branch")
+        check_at_least(self, in_channels=1, resolution=1, num_classes=0)
+        if self.n_cond not in (1, 3):
+            raise ValueError(f"n_cond must be 1 or 3, got {self.n_cond}")
+        if self.time_norm not in ("td", "ada_zero"):
+            raise ValueError(f"time_norm must be 'td' or 'ada_zero', got {self.time_norm!r}")
 
 
 def class_index(labels: Tensor, num_classes: int, batch: int) -> Tensor:
@@ -299,4 +318,4 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def build(**kwargs: Any) -> DiMR:
     """Build a DiMR from ``DiMRConfig`` fields (as in ``PRESETS`` or a saved config.json)."""
-    return DiMR(DiMRConfig(**kwargs))
+    return DiMR(config_from_kwargs(DiMRConfig, kwargs))

@@ -10,32 +10,40 @@ Presets are matched to the DiMR pixel presets in training FLOPs (see ``PRESETS``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from components.networks.blocks import init_linear, zero_init
+from components.networks.checks import check_at_least, config_from_kwargs
 from components.networks.dimr import class_index
 from components.networks.tdln import fourier_embed, param_groups
 
 
-class DiTConfig(BaseModel):
+@dataclass(frozen=True)
+class DiTConfig:
     """Pixel DiT hyper-parameters."""
 
-    model_config = ConfigDict(extra="forbid")
-    in_channels: int = Field(default=3, gt=0)
-    resolution: int = Field(default=32, gt=0)
-    num_classes: int = Field(default=0, ge=0, description="0: unconditional")
-    n_cond: int = Field(default=1, ge=1, le=3)
-    patch: int = Field(default=2, ge=1)
-    dim: int = Field(default=768, gt=0)
-    depth: int = Field(default=12, gt=0)
-    num_heads: int = Field(default=12, gt=0)
-    mlp_ratio: float = Field(default=4.0, gt=0)
-    freq_dim: int = Field(default=256, gt=0, description="sinusoidal features per c_noise column")
+    in_channels: int = 3
+    resolution: int = 32
+    num_classes: int = 0  # 0: unconditional
+    n_cond: int = 1
+    patch: int = 2
+    dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    freq_dim: int = 256  # sinusoidal features per c_noise column
+
+    def __post_init__(self) -> None:
+        check_at_least(self, in_channels=1, resolution=1, num_classes=0, n_cond=1, patch=1,
+                       dim=1, depth=1, num_heads=1, freq_dim=1)
+        if self.n_cond > 3 or self.mlp_ratio <= 0:
+            raise ValueError(f"DiTConfig: need n_cond <= 3 and mlp_ratio > 0, got "
+                             f"n_cond={self.n_cond}, mlp_ratio={self.mlp_ratio}")
 
 
 def sincos_2d(dim: int, grid: int) -> Tensor:
@@ -161,5 +169,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def build(**kwargs: Any) -> DiT:
     """Build a DiT from ``DiTConfig`` fields (as in ``PRESETS`` or a saved config.json)."""
-    return DiT(DiTConfig(**kwargs))
+    return DiT(config_from_kwargs(DiTConfig, kwargs))
 

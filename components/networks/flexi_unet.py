@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from components.networks.unet import PRESETS as UNET_PRESETS
 from components.networks.unet import UNet
@@ -131,8 +132,6 @@ def build(**kwargs: Any) -> FlexiUNet:
 def forward_flops(net: nn.Module, in_resolution: int, out_resolution: int | None = None,
                   batch_size: int = 1) -> int:
     """FLOPs of one forward pass (``torch.utils.flop_counter``) at (in, out) resolutions."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     p = next(net.parameters())
     x = torch.zeros(batch_size, net.in_channels, in_resolution, in_resolution,
                     device=p.device, dtype=p.dtype)

@@ -17,8 +17,9 @@ from components.networks import dimr, dit, flexi_unet, unet
 
 FAMILIES: dict[str, ModuleType] = {"unet": unet, "flexi_unet": flexi_unet, "dimr": dimr,
                                    "dit": dit}
-# what each family's ``build(**kwargs)`` takes: a network class's constructor, or a config model
-_BUILDS_FROM: dict[str, Any] = {"unet": unet.UNet, "flexi_unet": flexi_unet.FlexiUNet,
+# what each family's ``build(**kwargs)`` takes: a network class's constructor, or a config
+# dataclass (``common.network_settings`` mirrors these field for field, checked by a test)
+BUILDS_FROM: dict[str, type] = {"unet": unet.UNet, "flexi_unet": flexi_unet.FlexiUNet,
                                 "dimr": dimr.DiMRConfig, "dit": dit.DiTConfig}
 
 
@@ -28,22 +29,25 @@ def _module(family: str) -> Any:
     return FAMILIES[family]
 
 
-def family_settings(family: str) -> frozenset[str]:
-    """The keyword arguments a family's ``build`` accepts (what ``model.overrides`` may set)."""
-    _module(family)  # an unknown family: ValueError with the list
-    target = _BUILDS_FROM[family]
-    if hasattr(target, "model_fields"):  # a pydantic config model
-        return frozenset(target.model_fields)
-    names: set[str] = set()
-    for cls in target.__mro__:  # a constructor that passes **kwargs on: its base's too
+def constructor_parameters(target: type) -> dict[str, inspect.Parameter]:
+    """The keyword parameters of ``target``'s constructor, following ``**kwargs`` passed on
+    to a base class (``FlexiUNet(mode, **unet_kwargs)`` takes the UNet's too)."""
+    out: dict[str, inspect.Parameter] = {}
+    for cls in target.__mro__:
         if "__init__" not in vars(cls):
             continue
         params = inspect.signature(cls.__init__).parameters.values()
-        names |= {p.name for p in params if p.name != "self"
-                  and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        out.update({p.name: p for p in params if p.name != "self" and p.name not in out
+                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)})
         if not any(p.kind == p.VAR_KEYWORD for p in params):
             break
-    return frozenset(names)
+    return out
+
+
+def family_parameters(family: str) -> dict[str, inspect.Parameter]:
+    """The keyword arguments a family's ``build`` accepts, with their defaults."""
+    _module(family)  # an unknown family: ValueError with the list
+    return constructor_parameters(BUILDS_FROM[family])
 
 
 def list_presets() -> dict[str, str]:

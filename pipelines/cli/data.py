@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from common.storage import StorageError
 from pipelines.config import load_section
 
 data_app = typer.Typer(help="Data: demo corpus, ingest to shards, spectra, schedule model.",
@@ -30,6 +31,7 @@ def demo(dest: str = typer.Argument(..., help="output folder"),
          per_class: Optional[int] = typer.Option(None, help="images per class (default 64)"),
          seed: Optional[int] = typer.Option(None, help="crop seed (default 0)")) -> None:
     """Build the embedded demo corpus (crops of scikit-image's photographs; no download)."""
+    # the stages (torch, pyarrow, Ray): deferred to the command, so --help stays fast
     from pipelines.data.demo import build_demo
 
     try:
@@ -61,7 +63,6 @@ def ingest(src: str = typer.Argument(..., help="folder, .tar[.gz], .npz, or shar
 
     A re-run into the same OUT resumes when the inputs and settings are the same, and refuses,
     naming what changed, when they are not (--fresh starts over)."""
-    from common.storage import StorageError
     from pipelines.data.ingest import ingest as run
 
     over = {"name": name, "size": size, "shard_size": shard_size, "shard_bytes": shard_bytes,
@@ -91,7 +92,6 @@ def spectra(shards: str = typer.Argument(..., help="folder or s3:// prefix of sh
                                        "other settings or from changed shards (a re-run "
                                        "refuses without it)")) -> None:
     """Per-image spectra, fits and schedule bounds on Ray (RAY_ADDRESS or a local cluster)."""
-    from common.storage import StorageError
     from pipelines.data.spectra_job import run_spectra
 
     over = {"workers": workers, "shards_per_task": shards_per_task, "eps_lo": eps_lo,
@@ -114,7 +114,6 @@ def schedules(stats: str = typer.Argument(..., help="folder of spectra .parquet 
                   "for all images (default --global)"),
               seed: Optional[int] = typer.Option(None, help="fit seed (default 0)")) -> None:
     """Fit the Gaussian mixture over per-image schedule parameters; save JSON."""
-    from common.storage import StorageError
     from pipelines.data.schedule_model import fit_schedule_model
 
     over = {"n_components": n_components, "per_class": per_class, "seed": seed}

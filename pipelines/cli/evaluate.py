@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import yaml
+from pydantic import ValidationError
 
 eval_app = typer.Typer(help="Evaluation: metrics of a model's samples, the feature network.",
                        no_args_is_help=True)
@@ -32,9 +34,7 @@ def _ints(text: Optional[str], name: str) -> Optional[list[int]]:
 
 
 def _config(params: Optional[str], over: dict[str, Any]) -> Any:
-    import yaml
-    from pydantic import ValidationError
-
+    # the evaluation stage (torch): deferred to the command, so --help stays fast
     from pipelines.evaluation.evaluate import EvalConfig
 
     base: dict[str, Any] = {}
@@ -108,8 +108,6 @@ def feature_net(train: str = typer.Argument(..., help="labelled training images"
                 debug: bool = typer.Option(False, help="the tiny debug recipe (CPU, seconds)")
                 ) -> None:
     """Train the in-house feature network (fixed recipe); writes weights + sidecar JSON."""
-    from pydantic import ValidationError
-
     from pipelines.evaluation.feature_net import (
         DEBUG_RECIPE,
         FeatureNetRecipe,

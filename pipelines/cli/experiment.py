@@ -13,14 +13,14 @@ from pathlib import Path
 
 import typer
 
+from common.run_config import ConfigError, parse_overrides
+
 experiment_app = typer.Typer(help="Reproduce the seed papers' claims: train or reuse reference "
                                   "models, sample at fixed seeds, measure, write results.",
                              no_args_is_help=True)
 
 
 def _overrides(pairs: list[str]) -> dict:
-    from common.run_config import ConfigError, parse_overrides
-
     try:
         return parse_overrides(pairs)
     except ConfigError as err:
@@ -30,6 +30,7 @@ def _overrides(pairs: list[str]) -> dict:
 @experiment_app.command("list")
 def list_command() -> None:
     """The experiments, their settings and the claim each one tests."""
+    # torch, through the experiments: deferred to the command, so --help stays fast
     from pipelines.experiments import EXPERIMENTS
 
     for exp in EXPERIMENTS.values():

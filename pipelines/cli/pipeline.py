@@ -11,6 +11,8 @@ import json
 
 import typer
 
+from pipelines.records import write_records
+
 pipeline_app = typer.Typer(help="DVC pipeline glue: promote the best model, metrics/plot files.",
                            no_args_is_help=True)
 
@@ -29,6 +31,7 @@ def promote_cmd(params: str = typer.Option("params.yaml", help="params.yaml with
                                                                     "folder per model"),
                 out: str = typer.Option("outputs/register.json", help="decision record")) -> None:
     """Pick the best evaluated model and set its MLflow alias (champion) if it passes."""
+    # the register stage (torch, mlflow): deferred to the command, so --help stays fast
     from pipelines.evaluation.register import promote
 
     try:
@@ -45,8 +48,6 @@ def records_cmd(kind: str = typer.Argument(..., help="loss, rapsd, chromatogram,
                 dest: str = typer.Argument(..., help="JSON for dvc metrics / dvc plots (eval: "
                                                      "a directory, one file per row)")) -> None:
     """Convert a stage output into a DVC metrics mapping or a DVC plots record list."""
-    from pipelines.records import write_records
-
     try:
         n = write_records(kind, src, dest)
     except (ValueError, OSError) as exc:

@@ -26,6 +26,7 @@ PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
 
 
 def _photo(name: str) -> np.ndarray:
+    # scikit-image: deferred, a heavy import that only the demo corpus needs
     import skimage.data
 
     img = skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left" \

@@ -8,10 +8,12 @@ Reads every ``*.parquet`` statistics file under STATS (written by the spectra jo
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from common import storage
 from components.spectral_schedules import PARAM_NAMES, ScheduleModel
@@ -36,9 +38,6 @@ def fit_schedule_model(stats: str, out: str, cfg: SchedulesConfig | None = None,
     table = read_stats(urls, ["label", *PARAM_NAMES])
     params = np.stack([table[c].to_numpy() for c in PARAM_NAMES], axis=1)
     labels = table["label"].to_numpy()
-    import io
-
-    import pyarrow.parquet as pq
 
     meta_raw = pq.read_schema(io.BytesIO(storage.read_bytes(urls[0]))).metadata or {}
     spectra_cfg = json.loads(meta_raw.get(b"prism.spectra", b"{}"))

@@ -32,11 +32,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from common import storage
+from common.ray_local import init_ray
 from common.shards import decode_rgb, iter_records, list_shards
 from components.spectra import SpectraParams, uint8_statistics
 from pipelines.config import SpectraJobConfig
+from pipelines.data.spectra_summary import write_summary
 
 STATS_SCHEMA = pa.schema([
     ("key", pa.string()), ("label", pa.int32()), ("height", pa.int32()), ("width", pa.int32()),
@@ -124,9 +127,8 @@ def process_shards(shard_urls: list[str], out: str, cfg_json: str,
 
 
 def _init_ray() -> Any:
+    # ray: deferred, a heavy import that only the Ray run needs
     import ray
-
-    from common.ray_local import init_ray
 
     if os.environ.get("RAY_ADDRESS"):
         init_ray(log_to_driver=False)
@@ -163,8 +165,6 @@ def run_spectra(shards: str, out: str, cfg: SpectraJobConfig | None = None,
                 progress: bool = True, summary: bool = True,
                 fresh: bool = False) -> dict[str, Any]:
     """Run the job over every shard under SHARDS; returns counts and timings."""
-    from tqdm import tqdm
-
     cfg = cfg or SpectraJobConfig()
     storage.check_access(shards)
     storage.check_access(out)
@@ -207,7 +207,5 @@ def run_spectra(shards: str, out: str, cfg: SpectraJobConfig | None = None,
     result = {"shards": len(urls), "shards_done_now": len(todo), "images_now": images,
               "wall_s": wall, "images_per_s": images / wall if wall > 0 else 0.0}
     if summary:
-        from pipelines.data.spectra_summary import write_summary
-
         result["summary"] = write_summary(out, [output_url(out, u) for u in urls], cfg)
     return result

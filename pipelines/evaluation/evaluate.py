@@ -25,6 +25,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common.models import load_model
+from components.generate import generate
+from pipelines.evaluation.data import load_images
 from pipelines.evaluation.metrics import (
     MetricSettings,
     compute_metrics,
@@ -78,8 +81,6 @@ class EvalConfig(BaseModel):
 
 def sample_images(model: Any, cfg: EvalConfig, schedule: str, steps: int) -> torch.Tensor:
     """n_images samples at the fixed seeds, 8-bit quantised: (N, C, H, W) in [-1, 1] on CPU."""
-    from components.generate import generate
-
     seeds = list(range(cfg.seed, cfg.seed + cfg.n_images))
     out = []
     for s in range(0, len(seeds), cfg.batch_size):
@@ -98,6 +99,7 @@ def mlflow_run_id(model_uri: str) -> str | None:
         return model_uri[len("runs:/"):].split("/")[0]
     if not model_uri.startswith("models:/"):
         return None
+    # mlflow: deferred, a heavy import that only registry models need
     from mlflow import MlflowClient
 
     ref = model_uri[len("models:/"):].strip("/")
@@ -123,9 +125,6 @@ def log_to_mlflow(run_id: str, rows: list[dict[str, Any]], out_dir: Path) -> Non
 
 def run_evaluate(cfg: EvalConfig, log: Any = print) -> dict[str, Any]:
     """Run the stage (see the module doc); returns the top-level metrics.json dict."""
-    from common.models import load_model
-    from pipelines.evaluation.data import load_images
-
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.model, cfg.device)

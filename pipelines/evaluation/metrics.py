@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from components.generate import image_grid, to_uint8
 from components.metrics.feature_net import extract_features, load_feature_net
 from components.metrics.frechet import frechet_distance
 from components.metrics.inception import FID_WEIGHTS_NAME, load_fid_inception, sha256_file
@@ -221,14 +224,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def save_plots(out_dir: Path, generated: torch.Tensor, spectral: dict[str, Any],
                title: str = "") -> list[Path]:
     """``samples.png`` (a grid of up to 64 images) and ``rapsd.png`` (generated vs real)."""
+    # matplotlib: deferred, only the plots need it
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-    from PIL import Image
-
-    from components.generate import image_grid, to_uint8
 
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = to_uint8(image_grid(generated[:64])).numpy()

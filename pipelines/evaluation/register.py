@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components.metrics.inception import sha256_file
+from pipelines.evaluation.evaluate import log_to_mlflow
 
 
 class RegisterConfig(BaseModel):
@@ -177,6 +178,7 @@ def _version_sha(client: Any, mv: Any) -> str | None:
     """The sha256 of a version's weights: its ``weights_sha256`` tag (set at registration),
     else the downloaded file (an MLflow Model keeps it under ``artifacts/prism/``, loose model
     files at the top)."""
+    # mlflow: deferred, a heavy import that only the registry steps need
     import mlflow
 
     if (mv.tags or {}).get("weights_sha256"):
@@ -235,8 +237,6 @@ def find_version(model_dir: Path) -> tuple[str, Any]:
 def promote(params: str | Path, eval_dir: str | Path, train_dir: str | Path,
             out: str | Path, log: Any = print) -> dict[str, Any]:
     """Run the register stage (see the module doc); writes and returns register.json."""
-    from pipelines.evaluation.evaluate import log_to_mlflow
-
     cfg, names = load_register_config(params)
     eval_dir, train_dir = Path(eval_dir), Path(train_dir)
     scores = {n: read_score(eval_dir, n, cfg) for n in names}

@@ -21,11 +21,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from safetensors import safe_open
 
+from common.models import load_model
+from components.generate import image_grid, to_uint8
 from pipelines.evaluation.metrics import FeatureSpace, MetricSettings
 from pipelines.experiments.common import (
     Log,
+    as_float,
     measure,
+    paired_difference,
     sample_uint8,
     save_samples,
     saved_samples,
@@ -97,7 +103,6 @@ def _parameters(model_dir: Path) -> int | None:
     p = model_dir / "model.safetensors"
     if not p.exists():
         return None
-    from safetensors import safe_open
 
     with safe_open(str(p), "pt") as f:
         return int(sum(np.prod(f.get_slice(k).get_shape()) for k in f.keys()))
@@ -157,8 +162,6 @@ def _progress(snap: dict[str, Any]) -> dict[str, Any]:
 def paired(details: dict[str, Any], pairs: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
     """Paired bootstrap differences b - a of FD-prism, SWD and log-RAPSD distance for each
     (a, b, budget) whose rows both exist with intervals."""
-    from pipelines.experiments.common import paired_difference
-
     out = []
     for a, b, budget in pairs:
         if a not in details or b not in details or "intervals" not in details[a]:
@@ -173,11 +176,6 @@ def paired(details: dict[str, Any], pairs: list[tuple[str, str, str]]) -> list[d
 
 def grid_figure(out: Path, tags: list[str], k: int) -> list[str]:
     """grid.png: one row per tag of its first ``k`` saved samples (same seeds in every row)."""
-    from PIL import Image
-
-    from components.generate import image_grid, to_uint8
-    from pipelines.experiments.common import as_float
-
     strips = [to_uint8(image_grid(as_float(torch.from_numpy(
         np.load(out / "samples" / f"{t}.npy")[:k])), nrow=k)).numpy() for t in tags]
     Image.fromarray(np.concatenate(strips, axis=0)).save(out / "grid.png")
@@ -187,6 +185,7 @@ def grid_figure(out: Path, tags: list[str], k: int) -> list[str]:
 
 def loss_figure(refs: dict[str, dict[str, Any]], path: Path) -> None:
     """Each arm's training loss against its training seconds."""
+    # matplotlib: deferred, only the figures need it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,8 +211,6 @@ def evaluate_model(tag: str, model_dir: str, seeds: list[int], labels: list[int]
                    log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
     """Sample ``model_dir`` at ``seeds`` (reusing saved samples), measure against ``real``:
     (summary row with sampling seconds per image, metric details)."""
-    from common.models import load_model
-
     saved = saved_samples(out, tag, len(seeds))
     if saved is None:
         model = load_model(model_dir, device)

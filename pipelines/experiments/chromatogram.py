@@ -23,6 +23,18 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from common.models import load_model
+from components.analytic import GaussianDenoiser
+from components.chromatography import (
+    band_prediction,
+    band_snr,
+    crossing_time,
+    measured_chromatogram,
+    paper_emergence,
+    predicted_emergence,
+    signal_fraction,
+)
+from components.generate import base_denoiser
 from pipelines.experiments import spectral_schedules
 from pipelines.experiments.common import (
     ExperimentSettings,
@@ -84,8 +96,6 @@ def reference_model(s: Settings, log: Log) -> tuple[str, str | None]:
 
 def gaussian_control(images: torch.Tensor, device: str):
     """The exact denoiser of N(empirical mean, empirical covariance) of ``images`` (float64)."""
-    from components.analytic import GaussianDenoiser
-
     x = images.double().flatten(1)  # (N, d)
     mu = x.mean(0)
     xc = x - mu
@@ -110,8 +120,6 @@ def model_crossing(t: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torc
     where ``e_k`` is smallest. Above it the x0-prediction's energy is the network's error
     amplified by ``sigma / alpha`` (an eps-prediction at high noise), not signal. Returns
     (crossing t, t_floor), each (L,)."""
-    from components.chromatography import crossing_time
-
     out, floor = [], []
     for k in range(e.shape[0]):
         j = int(e[k].argmin())
@@ -122,16 +130,6 @@ def model_crossing(t: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
     """Measure the chromatogram of the model (and the Gaussian control); returns the results."""
-    from common.models import load_model
-    from components.chromatography import (
-        band_prediction,
-        band_snr,
-        paper_emergence,
-        predicted_emergence,
-        signal_fraction,
-    )
-    from components.generate import base_denoiser
-
     timer = Timer()
     device = s.resolved_device()
     with timer("reference"):
@@ -194,8 +192,6 @@ def _measure(denoiser, images: torch.Tensor, t_grid: torch.Tensor, schedule, s: 
              device: str) -> dict[str, torch.Tensor]:
     """measured_chromatogram on ``device`` (bf16 autocast of a network on CUDA), eps from
     ``s.seed``: the same images and noise for every denoiser."""
-    from components.chromatography import measured_chromatogram
-
     g = torch.Generator().manual_seed(s.seed)
     net = isinstance(denoiser, torch.nn.Module)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=net and device.startswith("cuda")):
@@ -242,6 +238,7 @@ def verdict(rows: list[dict[str, Any]], with_control: bool = True) -> dict[str, 
 
 def figures(curves: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> list[str]:
     """chromatogram.png (e_k(t): measured, band prediction, paper a_k) and emergence.png."""
+    # matplotlib: deferred, only the figures need it
     import matplotlib
 
     matplotlib.use("Agg")

@@ -31,7 +31,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.evaluation.metrics import FeatureSpace, MetricSettings, compute_metrics, summary_row
+from common.run_config import load_config
+from components.generate import generate
+from pipelines.evaluation.data import load_images
+from pipelines.evaluation.feature_net import FeatureNetRecipe, run_feature_net_stage
+from pipelines.evaluation.metrics import (
+    FeatureSpace,
+    MetricSettings,
+    compute_metrics,
+    feature_spaces,
+    summary_row,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 Log = Callable[[str], None]
@@ -74,8 +84,6 @@ def config_path(name: str) -> Path:
 
 def reference_hash(spec: ReferenceSpec) -> str:
     """Eight hex digits of the resolved training config (what the weights depend on)."""
-    from common.run_config import load_config
-
     cfg = load_config(config_path(spec.config), spec.sets).model_dump(mode="json")
     for section, key in (("run", "output_dir"), ("run", "name"), ("run", "project"),
                          ("tracking", "enabled"), ("tracking", "uri"),
@@ -162,8 +170,6 @@ def sample_uint8(model: Any, seeds: list[int], *, device: str, batch_size: int,
                  class_labels: list[int] | None = None, **generate_kw: Any) -> torch.Tensor:
     """``generate`` over ``seeds`` (and their ``class_labels``) in batches -> (N, C, H, W) uint8
     on the CPU (bf16 autocast of the network on CUDA)."""
-    from components.generate import generate
-
     chunks = []
     for i in range(0, len(seeds), batch_size):
         labels = None if class_labels is None else class_labels[i:i + batch_size]
@@ -198,8 +204,6 @@ def measure(generated: torch.Tensor, real: torch.Tensor, spaces: list[FeatureSpa
 
 
 def feature_space(path: str | None, device: str) -> list[FeatureSpace]:
-    from pipelines.evaluation.metrics import feature_spaces
-
     return feature_spaces(path, None, device)[0] if path else []
 
 
@@ -208,8 +212,6 @@ def ensure_feature_net(train_src: str, test_src: str | None, s: ExperimentSettin
     """The in-house feature network for FD-prism on ``train_src``, trained once per recipe and
     data into ``<work_dir>/references/feature-net-<hash>/`` (``prism eval feature-net``'s
     stage); returns the weights' path."""
-    from pipelines.evaluation.feature_net import FeatureNetRecipe, run_feature_net_stage
-
     r = FeatureNetRecipe(**recipe)
     key = hashlib.sha256(json.dumps([train_src, test_src, r.model_dump()], sort_keys=True)
                          .encode()).hexdigest()[:8]
@@ -225,8 +227,6 @@ def real_images(src: str, n: int | None, seed: int, resolution: int | None = Non
                 class_names: list[str] | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """A seeded random subset of ``n`` images of ``src`` (all when n is None or larger):
     float (N, C, H, W) in [-1, 1] and their labels."""
-    from pipelines.evaluation.data import load_images
-
     s = load_images(src, resolution=resolution, class_names=class_names)
     if n is not None and n < len(s):
         g = torch.Generator().manual_seed(seed)
@@ -326,6 +326,7 @@ def log_to_mlflow(experiment: str, out_dir: Path, results: dict[str, Any],
     """One MLflow run in experiment ``experiment``: the settings as parameters, every numeric
     cell of the result rows as ``<tag>/<column>`` metrics, the output folder as artifacts."""
     try:
+        # mlflow: optional here, and a heavy import
         import mlflow
     except ImportError:
         log("mlflow is not installed: the run is not logged (prism experiment log DIR later)")

@@ -33,6 +33,9 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from pipelines.config import DemoConfig, IngestConfig
+from pipelines.data.demo import build_demo
+from pipelines.data.ingest import ingest
 from pipelines.experiments import arms as A
 from pipelines.experiments.common import (
     ExperimentSettings,
@@ -144,9 +147,6 @@ def _data(s: Settings, log: Log) -> tuple[str, str]:
     """(training shards, real images): the demo corpus at 32x32 where not given."""
     if s.train_data is not None:
         return s.train_data, s.real_data or s.train_data
-    from pipelines.config import DemoConfig, IngestConfig
-    from pipelines.data.demo import build_demo
-    from pipelines.data.ingest import ingest
 
     root = Path(s.work_dir) / "data"
     shards = root / "demo-shards-32"

@@ -22,8 +22,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from pydantic import Field, field_validator
 
+from common.models import load_model
+from components.generate import image_grid, to_uint8
+from components.metrics.spectral import log_rapsd_profile
+from pipelines.config import DemoConfig, IngestConfig
+from pipelines.data.demo import build_demo
+from pipelines.data.ingest import ingest
+from pipelines.data.schedule_model import fit_schedule_model
+from pipelines.data.spectra_job import run_spectra
 from pipelines.experiments.common import (
     ExperimentSettings,
     Log,
@@ -122,10 +131,6 @@ def _data(s: Settings, work: Path, log: Log) -> tuple[str, str, str]:
     """(train shards, spectral stats, schedule model), made here where not given."""
     train = s.train_data
     if train is None:
-        from pipelines.config import DemoConfig, IngestConfig
-        from pipelines.data.demo import build_demo
-        from pipelines.data.ingest import ingest
-
         corpus = Path(s.work_dir) / "data" / "demo-corpus"
         shards = Path(s.work_dir) / "data" / "demo-shards"
         if not (shards / "manifest.parquet").exists():
@@ -137,16 +142,12 @@ def _data(s: Settings, work: Path, log: Log) -> tuple[str, str, str]:
     if stats is None:
         stats = str(work / "spectra")
         if not any(Path(stats).glob("*.parquet")):
-            from pipelines.data.spectra_job import run_spectra
-
             log(f"spectral statistics of {train} (Ray tasks) -> {stats}")
             run_spectra(train, stats, progress=False)
     schedule = s.schedule_model
     if schedule is None:
         schedule = str(work / "schedule.json")
         if not Path(schedule).exists():
-            from pipelines.data.schedule_model import fit_schedule_model
-
             fit_schedule_model(stats, schedule, log=log)
     return train, stats, schedule
 
@@ -161,8 +162,6 @@ def references(s: Settings, train: str, stats: str, schedule: str) -> dict[str, 
 
 def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
     """Train (or reuse) both references, sample, measure; returns the results dict."""
-    from common.models import load_model
-
     timer = Timer()
     device = s.resolved_device()
     work = Path(s.work_dir) / NAME
@@ -272,14 +271,11 @@ def verdict(comparisons: list[dict[str, Any]], claim_steps: list[int]) -> dict[s
 def figures(results: dict[str, Any], out: Path, models: dict[str, Any], s: Settings,
             real: torch.Tensor) -> None:
     """metrics_vs_steps.png, grid_<steps>.png (SiD2 | spectral, same seeds), rapsd.png."""
+    # matplotlib: deferred, only the figures need it
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
-
-    from components.generate import image_grid, to_uint8
-    from components.metrics.spectral import log_rapsd_profile
 
     rows = results["rows"]
     fd = fd_key(rows[0]) if rows else None

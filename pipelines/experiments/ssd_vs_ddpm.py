@@ -29,6 +29,9 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from pipelines.config import DemoConfig, IngestConfig
+from pipelines.data.demo import build_demo
+from pipelines.data.ingest import ingest
 from pipelines.experiments import arms as A
 from pipelines.experiments.common import (
     ExperimentSettings,
@@ -134,9 +137,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 def _data(s: Settings, log: Log) -> tuple[str, str]:
     if s.train_data is not None:
         return s.train_data, s.real_data or s.train_data
-    from pipelines.config import DemoConfig, IngestConfig
-    from pipelines.data.demo import build_demo
-    from pipelines.data.ingest import ingest
 
     size = s.resolution
     root = Path(s.work_dir) / "data"

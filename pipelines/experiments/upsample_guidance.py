@@ -29,13 +29,24 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from pydantic import Field, field_validator
 
+from common.models import load_model
+from components.diffusion import Cond
+from components.generate import base_denoiser, image_grid, per_image_generators, to_uint8
+from components.guidance import index_at_lambda, sdedit_upscale
+from components.metrics.spectral import log_rapsd_profile
+from components.samplers import lambda_grid
+from pipelines.config import DemoConfig, IngestConfig
+from pipelines.data.demo import build_demo
+from pipelines.data.ingest import ingest
 from pipelines.experiments.common import (
     ExperimentSettings,
     Log,
@@ -158,9 +169,6 @@ def _data(s: Settings, log: Log) -> tuple[str, str]:
     training stream mean-downsamples them to the native resolution, ``data.resolution``)."""
     if s.train_data is not None and s.real_data is not None:
         return s.train_data, s.real_data
-    from pipelines.config import DemoConfig, IngestConfig
-    from pipelines.data.demo import build_demo
-    from pipelines.data.ingest import ingest
 
     size = 16 * s.m  # the small setting: native 16
     root = Path(s.work_dir) / "data"
@@ -181,8 +189,6 @@ def references(s: Settings, train: str) -> dict[str, ReferenceSpec]:
 
 def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
     """Train (or reuse) the native model, sample every method, measure; returns the results."""
-    from common.models import load_model
-
     timer = Timer()
     device = s.resolved_device()
     with timer("data"):
@@ -279,8 +285,6 @@ def _sample_all(s: Settings, model: Any, seeds: list[int], labels: list[int], ou
 
 
 def _now(device: str) -> float:
-    import time
-
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter()
@@ -296,8 +300,6 @@ def upscale_pil(images: torch.Tensor, m: int, kind: str) -> torch.Tensor:
     differ in most pixels, by up to 27 of 255 levels. Upscaling the native samples takes
     milliseconds, so a GPU path would buy nothing and change the baseline.
     """
-    from PIL import Image
-
     method = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}[kind]
     arr = images.permute(0, 2, 3, 1).numpy()
     h, w = arr.shape[1:3]
@@ -311,11 +313,6 @@ def sdedit_uint8(model: Any, native: torch.Tensor, seeds: list[int], labels: lis
                  s: Settings, device: str) -> torch.Tensor:
     """SDEdit from the native samples: bilinear m x upsampling, re-noised to
     lambda = -2 log m (where level log2 m is half-way), the rest of the m r grid denoised."""
-    from components.diffusion import Cond
-    from components.generate import base_denoiser, per_image_generators
-    from components.guidance import index_at_lambda, sdedit_upscale
-    from components.samplers import lambda_grid
-
     lams = lambda_grid(model.schedule, s.steps)
     lams = lams[index_at_lambda(lams, -2.0 * math.log(s.m)):]
     den = base_denoiser(model)
@@ -374,14 +371,11 @@ def verdict(s: Settings, comparisons: list[dict[str, Any]], rows: list[dict[str,
 
 def figures(results: dict[str, Any], out: Path, s: Settings, real: torch.Tensor) -> list[str]:
     """metric_vs_theta.png, grid.png (one row per method, same seeds), rapsd.png."""
+    # matplotlib: deferred, only the figures need it
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
-
-    from components.generate import image_grid, to_uint8
-    from components.metrics.spectral import log_rapsd_profile
 
     rows = results["rows"]
     fd = fd_key(rows[0]) if rows else None

@@ -76,7 +76,7 @@ def test_resume_is_exact_on_shards(tmp_path):
     (["data.source=shards"], "data.url"),
     (["run.name=has space"], "run.name"),
     # settings that used to surface as a TypeError traceback when the network was built
-    (["model.overrides.chanels=8"], "model.overrides ['chanels']"),
+    (["model.overrides.chanels=8"], "model.overrides.chanels"),
     (["model.preset=unet-nosuch"], "unknown model preset"),
     (["objective.schedule_kwargs.shfit=1"], "shfit"),
     (["objective.schedule=nosuch"], "unknown schedule"),
