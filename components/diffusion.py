@@ -9,6 +9,12 @@ The denoiser contract (STYLE.md principle 1): a denoiser is called as
 into ``lambda(t)`` by the caller), and ``cond`` is a :class:`Cond`. Its attribute
 ``prediction`` names what it returns (``"eps"``, ``"x0"`` or ``"v"``). Samplers and guidance
 wrappers talk only to this contract and convert with :func:`convert`.
+
+A denoiser whose output size differs from its input's (the Flexi-UNet of Scale Space
+Diffusion predicts the clean image at r(t-1) from a state at r(t)) reads that size from
+``cond.out_resolution``: the output size is part of what the step conditions on, so it
+passes through every guidance wrapper that forwards ``cond``. Left None, the output has the
+input's size, which is what every other denoiser and :func:`convert` assume.
 """
 
 from __future__ import annotations
@@ -87,26 +93,32 @@ class Cond:
         null class used by classifier-free guidance (networks map -1 to their null index).
     lambda_bounds: (B, 2) float: per-image ``(lambda(0), lambda(1))`` of a spectral
         schedule (SCIENCE.md section 4), or None for a global schedule.
+    out_resolution: side in pixels of the prediction, for a denoiser that can change
+        resolution (a Flexi-UNet in a Scale Space Diffusion chain, where a step predicts x0
+        at r(t-1)); one value for the batch, since a batch is one tensor. None: the input's.
     """
 
     class_labels: Tensor | None = None
     lambda_bounds: Tensor | None = None
+    out_resolution: int | None = None
 
     def with_labels(self, class_labels: Tensor | None) -> Cond:
         return replace(self, class_labels=class_labels)
 
     def index(self, idx: Tensor | slice) -> Cond:
         """The condition of a sub-batch."""
-        return Cond(
-            None if self.class_labels is None else self.class_labels[idx],
-            None if self.lambda_bounds is None else self.lambda_bounds[idx],
+        return replace(
+            self,
+            class_labels=None if self.class_labels is None else self.class_labels[idx],
+            lambda_bounds=None if self.lambda_bounds is None else self.lambda_bounds[idx],
         )
 
     def repeat(self, n: int) -> Cond:
         """The condition of n stacked copies of the batch (``torch.cat([x] * n)``)."""
-        return Cond(
-            None if self.class_labels is None else self.class_labels.repeat(n),
-            None if self.lambda_bounds is None else self.lambda_bounds.repeat(n, 1),
+        return replace(
+            self,
+            class_labels=None if self.class_labels is None else self.class_labels.repeat(n),
+            lambda_bounds=None if self.lambda_bounds is None else self.lambda_bounds.repeat(n, 1),
         )
 
 
@@ -141,7 +153,9 @@ class NetworkDenoiser(nn.Module):
     """Adapts a backbone ``net(x, c_noise, class_labels) -> out`` to the denoiser contract.
 
     The backbone never sees lambda directly, only ``c_noise`` from :func:`noise_conditioning`
-    (EDM's preconditioning idea: the wrapper owns the noise-level coordinate).
+    (EDM's preconditioning idea: the wrapper owns the noise-level coordinate). Where
+    ``cond.out_resolution`` asks for a size other than the input's, the backbone is called
+    with ``out_resolution=`` (the Flexi-UNet's keyword); only an x0 prediction can change size.
     """
 
     def __init__(self, net: nn.Module, prediction: Prediction, n_cond: int = 1) -> None:
@@ -155,8 +169,13 @@ class NetworkDenoiser(nn.Module):
         if lam.ndim == 0:
             lam = lam.expand(x.shape[0])
         c_noise = noise_conditioning(lam, cond, self.n_cond)
+        r_out = cond.out_resolution
+        kw = {} if r_out is None or r_out == x.shape[-1] else {"out_resolution": int(r_out)}
+        if kw and self.prediction != "x0":
+            raise ValueError(f"a {self.prediction} prediction cannot change resolution "
+                             f"({x.shape[-1]} -> {r_out} px): only x0 is defined there")
         # the sampler's state keeps its dtype: a bf16 output under autocast comes back as x's
-        return self.net(x, c_noise, cond.class_labels).to(x.dtype)
+        return self.net(x, c_noise, cond.class_labels, **kw).to(x.dtype)
 
 
 def as_prediction(
