@@ -7,11 +7,17 @@ per-image generators, so an image never depends on the batch it was generated in
 (STYLE.md principle 10). Guidance (classifier-free, upsample guidance, time-aware
 conditioning) is a wrapper around the denoiser (``components.guidance``); the sampler loop
 never changes.
+
+Every model kind samples through the same denoiser (:func:`base_denoiser`) and guidance
+(:func:`guided`); what differs is the chain that drives it, looked up in :data:`CHAINS` by
+``model.kind``: the sampler over a log-SNR grid (:func:`sample_standard`) or the Scale Space
+Diffusion posterior chain over the resolution schedule (:func:`sample_ssd`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -23,7 +29,7 @@ from components.model import GenerativeModel
 from components.options import GenerateOptions, check_options
 from components.samplers import get_sampler, lambda_grid
 from components.spectral_schedules import ScheduleModel, lambda_bounds, spectral_lambda_grid
-from components.ssd import ssd_generate
+from components.ssd import process_from_extra, ssd_chain
 
 # A separate stream for the per-image spectral schedule draw, so it does not shift the noise.
 SCHEDULE_STREAM = 0x5EED_5C4E
@@ -74,7 +80,8 @@ def generate(
     section 3, with ``ug_theta``, ``ug_eta`` and ``ug_order`` relative to classifier-free
     guidance) or cascaded upscaling (``"cascade"``, section 2). ``time_aware`` is
     ``(second_class, switch_t)`` with ``switch_t`` in (0, 1) or ``"auto"`` (chromatogram).
-    ``kind == "ssd"`` models use their own sampler (``components.ssd.ssd_generate``).
+    ``kind == "ssd"`` models run the SSD posterior chain (``sampler`` and ``eta`` do not
+    apply; ``steps`` >= 2 states of the resolution schedule, respaced).
     ``clip_denoised`` clamps every step's x0 estimate to [-1, 1] (as DDPM's sampler does): an
     eps- or v-network's x0 at high noise is its error divided by alpha, and an unclamped one
     derails multistep solvers on young models.
@@ -94,11 +101,11 @@ def generate_with(model: GenerativeModel, opts: GenerateOptions, seeds: list[int
     a setting the model cannot honour."""
     seeds = [int(s) for s in seeds]
     device = torch.device(device)
-    m = check_options(model, opts, seeds, class_labels)
-    if model.kind == "ssd":
-        return ssd_generate(model, seeds, opts.steps, class_labels, device).clamp(-1, 1)
+    check_options(model, opts, seeds, class_labels)
+    if model.kind not in CHAINS:
+        raise ValueError(f"unknown model kind {model.kind!r}: expected one of {sorted(CHAINS)}")
     with torch.no_grad():
-        x = _sample(model, opts, seeds, class_labels, m, device)
+        x = CHAINS[model.kind](model, opts, seeds, class_labels, device)
     return x.clamp(-1.0, 1.0)
 
 
@@ -126,9 +133,14 @@ def sampling_grid(model: GenerativeModel, opts: GenerateOptions, seeds: list[int
     return spectral_lambda_grid(params, opts.steps, kind), lambda_bounds(params)
 
 
-def _sample(model: GenerativeModel, opts: GenerateOptions, seeds: list[int],
-            class_labels: list[int] | None, m: int, device: torch.device) -> Tensor:
-    """Noise -> images at m x native: one sampler run (upsample guidance) or the cascade."""
+# --------------------------------------------------------------------------- chains
+
+
+def sample_standard(model: GenerativeModel, opts: GenerateOptions, seeds: list[int],
+                    class_labels: list[int] | None, device: torch.device) -> Tensor:
+    """Noise -> images at m x native (m from ``opts.resolution``): one sampler run over the
+    log-SNR grid (with upsample guidance where m > 1) or the cascade."""
+    m = (opts.resolution or model.resolution) // model.resolution
     lambdas, bounds = sampling_grid(model, opts, seeds, class_labels)
     cond = Cond(labels_tensor(class_labels, device), None if bounds is None else bounds.to(device))
     gens = per_image_generators(seeds)
@@ -137,12 +149,34 @@ def _sample(model: GenerativeModel, opts: GenerateOptions, seeds: list[int],
         kw["eta"] = opts.eta
     res = model.resolution * (1 if opts.upscale == "cascade" else m)
     x = initial_noise(gens, (model.in_channels, res, res), device)  # x_T, (N, C, res, res)
-    den = _guided(model, opts, cond, m if opts.upscale == "ug" else 1)
+    den = guided(model, opts, cond, m if opts.upscale == "ug" else 1)
     if m > 1 and opts.upscale == "cascade":
         # native-resolution steps on lambdas + 2 log m, hand-off at the chromatogram's default
         return cascaded_upscale(den, x, lambdas, cond, m=m, sampler=opts.sampler,
                                 generators=gens, **kw)
     return get_sampler(opts.sampler)(den, x, lambdas, cond, gens, **kw)
+
+
+def sample_ssd(model: GenerativeModel, opts: GenerateOptions, seeds: list[int],
+               class_labels: list[int] | None, device: torch.device) -> Tensor:
+    """Noise at the lowest resolution -> images at native: the Scale Space Diffusion
+    posterior chain (``components.ssd.ssd_chain``) over ``opts.steps`` states of the model's
+    resolution schedule, each step's x0 from the guided denoiser at that step's output size.
+
+    Classifier-free guidance combines the two x0 predictions (at r(t-1)) before clipping.
+    """
+    process = process_from_extra(model.resolution, model.extra)
+    cond = Cond(labels_tensor(class_labels, device))
+    den = guided(model, opts, cond, 1)
+    return ssd_chain(den, process, len(seeds), per_image_generators(seeds), cond,
+                     steps=opts.steps, channels=model.in_channels, device=device,
+                     clip=opts.clip_denoised)
+
+
+# One signature for every chain: (model, opts, seeds, class_labels, device) -> images.
+Chain = Callable[[GenerativeModel, GenerateOptions, list[int], list[int] | None, torch.device],
+                 Tensor]
+CHAINS: dict[str, Chain] = {"standard": sample_standard, "ssd": sample_ssd}
 
 
 def auto_switch_level(resolution: int, layout_size: int = 8) -> float:
@@ -151,8 +185,8 @@ def auto_switch_level(resolution: int, layout_size: int = 8) -> float:
     return max(math.log2(resolution / layout_size), 0.0)
 
 
-def _guided(model: GenerativeModel, opts: GenerateOptions, cond: Cond, m: int) -> Any:
-    """The denoiser with guidance: CFG and UG composed in ``opts.ug_order`` (see
+def guided(model: GenerativeModel, opts: GenerateOptions, cond: Cond, m: int) -> Any:
+    """The model's denoiser with guidance: CFG and UG composed in ``opts.ug_order`` (see
     ``components.guidance.guided_denoiser``), time-aware conditioning outermost."""
     den: Any = base_denoiser(model)
     if m > 1 or opts.cfg_scale != 1.0:
@@ -209,7 +243,8 @@ def labels_tensor(class_labels: list[int] | None, device: torch.device) -> Tenso
 
 
 def base_denoiser(model: GenerativeModel) -> NetworkDenoiser:
-    """The network as a denoiser ``D(x, lam, cond)``."""
+    """The network as a denoiser ``D(x, lam, cond)``, for every model kind (an SSD model's
+    Flexi-UNet takes its output size from ``cond.out_resolution``)."""
     return NetworkDenoiser(model.net, model.prediction, model.n_cond)
 
 

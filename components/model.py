@@ -22,8 +22,10 @@ class GenerativeModel:
     resolution, in_channels, num_classes: native image size and channels; 0 classes means
         unconditional; class ``-1`` is the null class for classifier-free guidance.
     schedule: the global schedule the model was trained with (used for sampling grids).
-    kind: ``"standard"`` (any sampler, guidance wrappers apply) or ``"ssd"`` (Scale Space
-        Diffusion: its own sampler over the resolution schedule, see ``components.ssd``).
+    kind: the chain that drives the network's denoiser (``components.generate.CHAINS``):
+        ``"standard"`` (any sampler over a log-SNR grid) or ``"ssd"`` (Scale Space Diffusion:
+        the posterior chain over the resolution schedule, see ``components.ssd``); guidance
+        wrappers apply to both.
     spectral: the fitted spectral schedule model as saved in ``schedule.json`` (or None);
         sampling with ``schedule="spectral"`` draws per-image schedules from it.
     extra: family-specific settings saved with the model (for example the SSD levels).

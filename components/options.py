@@ -83,14 +83,7 @@ def check_options(model: GenerativeModel, opts: GenerateOptions, seeds: list[int
         raise OptionError("seeds", f"seeds must be in [0, {MAX_SEED}]")
     native, num_classes = model.resolution, model.num_classes
     if model.kind == "ssd":
-        off = [f for f, ok in (("resolution", opts.resolution in (None, native)),
-                               ("cfg_scale", opts.cfg_scale == 1.0),
-                               ("time_aware", opts.time_aware is None),
-                               ("schedule", opts.schedule == "model")) if not ok]
-        if off:
-            raise OptionError(off[0], "Scale Space Diffusion models sample at their native "
-                              "resolution with their own schedule: resolution, cfg_scale, "
-                              "time_aware and schedule must stay at their defaults")
+        _check_ssd(opts, native)
     res = opts.resolution or native
     if res <= 0 or res % native:
         raise OptionError("resolution", f"resolution {res} is not a positive multiple of the "
@@ -125,3 +118,22 @@ def check_options(model: GenerativeModel, opts: GenerateOptions, seeds: list[int
         raise OptionError("schedule", "schedule 'spectral' needs a model saved with a spectral "
                           "schedule model")
     return res // native
+
+
+def _check_ssd(opts: GenerateOptions, native: int) -> None:
+    """What a Scale Space Diffusion chain cannot honour (classifier-free guidance, time-aware
+    conditioning and ``clip_denoised`` apply to it as to any model)."""
+    if opts.resolution not in (None, native):
+        raise OptionError("resolution", f"Scale Space Diffusion models sample at their native "
+                          f"resolution {native} only: the resolution schedule ends there and "
+                          "the Flexi-UNet has no level above it, so neither upsample guidance "
+                          "nor the cascade applies")
+    if opts.schedule != "model":
+        raise OptionError("schedule", "Scale Space Diffusion models sample on their own "
+                          "process only: the posterior steps are derived for DDPM's alpha_bar "
+                          "over the resolution schedule, so per-image spectral schedules do "
+                          "not apply")
+    if opts.steps < 2:
+        raise OptionError("steps", f"Scale Space Diffusion models need steps >= 2 (the chain "
+                          f"visits the first and the last state of its schedule), got "
+                          f"{opts.steps}")

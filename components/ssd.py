@@ -21,14 +21,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from components.degradation import LinearOp, posterior_mean
-from components.diffusion import LAMBDA_SCALE
+from components.diffusion import LAMBDA_SCALE, Cond, Denoiser, NetworkDenoiser
 from components.scale import resize
 from components.schedules import ddpm_linear
 
@@ -253,29 +253,30 @@ def call_net(net: nn.Module, x: Tensor, lam: Tensor, labels: Tensor | None,
 
 
 @torch.no_grad()
-def ssd_sample(net: nn.Module, process: SSDProcess, batch_size: int, generators: Generators,
-               class_labels: Tensor | None = None, steps: int | None = None,
-               channels: int = 3, device: torch.device | str = "cpu", clip: bool = True
-               ) -> Tensor:
-    """Sample (B, C, base, base) from N(0, I) at the lowest resolution.
+def ssd_chain(denoiser: Denoiser, process: SSDProcess, batch_size: int, generators: Generators,
+              cond: Cond | None = None, steps: int | None = None, channels: int = 3,
+              device: torch.device | str = "cpu", clip: bool = True) -> Tensor:
+    """Sample (B, C, base, base) from N(0, I) at the lowest resolution with an x0-denoiser.
 
-    Every reverse step j <- k (k = T-1 .. 0, or a respaced subset) predicts
-    ``x0_hat = net(x_k) at r(j)`` (clipped to [-1, 1]) and draws x_j from the posterior:
-    the DDPM posterior at equal resolutions, the exact resize posterior where r grows.
+    Every reverse step j <- k (k = T-1 .. 0, or a respaced subset) asks the denoiser for
+    ``x0_hat = D(x_k, lambda_k, cond with out_resolution = r(j))`` (clipped to [-1, 1] when
+    ``clip``) and draws x_j from the posterior: the DDPM posterior at equal resolutions, the
+    exact resize posterior where r grows. ``denoiser`` may be any wrapper of the network's
+    denoiser (classifier-free guidance, time-aware conditioning) that forwards ``cond``.
     """
+    if denoiser.prediction != "x0":
+        raise ValueError(f"the SSD chain needs an x0-denoiser, got {denoiser.prediction!r}")
     device = torch.device(device)
+    cond = cond if cond is not None else Cond()
     ks = respaced_steps(process.T, steps)
-    flexible = process.levels > 1
     r = process.res(ks[-1])
     x = _standard_normal((batch_size, channels, r, r), generators, device)
-    if class_labels is not None:
-        class_labels = class_labels.to(device)
     # every step's log-SNR on the device once: no host-to-device copy (a sync) per step
     lams = process.lambda_(torch.tensor(ks, dtype=torch.long)).to(device)
     for i in reversed(range(len(ks))):
         k, j = ks[i], ks[i - 1] if i > 0 else -1
         lam = lams[i].expand(batch_size)
-        x0_hat = call_net(net, x, lam, class_labels, process.res(j), flexible).float()
+        x0_hat = denoiser(x, lam, replace(cond, out_resolution=process.res(j))).float()
         if clip:
             x0_hat = x0_hat.clamp(-1, 1)
         z = None
@@ -287,35 +288,23 @@ def ssd_sample(net: nn.Module, process: SSDProcess, batch_size: int, generators:
     return x
 
 
+def ssd_sample(net: nn.Module, process: SSDProcess, batch_size: int, generators: Generators,
+               class_labels: Tensor | None = None, steps: int | None = None,
+               channels: int = 3, device: torch.device | str = "cpu", clip: bool = True
+               ) -> Tensor:
+    """:func:`ssd_chain` of a bare x0-network ``net(x, c_noise, labels[, out_resolution])``
+    conditioned on ``class_labels`` (B,) or None, without guidance."""
+    labels = None if class_labels is None else class_labels.to(device)
+    return ssd_chain(NetworkDenoiser(net, "x0"), process, batch_size, generators,
+                     Cond(labels), steps, channels, device, clip)
+
+
 SSD_EXTRA_KEYS = ("levels", "T", "resolution_schedule", "gamma", "beta_start", "beta_end")
 
 
 def process_from_extra(resolution: int, extra: dict[str, Any]) -> SSDProcess:
     """The SSDProcess of a saved model: ``extra`` holds :meth:`SSDProcess.settings`."""
     return SSDProcess(resolution, **{k: extra[k] for k in SSD_EXTRA_KEYS if k in extra})
-
-
-def ssd_generate(model: Any, seeds: list[int], steps: int | None,
-                 class_labels: list[int] | None, device: torch.device | str) -> Tensor:
-    """Generate one image per seed from a ``GenerativeModel`` of kind "ssd" -> (N, C, H, W).
-
-    ``steps >= T`` runs the full chain, fewer a respaced one. Settings from ``model.extra``.
-    """
-    if model.prediction != "x0":
-        raise ValueError(f"SSD models predict x0, this one predicts {model.prediction!r}")
-    if not seeds:
-        raise ValueError("seeds must name at least one image")
-    process = process_from_extra(model.resolution, model.extra)
-    gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    labels = None
-    if class_labels is not None:
-        if len(class_labels) != len(seeds):
-            raise ValueError(f"class_labels has {len(class_labels)} entries for "
-                             f"{len(seeds)} seeds")
-        labels = torch.tensor(class_labels, dtype=torch.long)
-    model.net.train(False)
-    return ssd_sample(model.net, process, len(seeds), gens, labels, steps,
-                      model.in_channels, device)
 
 
 @dataclass
