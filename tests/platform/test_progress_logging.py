@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from common.progress import ConsoleHandler, level_of, progress_bar, setup_logging
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeTerminal(io.StringIO):
@@ -120,3 +126,50 @@ def test_setup_keeps_third_party_loggers_down():
         root.setLevel(before[1])
         for n, lv in levels.items():
             logging.getLogger(n).setLevel(lv)
+
+
+# ----------------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("src")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (src / f"c{i % 2}").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+            src / f"c{i % 2}" / f"{i}.png")
+    (src / "c0" / "broken.png").write_bytes(b"not an image")
+    return src
+
+
+def _prism(*args: str) -> subprocess.CompletedProcess:
+    """``prism ARGS`` with stdout and stderr as pipes (not terminals)."""
+    return subprocess.run([sys.executable, "-m", "prism_cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_ingest_prints_its_result_and_logs_its_status_without_a_bar(images, tmp_path):
+    r = _prism("data", "ingest", str(images), str(tmp_path / "o"), "--size", "32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "inputs = written + errors: 7 = 6 + 1 (1 shards, 0 already done)\n"
+    assert "rejected 1: not a decodable image" in r.stderr
+    assert "\r" not in r.stdout + r.stderr and "img/s" not in r.stderr  # no bar in a pipe
+
+
+def test_quiet_silences_the_status_lines_but_not_the_result(images, tmp_path):
+    r = _prism("--quiet", "data", "ingest", str(images), str(tmp_path / "o"), "--size", "32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("inputs = written + errors: 7 = 6 + 1") and r.stderr == ""
+
+
+def test_verbose_shows_debug_messages(images, tmp_path):
+    r = _prism("-v", "data", "ingest", str(images), str(tmp_path / "o"), "--size", "32")
+    assert r.returncode == 0, r.stderr
+    assert "debug [pipelines.data.ingest]: wrote " in r.stderr
+    assert r.stdout.startswith("inputs = written + errors: 7 = 6 + 1")
+
+
+def test_quiet_and_verbose_together_are_refused():
+    r = _prism("--quiet", "--verbose", "data", "--help")
+    assert r.returncode == 2 and "not both" in r.stderr
