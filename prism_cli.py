@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import typer
 
+from common.progress import level_of, setup_logging
+
 app = typer.Typer(
     name="prism",
     help="Multi-resolution pixel diffusion: data, science, training, serving.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _verbosity(quiet: bool = typer.Option(False, "--quiet", "-q", help="warnings and errors "
+                                          "only: no status lines, no progress bars (results "
+                                          "still go to stdout)"),
+               verbose: bool = typer.Option(False, "--verbose", "-v", help="also debug "
+                                            "messages")) -> None:
+    """Multi-resolution pixel diffusion: data, science, training, serving."""
+    if quiet and verbose:
+        raise typer.BadParameter("give --quiet or --verbose, not both")
+    setup_logging(level_of(quiet, verbose))
+
 
 # Each part registers its own commands here (one line each).
 # -- registrations --

@@ -1,28 +1,34 @@
 """The loop's small logging interface. The loop calls every callback on every rank; a callback
 that should act once (MLflow, console) checks ``info["rank"]`` in ``on_start``.
 
-Events: ``on_start(cfg, info)``; ``on_metrics(step, metrics)``; ``on_images(step, name,
-image)`` with image uint8 (H, W, 3); ``on_checkpoint(step, path, metrics)`` with ``path`` the
-checkpoint written on rank 0 (None on other ranks); ``on_end(result, model_dir)``.
+Events: ``on_start(cfg, info)``; ``on_step(step, images_seen)`` after every optimizer step;
+``on_metrics(step, metrics)``; ``on_images(step, name, image)`` with image uint8 (H, W, 3);
+``on_checkpoint(step, path, metrics)`` with ``path`` the checkpoint written on rank 0 (None on
+other ranks); ``on_end(result, model_dir)``.
 """
 
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from common.progress import ProgressBar, progress_bar
 from common.run_config import Config
+
+_log = logging.getLogger(__name__)
 
 
 class Callback:
     """No-op base: override what you need."""
 
     def on_start(self, cfg: Config, info: dict[str, Any]) -> None: ...
+
+    def on_step(self, step: int, images_seen: int) -> None: ...
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
 
@@ -42,6 +48,10 @@ class Callbacks(Callback):
     def on_start(self, cfg: Config, info: dict[str, Any]) -> None:
         for c in self.items:
             c.on_start(cfg, info)
+
+    def on_step(self, step: int, images_seen: int) -> None:
+        for c in self.items:
+            c.on_step(step, images_seen)
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         for c in self.items:
@@ -98,21 +108,45 @@ class JsonlLogger(Callback):
 
 
 class ConsoleLogger(Callback):
-    """Rank 0 prints one line per metrics record."""
+    """Rank 0 logs one line per metrics record and, on a terminal, draws a bar of the images
+    seen toward ``train.total_images`` (rate, ETA; the time left under ``train.time_limit_s``).
+    The lines go through logging, which writes them above the bar."""
 
     def __init__(self) -> None:
         self.active = False
+        self.bar: ProgressBar | None = None
+        self.time_limit_s: float | None = None
 
     def on_start(self, cfg: Config, info: dict[str, Any]) -> None:
         self.active = info["rank"] == 0
-        if self.active:
-            print(f"[train] {cfg.run.name}: {info['parameters'] / 1e6:.2f}M parameters, "
+        if not self.active:
+            return
+        _log.info(f"[train] {cfg.run.name}: {info['parameters'] / 1e6:.2f}M parameters, "
                   f"{info['total_steps']} steps, world {info['world']}, device {info['device']}"
                   + (f", resumed at step {info['start_step']}" if info["start_step"] else "")
-                  + (f" ({info['data_note']})" if info.get("data_note") else ""),
-                  file=sys.stderr, flush=True)
+                  + (f" ({info['data_note']})" if info.get("data_note") else ""))
+        self.time_limit_s = cfg.train.time_limit_s
+        self.bar = progress_bar(info["total_steps"] * cfg.train.batch_size, "train", "img",
+                                initial=info["start_step"] * cfg.train.batch_size, log=_log,
+                                log_every_s=None)  # the metrics lines say it in a log
+
+    def on_step(self, step: int, images_seen: int) -> None:
+        if self.bar is not None:
+            self.bar.update(images_seen - self.bar.n)
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        if self.active:
-            body = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            print(f"[train] step {step}  {body}", file=sys.stderr, flush=True)
+        if not self.active:
+            return
+        body = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        _log.info(f"[train] step {step}  {body}")
+        if self.bar is not None:
+            extra = {"loss": f"{metrics['loss']:.4g}"}
+            if self.time_limit_s:
+                left = max(self.time_limit_s - metrics.get("train_seconds", 0.0), 0.0)
+                extra["limit_left_s"] = f"{left:.0f}"
+            self.bar.set_postfix(**extra)
+
+    def on_end(self, result: dict[str, Any], model_dir: Path | None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from common.progress import configured_level, ensure_logging
 from common.ray_local import init_ray
 from common.run_config import Config, config_from_dict
 from training.callbacks import Callback, ConsoleLogger, JsonlLogger
@@ -58,6 +60,7 @@ def ray_worker(config: dict[str, Any]) -> None:
     """The per-worker function of the TorchTrainer: the same loop, Ray's checkpoints."""
     import ray.train
 
+    ensure_logging(config.get("log_level", logging.INFO))  # the driver's --quiet / --verbose
     cfg = config_from_dict(config["cfg"], "<ray worker>")
     run_dir = Path(config["run_dir"])
     rank = ray.train.get_context().get_world_rank()
@@ -98,7 +101,8 @@ def run_ray(cfg: Config, workers: int, use_gpu: bool = False, storage_path: str 
     storage = storage_path or str(out / "ray")
     trainer = TorchTrainer(
         ray_worker,
-        train_loop_config={"cfg": raw, "run_dir": str(out / cfg.run.name)},
+        train_loop_config={"cfg": raw, "run_dir": str(out / cfg.run.name),
+                           "log_level": configured_level()},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                resources_per_worker=None if use_gpu
                                                else {"CPU": 1}),

@@ -137,6 +137,7 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
         step, images_seen = step + 1, images_seen + cfg.train.batch_size
         n_logged, window_images = n_logged + 1, window_images + cfg.train.batch_size
         clock.step_done()
+        cb.on_step(step, images_seen)
         last = step == cfg.total_steps
 
         # -- metrics (all ranks take part in the mean of the loss)

@@ -1,7 +1,8 @@
 """``prism data ...``: demo corpus, ingest, spectral statistics, schedule model.
 
 Each command reads its section of ``params.yaml`` (``--params``, section ``data.<command>``)
-and lets the options given on the command line override single fields.
+and lets the options given on the command line override single fields. Status lines go to
+the log (stderr; ``prism --quiet`` silences them); a command's result goes to stdout.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def demo(dest: str = typer.Argument(..., help="output folder"),
 
     try:
         cfg = load_section(params, "demo", {"size": size, "per_class": per_class, "seed": seed})
-        build_demo(dest, cfg, log=typer.echo)
+        build_demo(dest, cfg, log=typer.echo)  # its summary line is the result
     except (ValueError, OSError) as exc:
         _fail(exc)
 
@@ -71,9 +72,10 @@ def ingest(src: str = typer.Argument(..., help="folder, .tar[.gz], .npz, or shar
         cfg = load_section(params, "ingest", over)
         if shard_bytes is not None:
             cfg = cfg.model_copy(update={"shard_size": None})
-        run(src, dest, cfg, log=typer.echo, fresh=fresh)
+        result = run(src, dest, cfg, fresh=fresh)
     except (ValueError, OSError, StorageError) as exc:
         _fail(exc)
+    typer.echo(result.line())
 
 
 @data_app.command("spectra")
@@ -118,6 +120,7 @@ def schedules(stats: str = typer.Argument(..., help="folder of spectra .parquet 
 
     over = {"n_components": n_components, "per_class": per_class, "seed": seed}
     try:
-        fit_schedule_model(stats, out, load_section(params, "schedules", over), log=typer.echo)
+        fit_schedule_model(stats, out, load_section(params, "schedules", over),
+                           log=typer.echo)  # its summary line is the result
     except (ValueError, OSError, StorageError) as exc:
         _fail(exc)

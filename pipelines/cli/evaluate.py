@@ -87,7 +87,7 @@ def run(model: str = typer.Argument(..., help="model directory, runs:/ID/model o
                 "train_images": train_images, "max_real": max_real, "batch_size": batch_size,
                 "device": device, "mlflow": mlflow}
         cfg = _config(params, over)
-        top = run_evaluate(cfg, log=typer.echo)
+        top = run_evaluate(cfg)
     except (ValueError, OSError) as exc:
         _fail(exc)
     typer.echo(f"wrote {Path(cfg.out_dir) / 'metrics.json'} ({len(top['settings'])} settings)")
@@ -118,7 +118,7 @@ def feature_net(train: str = typer.Argument(..., help="labelled training images"
         base = DEBUG_RECIPE if debug else FeatureNetRecipe()
         upd = {k: v for k, v in (("width", width), ("epochs", epochs)) if v is not None}
         recipe = FeatureNetRecipe(**{**base.model_dump(), **upd, "seed": seed})
-        side = run_feature_net_stage(train, test, out, recipe, device, name, log=typer.echo)
+        side = run_feature_net_stage(train, test, out, recipe, device, name)
     except ValidationError as exc:
         _fail(ValueError(f"recipe field {exc.errors()[0]['loc'][0]!r}: "
                          f"{exc.errors()[0]['msg']}"))

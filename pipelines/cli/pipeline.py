@@ -35,7 +35,7 @@ def promote_cmd(params: str = typer.Option("params.yaml", help="params.yaml with
     from pipelines.evaluation.register import promote
 
     try:
-        result = promote(params, eval_dir, train_dir, out, log=typer.echo)
+        result = promote(params, eval_dir, train_dir, out)
     except (ValueError, OSError) as exc:
         _fail(exc)
     typer.echo(json.dumps({k: result[k] for k in ("best", "value", "passed", "promoted")}))

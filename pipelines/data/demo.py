@@ -13,12 +13,16 @@ orange suit, the rocket against a blue sky, the star field, the retina's disc).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from pipelines.config import DemoConfig
+
+_log = logging.getLogger(__name__)
 
 # (class name, skimage.data function): RGB photographs bundled with the wheel
 PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
@@ -36,7 +40,8 @@ def _photo(name: str) -> np.ndarray:
     return img
 
 
-def build_demo(dest: str | Path, cfg: DemoConfig | None = None, log=print) -> int:
+def build_demo(dest: str | Path, cfg: DemoConfig | None = None,
+               log: Callable[[str], None] = _log.info) -> int:
     """Write the demo corpus; returns the number of images written."""
     cfg = cfg or DemoConfig()
     dest = Path(dest)

@@ -25,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common import storage
+from common.progress import progress_bar
 from common.shards import ShardWriter, shard_name
 from pipelines.config import IngestConfig
 from pipelines.data.images import BadImage, prepare_image
@@ -44,6 +47,8 @@ PART_SCHEMA = pa.schema([
     ("checksum", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("source", pa.string()), ("reason", pa.string()),  # reason null: written
 ])
+_log = logging.getLogger(__name__)
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -128,7 +133,7 @@ def _changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def _check_plan(dest: str, plan: dict[str, Any], fresh: bool, log) -> None:
+def _check_plan(dest: str, plan: dict[str, Any], fresh: bool, log: Log) -> None:
     """Refuse to resume from shards of another plan; with ``fresh``, delete them first."""
     parts = storage.join(dest, "_parts")
     done = [u for u in _listing(parts) if u.endswith(".parquet")]
@@ -155,9 +160,12 @@ def _listing(url: str) -> list[str]:
         return []
 
 
-def ingest(src: str, dest: str, cfg: IngestConfig | None = None, log=print,
+def ingest(src: str, dest: str, cfg: IngestConfig | None = None, log: Log = _log.info,
            fresh: bool = False) -> IngestResult:
-    """Turn SRC into shards under DEST (see module docstring); returns the counts."""
+    """Turn SRC into shards under DEST (see module docstring); returns the counts.
+
+    ``log`` takes the status lines: what ``--fresh`` deleted, the rejections by reason; the
+    counts themselves are the result (``IngestResult.line()``)."""
     cfg = cfg or IngestConfig()
     storage.check_access(dest)
     items, classes = enumerate_source(src)
@@ -170,7 +178,8 @@ def ingest(src: str, dest: str, cfg: IngestConfig | None = None, log=print,
     shards: list[str] = []
     skipped, pos, index = 0, 0, 0
     seen: dict[str, str] = {}  # checksum -> source of every image written
-    with storage.LocalStaging() as stage:
+    with storage.LocalStaging() as stage, progress_bar(len(items), "ingest", "img",
+                                                       log=_log) as bar:
         while pos < len(items):
             name = shard_name(cfg.name, index, cfg.gzip)
             shard_url, part_url = storage.join(dest, name), storage.join(dest, "_parts",
@@ -181,6 +190,7 @@ def ingest(src: str, dest: str, cfg: IngestConfig | None = None, log=print,
                 rows += part
                 pos += len(part)
                 skipped += 1
+                bar.update(len(part))
             else:
                 writer, part = ShardWriter(stage / name, cfg.gzip), []
                 while pos < len(items) and not _full(writer, cfg):
@@ -189,6 +199,7 @@ def ingest(src: str, dest: str, cfg: IngestConfig | None = None, log=print,
                         class_index.get(item.class_name or "", -1)
                     part.append(_write_item(item, cfg, writer, name, label, seen))
                     pos += 1
+                    bar.update()
                 writer.close()
                 if writer.count == 0 and pos >= len(items) and shards:
                     rows += [{**r, "shard": shards[-1]} for r in part]  # only errors left over
@@ -198,6 +209,7 @@ def ingest(src: str, dest: str, cfg: IngestConfig | None = None, log=print,
                 storage.write_bytes(part_url, _parquet_bytes(_table(part)))
                 (stage / name).unlink()
                 rows += part
+                _log.debug("wrote %s: %d inputs, %d images", shard_url, len(part), writer.count)
             shards.append(name)
             index += 1
     return _finish(dest, rows, shards, skipped, classes, cfg, src, log)
@@ -212,7 +224,7 @@ def _append_part(dest: str, shard: str, extra: list[dict[str, Any]]) -> None:
 
 
 def _finish(dest: str, rows: list[dict[str, Any]], shards: list[str], skipped: int,
-            classes: list[str], cfg: IngestConfig, src: str, log) -> IngestResult:
+            classes: list[str], cfg: IngestConfig, src: str, log: Log) -> IngestResult:
     table = _table(rows)
     ok = [r for r in rows if r["reason"] is None]
     bad = [{"source": r["source"], "key": r["key"], "reason": r["reason"]}
@@ -231,12 +243,11 @@ def _finish(dest: str, rows: list[dict[str, Any]], shards: list[str], skipped: i
                "error_reasons": _reason_counts(bad)}
     storage.write_bytes(storage.join(dest, "ingest.json"),
                         json.dumps(summary, indent=2).encode())
-    log(result.line())
     if bad:  # why, grouped by reason, with an example and where the full list is
         for reason, n in sorted(summary["error_reasons"].items(), key=lambda kv: -kv[1]):
             example = next(r for r in bad if r["reason"].split(":")[0] == reason)
-            log(f"  rejected {n}: {reason} (e.g. {example['source']}: {example['reason']})")
-        log(f"  every rejection: {storage.join(dest, 'errors.parquet')}")
+            log(f"rejected {n}: {reason} (e.g. {example['source']}: {example['reason']})")
+        log(f"every rejection: {storage.join(dest, 'errors.parquet')}")
     return result
 
 

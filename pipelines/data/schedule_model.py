@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,8 @@ from common import storage
 from components.spectral_schedules import PARAM_NAMES, ScheduleModel
 from pipelines.config import SchedulesConfig, SpectraJobConfig
 from pipelines.data.spectra_summary import read_stats
+
+_log = logging.getLogger(__name__)
 
 
 def stats_urls(stats: str) -> list[str]:
@@ -30,7 +34,7 @@ def stats_urls(stats: str) -> list[str]:
 
 
 def fit_schedule_model(stats: str, out: str, cfg: SchedulesConfig | None = None,
-                       log=print) -> dict[str, Any]:
+                       log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """Fit and save; returns the saved JSON dict."""
     cfg = cfg or SchedulesConfig()
     storage.check_access(out)

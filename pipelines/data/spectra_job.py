@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -32,9 +31,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from common import storage
+from common.progress import progress_bar
 from common.ray_local import init_ray
 from common.shards import decode_rgb, iter_records, list_shards
 from components.spectra import SpectraParams, uint8_statistics
@@ -190,9 +189,8 @@ def run_spectra(shards: str, out: str, cfg: SpectraJobConfig | None = None,
     in_flight_max = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     pending, queue, images = [], list(_chunks(todo, cfg.shards_per_task)), 0
     t0 = time.perf_counter()
-    bar = tqdm(total=len(urls), initial=len(urls) - len(todo), unit="shard",
-               desc="spectra",  # a bar on a terminal only: no \r-lines in log files
-               disable=not progress or not sys.stderr.isatty())
+    bar = progress_bar(len(urls), "spectra", "shard", initial=len(urls) - len(todo),
+                       enabled=progress)  # a bar on a terminal only: no \r-lines in logs
     cfg_json = cfg.model_dump_json()
     while queue or pending:
         while queue and len(pending) < in_flight_max:

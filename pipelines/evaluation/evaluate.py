@@ -18,7 +18,9 @@ the output folder are logged to the model's training run (``eval/...``).
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.models import load_model
+from common.progress import progress_bar
 from components.generate import generate
 from pipelines.evaluation.data import load_images
 from pipelines.evaluation.metrics import (
@@ -36,6 +39,8 @@ from pipelines.evaluation.metrics import (
     save_plots,
     summary_row,
 )
+
+_log = logging.getLogger(__name__)
 
 
 class EvalConfig(BaseModel):
@@ -83,13 +88,15 @@ def sample_images(model: Any, cfg: EvalConfig, schedule: str, steps: int) -> tor
     """n_images samples at the fixed seeds, 8-bit quantised: (N, C, H, W) in [-1, 1] on CPU."""
     seeds = list(range(cfg.seed, cfg.seed + cfg.n_images))
     out = []
-    for s in range(0, len(seeds), cfg.batch_size):
-        batch = seeds[s : s + cfg.batch_size]
-        labels = [i % model.num_classes for i in batch] if model.num_classes else None
-        x = generate(model, seeds=batch, steps=steps, sampler=cfg.sampler, eta=cfg.eta,
-                     class_labels=labels, cfg_scale=cfg.cfg_scale, schedule=schedule,
-                     device=cfg.device)
-        out.append(((x.float().cpu().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0)
+    with progress_bar(len(seeds), f"sample {schedule}-{steps}", "img", log=_log) as bar:
+        for s in range(0, len(seeds), cfg.batch_size):
+            batch = seeds[s : s + cfg.batch_size]
+            labels = [i % model.num_classes for i in batch] if model.num_classes else None
+            x = generate(model, seeds=batch, steps=steps, sampler=cfg.sampler, eta=cfg.eta,
+                         class_labels=labels, cfg_scale=cfg.cfg_scale, schedule=schedule,
+                         device=cfg.device)
+            out.append(((x.float().cpu().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0)
+            bar.update(len(batch))
     return torch.cat(out)
 
 
@@ -123,8 +130,9 @@ def log_to_mlflow(run_id: str, rows: list[dict[str, Any]], out_dir: Path) -> Non
         mlflow.log_artifacts(str(out_dir), artifact_path="eval")
 
 
-def run_evaluate(cfg: EvalConfig, log: Any = print) -> dict[str, Any]:
-    """Run the stage (see the module doc); returns the top-level metrics.json dict."""
+def run_evaluate(cfg: EvalConfig, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
+    """Run the stage (see the module doc); returns the top-level metrics.json dict. ``log``
+    takes the status lines (the real set, each setting's headline numbers)."""
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.model, cfg.device)

@@ -13,8 +13,10 @@ Runs standalone (no Ray, no MLflow): ``python benchmarks/train_feature_net.py`` 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from components.metrics.feature_net import FeatureNet, accuracy, save_feature_net
 from pipelines.evaluation.data import ImageSet, load_images
+
+_log = logging.getLogger(__name__)
+Log = Callable[[str], None]
 
 
 class FeatureNetRecipe(BaseModel):
@@ -83,7 +88,7 @@ def _to_device(s: ImageSet, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 def train_feature_net(train: ImageSet, test: ImageSet | None, recipe: FeatureNetRecipe,
                       device: str | torch.device = "cpu",
-                      log: Any = print) -> tuple[FeatureNet, dict[str, Any]]:
+                      log: Log = _log.info) -> tuple[FeatureNet, dict[str, Any]]:
     """Train the classifier on ``train``; returns (net in eval mode, results dict)."""
     device = torch.device(device)
     if (train.labels < 0).any():
@@ -164,7 +169,7 @@ def train_feature_net(train: ImageSet, test: ImageSet | None, recipe: FeatureNet
 
 def run_feature_net_stage(train_src: str, test_src: str | None, out_dir: str | Path,
                           recipe: FeatureNetRecipe, device: str = "cpu",
-                          name: str = "feature_net", log: Any = print) -> dict[str, Any]:
+                          name: str = "feature_net", log: Log = _log.info) -> dict[str, Any]:
     """Read the data, train, write ``<out>/<name>.safetensors`` + ``.json``; returns the sidecar."""
     train = load_images(train_src)
     test = load_images(test_src, class_names=train.class_names or None) if test_src else None
@@ -177,7 +182,7 @@ def run_feature_net_stage(train_src: str, test_src: str | None, out_dir: str | P
 
 def save_trained(net: FeatureNet, results: dict[str, Any], recipe: FeatureNetRecipe,
                  train: ImageSet, test: ImageSet | None, out_dir: str | Path,
-                 name: str = "feature_net", log: Any = print) -> dict[str, Any]:
+                 name: str = "feature_net", log: Log = _log.info) -> dict[str, Any]:
     """Write the weights and the sidecar (recipe, classes, sources, accuracy, SHA-256)."""
     names = train.class_names or (test.class_names if test is not None else [])
     meta = {"recipe": recipe.model_dump(), "class_names": names, "train_source": train.source,

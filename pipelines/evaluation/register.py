@@ -18,9 +18,11 @@ Each model's evaluate table is also logged to its MLflow run (``eval/...``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components.metrics.inception import sha256_file
 from pipelines.evaluation.evaluate import log_to_mlflow
+
+_log = logging.getLogger(__name__)
 
 
 class RegisterConfig(BaseModel):
@@ -235,7 +239,7 @@ def find_version(model_dir: Path) -> tuple[str, Any]:
 
 
 def promote(params: str | Path, eval_dir: str | Path, train_dir: str | Path,
-            out: str | Path, log: Any = print) -> dict[str, Any]:
+            out: str | Path, log: Callable[[str], None] = _log.info) -> dict[str, Any]:
     """Run the register stage (see the module doc); writes and returns register.json."""
     cfg, names = load_register_config(params)
     eval_dir, train_dir = Path(eval_dir), Path(train_dir)

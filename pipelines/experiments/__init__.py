@@ -25,7 +25,13 @@ from pipelines.experiments import (
     ssd_vs_ddpm,
     upsample_guidance,
 )
-from pipelines.experiments.common import ExperimentSettings, Log, environment, log_to_mlflow
+from pipelines.experiments.common import (
+    ExperimentSettings,
+    Log,
+    environment,
+    log_to_mlflow,
+    status,
+)
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,7 @@ def resolve(name: str, setting: str, overrides: dict[str, Any] | None = None
 
 
 def run(name: str, setting: str, overrides: dict[str, Any] | None = None,
-        out_dir: str | None = None, log: Log = print) -> dict[str, Any]:
+        out_dir: str | None = None, log: Log = status) -> dict[str, Any]:
     """Run one experiment; writes ``results.json`` (and figures) to the output folder and
     returns the results."""
     exp = get(name)
@@ -100,7 +106,7 @@ def run(name: str, setting: str, overrides: dict[str, Any] | None = None,
     return results
 
 
-def log_results(out_dir: str, log: Log = print) -> str | None:
+def log_results(out_dir: str, log: Log = status) -> str | None:
     """Log an existing results folder (made where MLflow was absent) to MLflow."""
     results = json.loads((Path(out_dir) / "results.json").read_text())
     return log_to_mlflow(results["experiment"], Path(out_dir), results, log)

@@ -217,7 +217,7 @@ def evaluate_model(tag: str, model_dir: str, seeds: list[int], labels: list[int]
         _sync(device)
         t0 = time.perf_counter()
         images = sample_uint8(model, seeds, device=device, batch_size=batch_size,
-                              class_labels=labels, **sample_kw)
+                              class_labels=labels, desc=tag, **sample_kw)
         _sync(device)
         saved = images, time.perf_counter() - t0
         save_samples(out, tag, *saved)

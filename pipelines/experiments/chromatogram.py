@@ -42,6 +42,7 @@ from pipelines.experiments.common import (
     Timer,
     environment,
     real_images,
+    status,
     train_references,
 )
 
@@ -128,7 +129,7 @@ def model_crossing(t: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torc
     return torch.tensor(out, dtype=torch.float64), torch.tensor(floor, dtype=torch.float64)
 
 
-def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
+def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
     """Measure the chromatogram of the model (and the Gaussian control); returns the results."""
     timer = Timer()
     device = s.resolved_device()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.progress import progress_bar
 from common.run_config import load_config
 from components.generate import generate
 from pipelines.evaluation.data import load_images
@@ -45,6 +47,8 @@ from pipelines.evaluation.metrics import (
 
 ROOT = Path(__file__).resolve().parents[2]
 Log = Callable[[str], None]
+_log = logging.getLogger("pipelines.experiments")
+status: Log = _log.info  # where the experiments' status lines go unless a caller takes them
 
 
 class ReferenceSpec(BaseModel):
@@ -93,7 +97,7 @@ def reference_hash(spec: ReferenceSpec) -> str:
 
 
 def train_references(specs: dict[str, ReferenceSpec], s: ExperimentSettings, project: str,
-                     log: Log = print) -> dict[str, dict[str, Any]]:
+                     log: Log = status) -> dict[str, dict[str, Any]]:
     """Train (or reuse) each reference with ``prism train``; label -> {model_dir, run, ...}.
 
     A reference whose ``model/`` exists is reused; one whose run stopped early resumes from its
@@ -167,16 +171,19 @@ def training_summary(metrics_jsonl: Path) -> dict[str, Any]:
 
 
 def sample_uint8(model: Any, seeds: list[int], *, device: str, batch_size: int,
-                 class_labels: list[int] | None = None, **generate_kw: Any) -> torch.Tensor:
+                 class_labels: list[int] | None = None, desc: str = "sample",
+                 **generate_kw: Any) -> torch.Tensor:
     """``generate`` over ``seeds`` (and their ``class_labels``) in batches -> (N, C, H, W) uint8
-    on the CPU (bf16 autocast of the network on CUDA)."""
+    on the CPU (bf16 autocast of the network on CUDA); ``desc`` names its progress bar."""
     chunks = []
-    for i in range(0, len(seeds), batch_size):
-        labels = None if class_labels is None else class_labels[i:i + batch_size]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-            x = generate(model, seeds=seeds[i:i + batch_size], device=device,
-                         class_labels=labels, **generate_kw)
-        chunks.append(quantise(x))
+    with progress_bar(len(seeds), desc, "img", log=_log) as bar:
+        for i in range(0, len(seeds), batch_size):
+            labels = None if class_labels is None else class_labels[i:i + batch_size]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+                x = generate(model, seeds=seeds[i:i + batch_size], device=device,
+                             class_labels=labels, **generate_kw)
+            chunks.append(quantise(x))
+            bar.update(len(x))
     return torch.cat(chunks)
 
 
@@ -208,7 +215,7 @@ def feature_space(path: str | None, device: str) -> list[FeatureSpace]:
 
 
 def ensure_feature_net(train_src: str, test_src: str | None, s: ExperimentSettings,
-                       recipe: dict[str, Any], log: Log = print) -> str:
+                       recipe: dict[str, Any], log: Log = status) -> str:
     """The in-house feature network for FD-prism on ``train_src``, trained once per recipe and
     data into ``<work_dir>/references/feature-net-<hash>/`` (``prism eval feature-net``'s
     stage); returns the weights' path."""
@@ -322,7 +329,7 @@ def fd_key(row: dict[str, Any]) -> str | None:
 
 
 def log_to_mlflow(experiment: str, out_dir: Path, results: dict[str, Any],
-                  log: Log = print) -> str | None:
+                  log: Log = status) -> str | None:
     """One MLflow run in experiment ``experiment``: the settings as parameters, every numeric
     cell of the result rows as ``<tag>/<column>`` metrics, the output folder as artifacts."""
     try:

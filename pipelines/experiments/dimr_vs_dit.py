@@ -49,6 +49,7 @@ from pipelines.experiments.common import (
     real_floors,
     real_images,
     slim,
+    status,
     train_references,
 )
 
@@ -166,7 +167,7 @@ def references(s: Settings, train: str) -> dict[str, ReferenceSpec]:
         *s.reference_sets, *s.arm_sets.get(a, [])]) for a in s.arms}
 
 
-def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
+def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
     """Train (or reuse) the arms, evaluate their final models, snapshots at the common FLOP
     mark and the curves; returns the results."""
     timer = Timer()

@@ -51,6 +51,7 @@ from pipelines.experiments.common import (
     save_samples,
     saved_samples,
     slim,
+    status,
     train_references,
 )
 
@@ -160,7 +161,7 @@ def references(s: Settings, train: str, stats: str, schedule: str) -> dict[str, 
                 *common, f"data.spectral_stats={stats}", f"sampling.schedule_model={schedule}"])}
 
 
-def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
+def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
     """Train (or reuse) both references, sample, measure; returns the results dict."""
     timer = Timer()
     device = s.resolved_device()
@@ -196,7 +197,7 @@ def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
                         t0 = timer.seconds.get("sampling", 0.0)
                         images = sample_uint8(
                             model, list(range(s.seed, s.seed + n)), device=device,
-                            batch_size=s.batch_size, steps=steps, sampler=sampler,
+                            batch_size=s.batch_size, steps=steps, sampler=sampler, desc=tag,
                             schedule="spectral" if label == "spectral" else "model")
                     sample_s = timer.seconds["sampling"] - t0
                     path = save_samples(out, tag, images, sample_s)

@@ -45,6 +45,7 @@ from pipelines.experiments.common import (
     real_floors,
     real_images,
     slim,
+    status,
     train_references,
 )
 
@@ -161,7 +162,7 @@ def references(s: Settings, train: str) -> dict[str, ReferenceSpec]:
     return out
 
 
-def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
+def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
     """Train (or reuse) the arms, evaluate their final models, snapshots at the common image
     mark and the curves; returns the results."""
     timer = Timer()

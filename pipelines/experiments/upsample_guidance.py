@@ -66,6 +66,7 @@ from pipelines.experiments.common import (
     save_samples,
     saved_samples,
     slim,
+    status,
     train_references,
 )
 
@@ -187,7 +188,7 @@ def references(s: Settings, train: str) -> dict[str, ReferenceSpec]:
         *s.reference_sets])}
 
 
-def run(s: Settings, out: Path, log: Log = print) -> dict[str, Any]:
+def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
     """Train (or reuse) the native model, sample every method, measure; returns the results."""
     timer = Timer()
     device = s.resolved_device()
@@ -262,7 +263,8 @@ def _sample_all(s: Settings, model: Any, seeds: list[int], labels: list[int], ou
         if saved is None:
             t0 = _now(device)
             images = sample_uint8(model, seeds, device=device, batch_size=s.batch_size,
-                                  steps=s.steps, sampler=s.sampler, class_labels=labels, **kw)
+                                  steps=s.steps, sampler=s.sampler, class_labels=labels,
+                                  desc=tag, **kw)
             saved = images, _now(device) - t0
             save_samples(out, tag, *saved)
         samples[tag], seconds[tag] = saved

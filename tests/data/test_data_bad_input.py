@@ -84,7 +84,7 @@ def test_bad_files_in_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str
         (src / name).write_bytes(data)
     (src / "notes.txt").write_text("ignored: not an image extension")
     result = ingest(str(src), str(tmp_path / "out"), IngestConfig(size=32, shard_size=100))
-    assert f"inputs = written + errors: {len(cases)} = " in capsys.readouterr().out
+    assert result.line().startswith(f"inputs = written + errors: {len(cases)} = ")
     written, errors = _check_counts(tmp_path / "out", len(cases))
     assert result.inputs == len(cases) == result.written + result.errors
     for name, (_, reason) in cases.items():
