@@ -8,6 +8,12 @@ multi-node cluster") gives the node 127.0.0.1, and every server then binds loopb
 has no ``ray.init`` argument for it (``_node_ip_address="127.0.0.1"`` is rewritten to the
 outward address), so :func:`init_ray` sets that mode for the process and the ones it starts.
 A real cluster is secured as ``docs/guide/cluster.md`` says.
+
+Ray turns token authentication on for a new local cluster when ``RAY_AUTH_MODE`` is unset and
+warns at every start that it did. :func:`init_ray` asks for that same mode explicitly, so the
+cluster is the same and the warning goes; a mode the user set wins. Ray reads the mode into a
+process-wide config when it is imported, so the variable alone comes too late: the config is
+refreshed the way Ray refreshes it itself when it enables the mode.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 from typing import Any
 
 SINGLE_HOST_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> bool:
@@ -34,5 +41,19 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
 
         ray_constants.ENABLE_RAY_CLUSTER = False
         kwargs.setdefault("dashboard_host", "127.0.0.1")
+        _token_auth_quietly()
     ray.init(address=address, **kwargs)
     return True
+
+
+def _token_auth_quietly() -> None:
+    """Token authentication for the local cluster, as Ray's default gives it, without Ray's
+    notice; nothing when the user chose a mode or this Ray has no token authentication."""
+    if AUTH_MODE_ENV in os.environ:
+        return
+    try:
+        from ray._raylet import Config
+    except ImportError:  # a Ray without token authentication
+        return
+    os.environ[AUTH_MODE_ENV] = "token"
+    Config.initialize("")  # the cached config reads the mode again

@@ -1,5 +1,6 @@
 """A local Ray cluster that prism starts listens on loopback only (issue: Ray's defaults put
-GCS, raylet, workers and agents on every interface, and Ray runs whatever code reaches them)."""
+GCS, raylet, workers and agents on every interface, and Ray runs whatever code reaches them),
+with Ray's token authentication on and without its notice."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ tree = {p.pid: p.name() for p in psutil.Process().children(recursive=True)}
 tree[os.getpid()] = "driver"
 socks = [(c.laddr.ip, c.laddr.port, tree[c.pid]) for c in psutil.net_connections("inet")
          if c.status == psutil.CONN_LISTEN and c.pid in tree]
+from ray._raylet import AuthenticationMode, get_authentication_mode
+token = get_authentication_mode() == AuthenticationMode.TOKEN
 ray.shutdown()
-print(json.dumps(socks))
+print(json.dumps({"socks": socks, "token": token}))
 """
 
 
@@ -42,12 +45,15 @@ def test_a_local_cluster_listens_on_loopback_only(kwargs):
     pytest.importorskip("ray")
     pytest.importorskip("psutil")
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+           if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE")}
     out = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, capture_output=True,
                          text=True, timeout=240, env={**env, "KW": json.dumps(kwargs)})
     assert out.returncode == 0, out.stderr[-3000:]
-    socks = json.loads(out.stdout.strip().splitlines()[-1])
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    socks = probe["socks"]
     names = {name for _, _, name in socks}
     assert "gcs_server" in names and "raylet" in names, socks  # the probe sees the cluster
     exposed = [s for s in socks if not _loopback(s[0])]
     assert not exposed, f"Ray sockets on non-loopback addresses: {exposed}"
+    assert probe["token"], "the local cluster runs without token authentication"
+    assert "Token authentication is enabled" not in out.stderr, out.stderr[-2000:]
