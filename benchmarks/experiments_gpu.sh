@@ -13,7 +13,10 @@
 #   bash benchmarks/experiments_gpu.sh s4-eval   # S4's feature network, rows, curves
 #
 # Arguments after the stage and its seconds go to `prism experiment run` (for example
-# --set n_images=2000 to fit a smaller device budget).
+# --set n_images=2000 to fit a smaller device budget). A train stage keeps its arguments (all
+# but `arms=`) on the machine and its eval stage applies them before its own, so both resolve
+# the same references; an eval stage never trains (`train_missing=false`): a reference that
+# was not trained with the same settings stops it at once, naming the settings that differ.
 #
 # Tiny-ImageNet's 64x64 training shards (61 MB) exceed what one call carries with the wheels,
 # so they travel in two calls: carry .gpudata/tin64-a (shards 0-1 and the manifest) with
@@ -51,8 +54,24 @@ start=$SECONDS
 left() { echo $((budget - (SECONDS - start))); }
 run() {  # name setting [--set ...]
   local name=$1 setting=$2; shift 2
+  local kept=/tmp/px/$name.train-args mine=("${extra[@]}")
+  if [[ $stage == *train ]]; then  # kept for the eval stage, without the arm selection
+    local i keep=()
+    for ((i = 0; i < ${#mine[@]}; i++)); do
+      if [ "${mine[i]}" = --set ] && [[ ${mine[i+1]:-} == arms=* ]]; then ((i++)); continue; fi
+      keep+=("${mine[i]}")
+    done
+    : > "$kept"
+    [ ${#keep[@]} -gt 0 ] && printf '%s\n' "${keep[@]}" > "$kept"
+  elif [ -f "$kept" ]; then
+    mapfile -t keep < "$kept"
+    echo "the train stage's arguments, applied first: ${keep[*]}"
+    mine=("${keep[@]}" --set train_missing=false "${mine[@]}")
+  else
+    mine=(--set train_missing=false "${mine[@]}")
+  fi
   timeout "$(left)" python3 -m prism_cli experiment run "$name" --setting "$setting" \
-      --set work_dir=/tmp/px --set mlflow=false --out "/tmp/px/$name" "$@" "${extra[@]}"
+      --set work_dir=/tmp/px --set mlflow=false --out "/tmp/px/$name" "$@" "${mine[@]}"
 }
 case $stage in
   train)

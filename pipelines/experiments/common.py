@@ -71,6 +71,9 @@ class ExperimentSettings(BaseModel):
     batch_size: int = Field(500, ge=1)  # images per sampling call
     mlflow: bool = True  # log the run (and the references' training) to MLflow
     parallel_training: bool = False  # train the references at the same time
+    # False: an evaluation-only run; a reference not trained with these exact settings is an
+    # error (naming the settings that differ from the trained ones), never a new training
+    train_missing: bool = True
     metrics: MetricSettings = Field(default_factory=MetricSettings)
 
     def resolved_device(self) -> str:
@@ -101,7 +104,10 @@ def train_references(specs: dict[str, ReferenceSpec], s: ExperimentSettings, pro
     """Train (or reuse) each reference with ``prism train``; label -> {model_dir, run, ...}.
 
     A reference whose ``model/`` exists is reused; one whose run stopped early resumes from its
-    checkpoint. With ``s.parallel_training`` all missing references train at once.
+    checkpoint. With ``s.parallel_training`` all missing references train at once. With
+    ``s.train_missing`` off nothing trains: a missing reference raises at once, before any GPU
+    time is spent on a training the caller did not mean (a setting that differs from the train
+    stage's, e.g. its ``time_limit_s``, changes the reference's hash).
     """
     ref_root = Path(s.work_dir) / "references"
     ref_root.mkdir(parents=True, exist_ok=True)
@@ -115,6 +121,9 @@ def train_references(specs: dict[str, ReferenceSpec], s: ExperimentSettings, pro
         if (run_dir / "model" / "config.json").exists():
             log(f"reference {label}: reusing {run_dir / 'model'}")
             continue
+        if not s.train_missing:
+            todo.append((label, [], run_dir))
+            continue
         cmd = [sys.executable, "-m", "prism_cli", "train", str(config_path(spec.config)),
                "--set", f"run.output_dir={ref_root}", "--set", f"run.name={name}",
                "--set", f"run.project={project}", "--set", "checkpoint.resume=true",
@@ -122,12 +131,39 @@ def train_references(specs: dict[str, ReferenceSpec], s: ExperimentSettings, pro
         if not s.mlflow:
             cmd += ["--set", "tracking.enabled=false"]
         todo.append((label, cmd, run_dir))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / SPEC_FILE).write_text(json.dumps(
+            {"label": label, "config": spec.config, "sets": spec.sets}, indent=1))
+    if todo and not s.train_missing:
+        raise FileNotFoundError("train_missing is off and these references are not trained:\n"
+                                + "\n".join(_missing(label, specs[label], run_dir)
+                                            for label, _, run_dir in todo))
     if todo:
         _run_trainings(todo, s.parallel_training, log)
     for info in out.values():
         metrics = Path(info["run_dir"]) / "metrics.jsonl"
         info["training"] = training_summary(metrics) if metrics.exists() else {}
     return out
+
+
+SPEC_FILE = "reference.json"  # in a reference's run directory: its label, config and sets
+
+
+def _missing(label: str, spec: ReferenceSpec, run_dir: Path) -> str:
+    """One missing reference, with how each trained one of its label differs in its sets."""
+    lines = [f"- {label}: {run_dir} ("
+             + ("stopped before its model was exported)" if run_dir.exists() else "absent)")]
+    for other in sorted(run_dir.parent.glob(f"{label}-*/{SPEC_FILE}")):
+        theirs = json.loads(other.read_text())
+        if theirs.get("label") != label or other.parent == run_dir:
+            continue
+        trained = (other.parent / "model" / "config.json").exists()
+        only_here = [kv for kv in spec.sets if kv not in theirs["sets"]]
+        only_there = [kv for kv in theirs["sets"] if kv not in spec.sets]
+        lines.append(f"  {other.parent.name} ({'trained' if trained else 'not finished'}, "
+                     f"config {theirs['config']}): here {only_here or '-'}, "
+                     f"there {only_there or '-'}")
+    return "\n".join(lines)
 
 
 def _run_trainings(todo: list[tuple[str, list[str], Path]], parallel: bool, log: Log) -> None:

@@ -15,11 +15,16 @@ import torch
 from pipelines import experiments
 from pipelines.experiments import ExperimentError
 from pipelines.experiments.common import (
+    SPEC_FILE,
+    ExperimentSettings,
+    ReferenceSpec,
     feature_space,
     measure,
     paired_difference,
     real_images,
+    reference_hash,
     saved_samples,
+    train_references,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +41,31 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_runner_refuses_bad_requests(name, setting, overrides, says):
     with pytest.raises(ExperimentError, match=says):
         experiments.resolve(name, setting, overrides)
+
+
+def test_evaluation_only_run_refuses_to_train_and_names_what_differs(tmp_path):
+    """With train_missing off a reference trained under other settings is not retrained (that
+    would spend the evaluation's budget on training); the error names the differing set."""
+    s = ExperimentSettings(work_dir=str(tmp_path), train_missing=False, mlflow=False)
+    trained = {"a": ReferenceSpec(config="debug", sets=["train.time_limit_s=420.0"])}
+    wanted = {"a": ReferenceSpec(config="debug", sets=["train.time_limit_s=480.0"])}
+    # what the train stage left: a finished reference with its spec
+    with pytest.raises(FileNotFoundError):
+        train_references(trained, s, "t")
+    done = next((tmp_path / "references").glob("a-*"), None)
+    assert done is None, "an evaluation-only run created a reference"
+    done = tmp_path / "references" / f"a-{reference_hash(trained['a'])}"
+    (done / "model").mkdir(parents=True)
+    (done / "model" / "config.json").write_text("{}")
+    (done / SPEC_FILE).write_text(json.dumps({"label": "a", "config": "debug",
+                                              "sets": trained["a"].sets}))
+    assert train_references(trained, s, "t")["a"]["model_dir"] == str(done / "model")
+    with pytest.raises(FileNotFoundError) as err:
+        train_references(wanted, s, "t")
+    msg = str(err.value)
+    assert done.name in msg and "train.time_limit_s=480.0" in msg, msg
+    assert "train.time_limit_s=420.0" in msg, msg
+    assert len(list((tmp_path / "references").iterdir())) == 1  # nothing new was started
 
 
 def test_cli_refuses_unknown_experiment_with_exit_2():
