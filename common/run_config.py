@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from common.network_settings import NETWORK_SETTINGS, FamilySettings, NetworkSettings
+from common.objective_settings import check_fixed, typed_options
 from common.schedule_settings import SCHEDULE_PARAMS, ScheduleParams
 
 
@@ -132,7 +133,9 @@ class ObjectiveConfig(_Section):
     """The loss. ``name: diffusion`` is ``components.objectives.DiffusionObjective``;
     ``ssd`` and ``dimr_multiscale`` are the family objectives, built from these fields and
     ``options`` (see ``training.build.build_objective``). ``schedule_kwargs`` are validated
-    into the schedule's typed parameters (``common.schedule_settings``)."""
+    into the schedule's typed parameters (``common.schedule_settings``), ``options`` into the
+    named objective's typed options (``common.objective_settings``), which also lists the
+    fields a family objective fixes (``ssd`` predicts x0, ...)."""
 
     name: Literal["diffusion", "ssd", "dimr_multiscale"] = "diffusion"
     prediction: Literal["eps", "x0", "v"] = "eps"
@@ -147,7 +150,9 @@ class ObjectiveConfig(_Section):
     min_snr_gamma: float = Field(5.0, gt=0)
     sigmoid_bias: float = 0.0
     label_dropout: float = Field(0.0, ge=0, lt=1)
-    options: dict[str, Any] = Field(default_factory=dict)  # family objective kwargs
+    # the objective's own settings (SSD process, DiMR loss coefficients): the keys given,
+    # typed; the objective's defaults (ssd: the preset's) hold for the others
+    options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("schedule")
     @classmethod
@@ -176,6 +181,20 @@ class ObjectiveConfig(_Section):
         if "schedule" not in info.data or "schedule_kwargs" not in info.data:
             return None
         return SCHEDULE_PARAMS[info.data["schedule"]].model_validate(info.data["schedule_kwargs"])
+
+    @field_validator("options")
+    @classmethod
+    def _typed_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "name" not in info.data:  # the name's own error is reported
+            return options
+        # an option may not repeat a field the user sets (the derived ones are not set)
+        fields = [k for k, f in cls.model_fields.items() if not f.exclude and k != "options"]
+        return typed_options(info.data["name"], options, fields)
+
+    @model_validator(mode="after")
+    def _fixed_by_objective(self) -> ObjectiveConfig:
+        check_fixed(self.name, {k: getattr(self, k) for k in type(self).model_fields})
+        return self
 
 
 class OptimConfig(_Section):

@@ -7,7 +7,8 @@ The objective registry maps ``objective.name`` to its class: ``diffusion``
 The family objectives take the config's own fields where they apply (``ssd``: the Flexi-UNet
 preset's process settings, ``min_snr_gamma``, ``label_dropout``; ``dimr_multiscale``: the
 schedule, ``label_dropout``, ``per_instance``); ``options`` adds the rest (SSD settings, loss
-coefficients). A setting the family objective cannot honour fails at build, naming the field.
+coefficients), typed at config load (``common.objective_settings``), where a setting the
+family objective cannot honour fails too, naming the field.
 """
 
 from __future__ import annotations
@@ -70,50 +71,19 @@ def build_objective(cfg: Config) -> Callable:
     """The loss callable ``objective(net, batch) -> (loss, logs)`` named by the config."""
     o = cfg.objective
     cls: Any = OBJECTIVES[o.name]
-    check_family_objective(cfg)
     if o.name == "ssd":
         return cls.from_settings(cfg.data.resolution, ssd_settings_of(cfg),
                                  min_snr_gamma=o.min_snr_gamma, label_dropout=o.label_dropout)
     if o.name == "dimr_multiscale":
         return cls(schedule=None if o.per_instance else schedule_of(cfg),
                    label_dropout=o.label_dropout, n_cond=n_cond_of(cfg),
-                   per_instance=o.per_instance, **dict(o.options))
+                   per_instance=o.per_instance, **o.options)
     return cls(
         schedule=None if o.per_instance else schedule_of(cfg),
         prediction=o.prediction, weighting=o.weighting, min_snr_gamma=o.min_snr_gamma,
         sigmoid_bias=o.sigmoid_bias, n_cond=n_cond_of(cfg), label_dropout=o.label_dropout,
-        per_instance=o.per_instance, **dict(o.options),
+        per_instance=o.per_instance, **o.options,
     )
-
-
-# config fields a family objective takes itself: not allowed again in ``objective.options``
-_FROM_CONFIG = {"ssd": ("min_snr_gamma", "label_dropout"),
-                "dimr_multiscale": ("schedule", "schedule_kwargs", "label_dropout", "n_cond",
-                                    "per_instance")}
-
-
-# settings a family objective fixes (SCIENCE.md sections 5 and 6): field -> (value, reason)
-_FAMILY_FIXED = {
-    "ssd": {"prediction": ("x0", "the SSD objective predicts x0 at r(t-1)"),
-            "weighting": ("min_snr", "the SSD objective weights by min(SNR, min_snr_gamma)"),
-            "schedule": ("ddpm_linear", "the SSD process uses DDPM's linear betas")},
-    "dimr_multiscale": {"prediction": ("eps", "the DiMR multi-scale loss predicts eps"),
-                        "weighting": ("uniform", "the DiMR multi-scale loss is unweighted")},
-}
-
-
-def check_family_objective(cfg: Config) -> None:
-    """Refuse settings that ``ssd`` / ``dimr_multiscale`` would silently ignore."""
-    o = cfg.objective
-    bad: list[str] = [f"objective.options.{k}: set objective.{k} instead"
-                      for k in _FROM_CONFIG.get(o.name, ()) if k in o.options]
-    for field, (want, why) in _FAMILY_FIXED.get(o.name, {}).items():
-        if getattr(o, field) != want:
-            bad.append(f"objective.{field}: {why}; set {want}, got {getattr(o, field)!r}")
-    if o.name == "ssd" and o.per_instance:
-        bad.append("objective.per_instance: not supported by the SSD objective")
-    if bad:
-        raise ValueError(f"objective.name {o.name!r}: " + "; ".join(bad))
 
 
 def ssd_settings_of(cfg: Config) -> dict[str, Any]:

@@ -1,12 +1,14 @@
-"""Typed configs all the way down: the network settings and schedule parameters in ``common``
-match the constructors in ``components`` field for field, and a bad value fails at load
-naming the field."""
+"""Typed configs all the way down: the network settings, schedule parameters and objective
+options in ``common`` match the constructors in ``components`` field for field, and a bad
+value fails at load naming the field."""
 
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,15 @@ from common.network_settings import (  # noqa: E402
     DiMRSettings,
     NetworkSettings,
 )
-from common.run_config import ConfigError, config_from_dict, load_config  # noqa: E402
+from common.objective_settings import OBJECTIVE_OPTIONS  # noqa: E402
+from common.run_config import (  # noqa: E402
+    ConfigError,
+    ObjectiveConfig,
+    config_from_dict,
+    load_config,
+)
 from common.schedule_settings import SCHEDULE_PARAMS, ScheduleParams  # noqa: E402
+from components.multiscale import MultiScaleObjective  # noqa: E402
 from components.networks.dimr import BranchConfig  # noqa: E402
 from components.networks.registry import (  # noqa: E402
     FAMILIES,
@@ -32,8 +41,24 @@ from components.networks.registry import (  # noqa: E402
     list_presets,
     preset_kwargs,
 )
+from components.objectives import DiffusionObjective  # noqa: E402
 from components.schedules import SCHEDULES, build_schedule  # noqa: E402
-from training.build import build_model, schedule_of  # noqa: E402
+from components.ssd import SSD_EXTRA_KEYS, SSDProcess  # noqa: E402
+from training.build import (  # noqa: E402
+    OBJECTIVES,
+    build_model,
+    build_objective,
+    schedule_of,
+    ssd_settings_of,
+)
+
+CONFIGS = ROOT / "training" / "configs"
+# the section's own fields: what an objective takes from the config outside ``options``
+SECTION_FIELDS = {k for k, f in ObjectiveConfig.model_fields.items()
+                  if not f.exclude and k != "options"}
+# objective name -> the parameters its options come from (ssd: the process settings)
+OBJECTIVE_PARAMETERS = {"diffusion": DiffusionObjective, "dimr_multiscale": MultiScaleObjective,
+                        "ssd": SSDProcess}
 
 
 def assert_mirrors(model: type[BaseModel], params: dict[str, inspect.Parameter],
@@ -72,6 +97,102 @@ def test_registries_name_the_same_families_and_schedules():
 def test_schedule_params_mirror_the_schedule_factory(name):
     params = dict(inspect.signature(SCHEDULES[name]).parameters)
     assert_mirrors(SCHEDULE_PARAMS[name], params, "name")
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVE_OPTIONS))
+def test_objective_options_mirror_the_objective(name):
+    """Every parameter is an option, a field of the section, or set elsewhere (named)."""
+    model = OBJECTIVE_OPTIONS[name]
+    params = dict(inspect.signature(OBJECTIVE_PARAMETERS[name]).parameters)
+    assert set(model.elsewhere) <= set(params), "elsewhere names a parameter that is not one"
+    assert set(model.fixed) <= SECTION_FIELDS
+    options = {k: p for k, p in params.items() if k not in SECTION_FIELDS | set(model.elsewhere)}
+    assert_mirrors(model, options, None)
+
+
+def test_ssd_options_are_the_saved_process_settings():
+    params = set(inspect.signature(SSDProcess).parameters) - {"base_resolution"}
+    assert params == set(SSD_EXTRA_KEYS)
+
+
+def test_objective_registries_name_the_same_objectives():
+    names = set(typing.get_args(ObjectiveConfig.model_fields["name"].annotation))
+    assert set(OBJECTIVE_OPTIONS) == set(OBJECTIVES) == names
+
+
+@pytest.mark.parametrize("config, sets, message", [
+    ("ssd-32-3l.yaml", ["objective.options.levls=3"],
+     "objective.options.levls: not an option of the ssd objective; accepted: levels, "
+     "resolution_schedule, gamma"),
+    ("ssd-32-3l.yaml", ["objective.options.levels=many"],
+     "objective.options.levels: Input should be a valid integer"),
+    ("ssd-32-3l.yaml", ["objective.options.resolution_schedule=linear"],
+     "objective.options.resolution_schedule: Input should be 'convex' or 'equal'"),
+    ("ssd-32-3l.yaml", ["objective.options.gamma=0"],
+     "objective.options.gamma: Input should be greater than 0"),
+    ("ssd-32-3l.yaml", ["objective.options.T=500"],
+     "objective.options.T: set objective.schedule_kwargs.T instead"),
+    ("ssd-32-3l.yaml", ["objective.options.min_snr_gamma=2"],
+     "objective.options.min_snr_gamma: set objective.min_snr_gamma instead"),
+    ("ssd-32-3l.yaml", ["objective.weighting=uniform"],
+     "objective.weighting: the SSD objective weights by min(SNR, min_snr_gamma); "
+     "set 'min_snr', got 'uniform'"),
+    ("ssd-32-3l.yaml", ["objective.per_instance=power"],
+     "objective.per_instance: the SSD objective has no per-image schedules"),
+    ("dimr-32-2r.yaml", ["objective.options.coefficients=[0.25, big]"],
+     "objective.options.coefficients.1: Input should be a valid number"),
+    ("dimr-32-2r.yaml", ["objective.options.coefficients=[-1, 1]"],
+     "objective.options.coefficients.0: Input should be greater than or equal to 0"),
+    ("dimr-32-2r.yaml", ["objective.options.coeffs=[1, 1]"],
+     "objective.options.coeffs: not an option of the dimr_multiscale objective; "
+     "accepted: coefficients"),
+    ("dimr-32-2r.yaml", ["objective.options.schedule=cosine"],
+     "objective.options.schedule: set objective.schedule instead"),
+    ("dimr-32-2r.yaml", ["objective.options.n_cond=3"],
+     "objective.options.n_cond: follows objective.per_instance"),
+    ("dimr-32-2r.yaml", ["objective.prediction=v"],
+     "objective.prediction: the DiMR multi-scale loss predicts eps"),
+    ("debug.yaml", ["objective.options.sigmoid_bais=1"],
+     "objective.options.sigmoid_bais: not an option of the diffusion objective; "
+     "accepted: none"),
+    ("debug.yaml", ["objective.options.name=other"],
+     "objective.options.name: set objective.name instead"),
+])
+def test_bad_objective_options_fail_at_load_naming_the_option(config, sets, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(CONFIGS / config, sets)
+
+
+def without_options(config: str) -> dict:
+    """A shipped config's raw sections with ``objective.options`` left out."""
+    raw = yaml.safe_load((CONFIGS / config).read_text())
+    del raw["objective"]["options"]
+    return raw
+
+
+def test_ssd_options_are_typed_and_reach_the_process():
+    cfg = load_config(CONFIGS / "ssd-32-3l.yaml", ["objective.options.levels=2",
+                                                   "objective.options.resolution_schedule=equal",
+                                                   "objective.schedule_kwargs.T=100"])
+    assert cfg.objective.options == {"levels": 2, "resolution_schedule": "equal", "gamma": 0.5}
+    process = build_objective(cfg).process
+    assert (process.levels, process.resolution_schedule, process.T) == (2, "equal", 100)
+    assert set(process.resolutions) == {32, 16}
+    # what the model saves in its extra, for its sampler
+    assert ssd_settings_of(cfg) == {"levels": 2, "resolution_schedule": "equal", "gamma": 0.5,
+                                    "T": 100}
+    # a key not given keeps the preset's setting, not the option's default
+    preset_only = config_from_dict(without_options("ssd-32-3l.yaml"))
+    assert preset_only.objective.options == {}
+    assert build_objective(preset_only).process.levels == 3
+
+
+def test_multiscale_coefficients_are_typed_and_reach_the_loss():
+    cfg = load_config(CONFIGS / "dimr-32-2r.yaml", ["objective.options.coefficients=[0.5, 1]"])
+    assert cfg.objective.options == {"coefficients": (0.5, 1.0)}
+    assert build_objective(cfg).coefficients == [0.5, 1.0]
+    default = config_from_dict(without_options("dimr-32-2r.yaml"))
+    assert build_objective(default).coefficients is None  # default_coefficients per branch
 
 
 @pytest.mark.parametrize("preset", sorted(list_presets()))
@@ -161,8 +282,12 @@ def test_dumped_config_keeps_its_shape_and_reloads(tmp_path):
 
 
 def test_shipped_configs_and_params_sections_load():
-    for path in sorted((ROOT / "training" / "configs").glob("*.yaml")):
-        load_config(path)
+    """Every shipped config loads, and its dump (MLflow params, the model's config.json)
+    keeps the objective options as written."""
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cfg = load_config(path)
+        written = (yaml.safe_load(path.read_text()).get("objective") or {}).get("options", {})
+        assert cfg.public_dump()["objective"]["options"] == json.loads(json.dumps(written))
     params = ROOT / "params.yaml"
     for name in yaml.safe_load(params.read_text())["models"]:
         cfg = load_config(params, section=f"models.{name}")
