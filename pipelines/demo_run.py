@@ -52,12 +52,31 @@ def demo_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], env: dict[str, str]) -> None:
-    """Run a step with its output streamed; stop the demo with a clear message on failure."""
-    print("$ " + " ".join(cmd), flush=True)
+def run(cmd: list[str], env: dict[str, str], shown: str | None = None) -> None:
+    """Run a step with its output streamed; stop the demo with a clear message on failure.
+    ``shown``: the command as the user would type it, when ``cmd`` is a stand-in for it."""
+    shown = shown or " ".join(cmd)
+    print(f"$ {shown}", flush=True)
     rc = subprocess.call(cmd, env=env, cwd=ROOT)
     if rc != 0:
-        raise SystemExit(f"demo: `{' '.join(cmd)}` failed with exit code {rc}")
+        raise SystemExit(f"demo: `{shown}` failed with exit code {rc}")
+
+
+# DVC's command line, with the hints it closes a run with left out: "To track the changes with
+# git, run: git add dvc.lock ..." and "To enable auto staging, run: dvc config core.autostage
+# true". Both are INFO records of the logger dvc.repo.scm_context, which logs nothing else above
+# DEBUG but a warning when auto staging fails; that logger alone is set to WARNING. Every other
+# line (stages run or skipped, warnings, errors) is printed as by `dvc`, and the git index is
+# not touched: which files to commit is said at the end of the demo.
+_DVC_WITHOUT_GIT_HINTS = (
+    "import logging, sys; from dvc.cli import main; "
+    "logging.getLogger('dvc.repo.scm_context').setLevel(logging.WARNING); "
+    "sys.exit(main(sys.argv[1:]))")
+
+
+def dvc_command(*args: str) -> list[str]:
+    """``dvc ARGS`` in this interpreter, without DVC's closing git hints."""
+    return [sys.executable, "-c", _DVC_WITHOUT_GIT_HINTS, *args]
 
 
 def free_port() -> int:
@@ -157,7 +176,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     say("1/4 the pipeline: dvc repro (demo corpus, ingest, spectra on a local Ray, schedule "
         "model, train, evaluate, register); unchanged stages are skipped")
-    run(["dvc", "repro"], env)
+    run(dvc_command("repro"), env, shown="dvc repro")
     model = served_model(Path("outputs/register.json"))
     port, pidfile = free_port(), (OUT / "serve.pid").resolve()
     say(f"2/4 starting the service on {model} at http://127.0.0.1:{port}")
@@ -207,6 +226,7 @@ Where to look next:
   .venv/bin/dvc plots show   # open dvc_plots/index.html (offline too): loss, RAPSD, chromatograms
   outputs/eval/<model>/model-16/samples.png                     # evaluation samples
   .venv/bin/dvc exp run -S models.demo-v.optim.lr=0.001          # a sweep point
+  docs/guide/sharing.md   # keep a run: `dvc push`, then commit dvc.lock and its small outputs
   .venv/bin/prism serve --model {summary['model']}   # serve it again (Ctrl-C stops)
 """, flush=True)
 

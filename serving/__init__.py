@@ -14,5 +14,6 @@ Modules: ``schemas`` (request/response models), ``app`` (routes only), ``model``
 request as a job: checks, caps, parts), ``loading`` (registry references, the model cache),
 ``memory`` (device memory estimates), ``merging`` (one device call of everything waiting),
 ``diagnostics`` (timing inside a replica), ``encode`` (PNG), ``direct`` (the Ingress replicas
-on one shared port), ``launch`` (start/stop from ``config.yaml``), ``cli`` (the two commands).
+on one shared port), ``launch`` (start/stop from ``config.yaml``), ``serve_logs`` (a benign
+Ray Serve warning left out of what the service prints), ``cli`` (the two commands).
 """

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from common.ray_local import init_ray
 from serving.app import AppArgs, Ingress
 from serving.direct import check_port_free
 from serving.model import Sampler
+from serving.serve_logs import drop_benign_serve_warnings
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 _STARTED_RAY = False  # whether start() started the local Ray that stop() shuts down
@@ -131,6 +133,7 @@ def start(cfg: dict[str, Any], ray_init: dict[str, Any] | None = None) -> str:
     check_port_free(http.get("host", "127.0.0.1"), int(http.get("port", 8000)))
     global _STARTED_RAY
     _STARTED_RAY = init_ray(**(ray_init or {}))
+    drop_benign_serve_warnings()
     serve.start(http_options={"host": http.get("host", "127.0.0.1"),
                               "port": int(http.get("port", 8000)),
                               **({"request_timeout_s": http["request_timeout_s"]}
@@ -179,7 +182,43 @@ def stop() -> None:
     :class:`~serving.direct.PortInUse`)."""
     global _STARTED_RAY
     if ray.is_initialized():
-        serve.shutdown()
+        shutdown_serve()
         if _STARTED_RAY:  # the local cluster this process started: its agents go with it
             ray.shutdown()
             _STARTED_RAY = False
+
+
+def shutdown_serve(timeout_s: float = 30.0) -> None:
+    """What ``serve.shutdown()`` does, without the line it makes Ray print at its end:
+    ``(raylet) Task ServeController.graceful_shutdown failed. There are infinite retries
+    remaining, so the task will be retried. Error: The actor is dead because it was killed by
+    `ray.kill`.``
+
+    Serve shuts down by calling the controller's ``graceful_shutdown`` and waiting on that call
+    until the controller, once every replica and proxy has stopped, kills itself. Serve gives the
+    controller's calls endless retries (``max_task_retries=-1``), so Ray's core worker reports
+    the call the controller died under as failed and to be retried, then finds the actor gone
+    for good and raises ``RayActorError``, the end Serve waits for. The same call without
+    retries ends in that error at once, and nothing is printed. Where Serve's client differs
+    from Ray 2.60's, ``serve.shutdown()`` runs as it is."""
+    from ray.serve import context
+
+    try:
+        client, had_client = context._check_cached_client_alive()
+        graceful = client._controller.graceful_shutdown if client is not None else None
+    except AttributeError:  # another Serve
+        serve.shutdown()
+        return
+    if graceful is None:
+        if not had_client:  # a controller this process holds no client of: Serve finds it
+            serve.shutdown()
+        return  # else the cluster no longer answers: nothing to shut down
+    client.shutdown_cached_handles()
+    try:
+        ray.get(graceful.options(max_task_retries=0).remote(), timeout=timeout_s)
+    except ray.exceptions.RayActorError:
+        pass  # the controller has stopped Serve and exited
+    except ray.exceptions.GetTimeoutError:
+        logging.getLogger("ray.serve").warning(
+            "the Serve controller did not shut down within %.0f s; see its log", timeout_s)
+    context._disconnect()

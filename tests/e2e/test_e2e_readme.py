@@ -70,8 +70,10 @@ def test_progress_and_next_steps_are_printed(clone):
     steps = re.findall(r"==> \[\d\d:\d\d\] (\d)/4", clone.output)
     assert steps == ["1", "2", "3", "4"], clone.output[-3000:]
     for hint in ("mlflow ui --backend-store-uri sqlite:///mlflow.db", "dvc metrics show",
-                 "outputs/demo/grid.png", "outputs/demo/images"):
+                 "outputs/demo/grid.png", "outputs/demo/images", "docs/guide/sharing.md"):
         assert hint in clone.output, hint
+    for noise in ("To track the changes with git", "core.autostage"):  # DVC's git hints
+        assert noise not in clone.output, noise
     assert (clone.path / "mlflow.db").is_file()
 
 
@@ -79,6 +81,11 @@ def test_the_service_is_stopped_and_nothing_is_left_running(clone):
     out = clone.path / "outputs" / "demo"
     assert not (out / "serve.pid").exists()
     assert "stopped" in clone.output
+    log = (out / "serve.log").read_text(errors="replace")  # the service's output
+    assert "stopping" in log, log[-3000:]
+    for noise in ("ServeController.graceful_shutdown failed",
+                  "Cannot deregister autoscaling state"):  # Ray's, benign
+        assert noise not in log, log[-3000:]
     leftover = []  # every process the demo started inherits PYTHONPATH=<clone>
     marker = f"PYTHONPATH={clone.path}".encode()
     for d in os.listdir("/proc"):

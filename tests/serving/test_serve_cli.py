@@ -68,10 +68,17 @@ def test_sample_bad_input_is_a_clear_error(tmp_path, args, word):
 CLI = [sys.executable, "-m", "prism_cli"]
 
 
+# Ray's lines at a service's start and stop that say nothing is wrong (serving/launch.py,
+# serving/serve_logs.py)
+BENIGN_NOISE = ("ServeController.graceful_shutdown failed",
+                "Cannot deregister autoscaling state")
+
+
 @contextlib.contextmanager
 def _detached(tmp_path: Path, *flags: str):
     """``prism serve --detach`` on a free port with the debug model; yields (url, port) and
-    checks that ``prism serve --stop`` stops it."""
+    checks that ``prism serve --stop`` stops it, and that the service's output (its log) went
+    on to the end of Serve's shutdown without Ray's benign start and stop warnings."""
     model = _model_dir(tmp_path / "model")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,6 +96,11 @@ def _detached(tmp_path: Path, *flags: str):
         stopped = subprocess.run([*CLI, "serve", "--stop", "--pidfile", str(pidfile)], cwd=ROOT,
                                  capture_output=True, text=True, timeout=120)
     assert stopped.returncode == 0 and not pidfile.exists(), stopped.stdout + stopped.stderr
+    log = pidfile.with_suffix(".log").read_text(errors="replace")
+    assert "stopping" in log, log[-3000:]
+    if "Log to stderr disabled" not in log:  # Serve's logs reach it (not in throughput mode)
+        assert "is stopped." in log.split("stopping", 1)[1], log[-3000:]  # its stop was logged
+    assert not [n for n in BENIGN_NOISE if n in log], log[-3000:]
 
 
 @pytest.mark.slow
