@@ -27,10 +27,15 @@ def test_arms_trained_under_the_recorded_budget_and_meet_at_an_image_mark(s3):
     s = experiments.resolve("ssd-vs-ddpm", "small")
     for arm, ref in res["references"].items():
         b = ref["budget"]
-        last = json.loads((Path(ref["run_dir"]) / "metrics.jsonl").read_text()
-                          .splitlines()[-1])
+        records = [json.loads(x) for x in (Path(ref["run_dir"]) / "metrics.jsonl").read_text()
+                   .splitlines()]
+        last = records[-1]
         assert b["images_seen"] == last["images_seen"]
-        assert s.time_limit_s < b["train_seconds"] < s.time_limit_s + 5.0, arm
+        # the loop stopped at its first record past the limit (not a wall-clock bound on the
+        # last window, which a busy machine stretches)
+        assert b["train_seconds"] > s.time_limit_s, arm
+        assert all(r["train_seconds"] <= s.time_limit_s for r in records[:-1]
+                   if "train_seconds" in r), arm
         config = json.loads((Path(ref["model_dir"]) / "config.json").read_text())
         assert config["kind"] == ("ssd" if arm.startswith("ssd") else "standard"), arm
     mark = res["image_mark"]

@@ -49,12 +49,15 @@ def test_every_arm_trained_under_the_same_recorded_budget(s4):
     limit = s.time_limit_s
     per_image = {}
     for arm, ref in res["references"].items():
-        b, last = ref["budget"], _records(ref["run_dir"])[-1]
+        records = _records(ref["run_dir"])
+        b, last = ref["budget"], records[-1]
         # the budget is what the loop recorded, and the clock ran past the limit by at most
-        # one logging window
+        # one logging window: the loop stopped at the first record over it (a wall-clock bound
+        # on the window would fail on a busy machine)
         assert b["train_seconds"] == pytest.approx(last["train_seconds"], abs=0.2)
         assert b["images_seen"] == last["images_seen"]
-        assert limit < b["train_seconds"] < limit + 5.0, arm
+        assert last["train_seconds"] > limit, arm
+        assert all(r["train_seconds"] <= limit for r in records[:-1] if "train_seconds" in r), arm
         assert b["train_flops"] == pytest.approx(b["flops_per_image"] * b["images_seen"])
         spec = references(s, "unused")[arm]
         assert b["flops_per_image"] == pytest.approx(
