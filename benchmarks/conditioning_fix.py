@@ -34,15 +34,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 LAMBDAS = (-4.0, -2.0, 0.0, 2.0)
 
 
 def child(args: argparse.Namespace) -> None:
     """Train, probe and sample with the networks of the tree on PYTHONPATH."""
-    import numpy as np
-    import torch
-
+    # deferred: prism's modules come from the tree this process runs: the variant's (on
+    # PYTHONPATH) in a child, ROOT in the parent once main() has put it on sys.path
     from common.models import load_model
     from common.run_config import load_config
     from components.diffusion import LAMBDA_SCALE, convert, q_sample
@@ -139,8 +141,6 @@ def main() -> None:
         return child(args)
     args.shards, args.real = str(Path(args.shards).resolve()), str(Path(args.real).resolve())
     sys.path.insert(0, str(ROOT))
-    import torch
-
     from pipelines.evaluation.data import load_images
     from pipelines.evaluation.metrics import MetricSettings, compute_metrics
     from pipelines.evaluation.register import compare
@@ -155,8 +155,6 @@ def main() -> None:
         results = {n: run_variant(n.split()[0], t, args, work) for n, t in variants.items()}
     if args.train_only:
         return
-    import numpy as np
-
     real = load_images(args.real, resolution=32).as_float()
     settings = MetricSettings(bootstrap=args.bootstrap if not args.smoke else 5)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -109,6 +109,7 @@ def build_models(args: argparse.Namespace) -> dict[str, tuple[nn.Module, Callabl
     dit = build_network(dit_name)
     models["dit"] = (dit, lambda m: lambda b: m(b["x"], b["c"], b["y"]), True)
     try:
+        # deferred: diffusers is optional here (the reference is skipped without it)
         from diffusers import DiTTransformer2DModel
     except ImportError:
         print("diffusers is not installed: skipping diffusers.DiTTransformer2DModel")

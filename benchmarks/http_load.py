@@ -17,6 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import requests
+
 Row = tuple[float, int, dict[str, float]]  # latency s, images in the device call, timings
 
 
@@ -33,8 +35,6 @@ def _process(url: str, steps: int, clients: list[list[int]], barrier: Any
              ) -> tuple[list[Row], float, float]:
     """This process's clients: warm-up (connection, first call), ``barrier.wait()`` with the
     other processes, then the timed requests. Returns rows, timed start, last answer."""
-    import requests
-
     sessions = [requests.Session() for _ in clients]
     local = threading.Barrier(len(clients))
     start: list[float] = []

@@ -36,13 +36,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import requests
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import http_load  # noqa: E402
+
+from common.ray_local import init_ray  # noqa: E402
+from components.artifact import save_model  # noqa: E402
 from components.generate import GenerativeModel, generate  # noqa: E402
 from components.networks.registry import build_network, preset_kwargs  # noqa: E402
+from components.samplers import lambda_grid  # noqa: E402
 from components.schedules import CosineSchedule, ddpm_linear  # noqa: E402
+from serving.direct import enable_throughput_mode  # noqa: E402
+from serving.loading import load_served_model, normalize_uri  # noqa: E402
 
 
 def debug_model(directory: Path | None = None, preset: str = "unet-debug"
@@ -69,8 +77,6 @@ def debug_model(directory: Path | None = None, preset: str = "unet-debug"
                             net_kwargs=kwargs, schedule_name=sched_name)
     if directory is None:
         return model, None
-    from components.artifact import save_model
-
     save_model(directory, model)
     return model, str(directory)
 
@@ -118,8 +124,6 @@ def ug_cost(model: GenerativeModel, batch: int, steps: int, repeats: int, device
 
     t_plain, t_ug = timed(plain, repeats, device == "cuda"), timed(ug, repeats, device == "cuda")
     # evaluations with UG active: grid points with lambda <= lambda(1 - eta) (+ final denoise)
-    from components.samplers import lambda_grid
-
     lams = lambda_grid(model.schedule, steps)
     lam_active = float(model.schedule.lambda_(torch.tensor(1.0 - eta)))
     active = int((lams <= lam_active).sum())
@@ -145,9 +149,10 @@ def local_service(model_uri: str, max_batch: int, batch_wait_s: float | None = N
     replicas of the config unless ``ingress_replicas`` is given). ``direct``: direct ingress
     (``serving/direct.py``: the Ingress replicas answer HTTP on the port themselves, no
     proxy in the path)."""
+    # deferred: Ray Serve reads the throughput settings (--direct-ingress) when ray.serve is
+    # imported, so ray and serving.launch load only after main() has set them
     import ray
 
-    from common.ray_local import init_ray
     from serving.launch import (
         apply_overrides,
         direct_ingress,
@@ -182,8 +187,6 @@ def local_service(model_uri: str, max_batch: int, batch_wait_s: float | None = N
 
 
 def _stats(url: str, after: int = 0) -> dict[str, Any]:
-    import requests
-
     return requests.get(f"{url}/v1/stats", params={"after": after}, timeout=30).json()
 
 
@@ -220,9 +223,7 @@ def load(url: str, concurrency: int, n_requests: int, steps: int,
     """Closed loop: ``concurrency`` clients, ``n_requests`` one-image requests in all, spread
     over ``processes`` client processes (``benchmarks/http_load.py``); each client keeps its
     connection open (HTTP keep-alive, as any real client would)."""
-    from http_load import run
-
-    res, wall = run(url, concurrency, max(1, n_requests // concurrency), steps, processes)
+    res, wall = http_load.run(url, concurrency, max(1, n_requests // concurrency), steps, processes)
     lat = sorted(x for x, _, _ in res)
     # where the time goes, seen from the replica: waiting for a device call, the call itself;
     # the rest of the latency is HTTP, proxy, ingress, the handle call and PNG encoding
@@ -293,8 +294,6 @@ def main() -> None:
                          "Ingress replicas answer HTTP on the port themselves, no proxy)")
     args = ap.parse_args()
     if args.direct_ingress and not args.url:
-        from serving.direct import enable_throughput_mode
-
         enable_throughput_mode()  # before Ray starts and ray.serve is imported
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -305,15 +304,11 @@ def main() -> None:
 
     tmp = tempfile.TemporaryDirectory()
     if args.model:
-        from serving.loading import load_served_model, normalize_uri
-
         uri = normalize_uri(args.model)
         model, _ = load_served_model(uri, device, cuda_graphs=not args.eager)
     else:
         model, uri = debug_model(Path(tmp.name) / "model", args.preset)
         if torch.cuda.is_available() and not args.eager:  # as the service loads it
-            from serving.loading import load_served_model
-
             model, _ = load_served_model(uri, device, cuda_graphs=True)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" \
         else contextlib.nullcontext

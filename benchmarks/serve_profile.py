@@ -24,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import requests
 import torch
+from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -115,8 +117,6 @@ def main() -> None:
         res["offline"][f"main_1thread_b{b}"] = med(lambda b=b: gen(b))
     torch.set_num_threads(threads)
     print(json.dumps(res["offline"], indent=1), flush=True)
-    import requests
-
     spy = shutil.which("py-spy")
     with local_service(uri, 32, args.batch_wait) as url:
         pids = {k: pid_of(w) for k, w in (("sampler", "ServeReplica:prism:Sampler"),
@@ -130,8 +130,6 @@ def main() -> None:
             r.raise_for_status()
             return dict(r.json()["timings"], client_s=time.perf_counter() - t,
                         batch=r.json()["batch_images"])
-
-        from ray import serve
 
         handle = serve.get_deployment_handle("Sampler", app_name="prism")
         if args.replica_only:

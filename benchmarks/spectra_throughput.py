@@ -21,6 +21,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # before NumPy/torch load their thread pools
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import tempfile  # noqa: E402
@@ -31,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from common.ray_local import init_ray  # noqa: E402
 from common.shards import decode_rgb, iter_records, list_shards  # noqa: E402
 from pipelines.config import IngestConfig, SpectraJobConfig  # noqa: E402
 from pipelines.data.ingest import ingest  # noqa: E402
@@ -106,6 +108,7 @@ def cpu_ceiling(repeats: int, tasks: int = 8, n: int = 3_000_000) -> float:
     """The speed-up that 2 Ray workers get over 1 on a fixed CPU-bound task set on this
     machine right now: about 2 on an idle 2-core machine, less when other processes load it.
     The job's own speed-up is to be read against this ceiling."""
+    # deferred: ray is optional here (--no-ray, or not installed: the Ray runs are skipped)
     import ray
 
     spin = ray.remote(num_cpus=1)(_spin)
@@ -124,7 +127,7 @@ def cpu_ceiling(repeats: int, tasks: int = 8, n: int = 3_000_000) -> float:
 
 def _warm(sleep_s: float) -> int:
     """Ray task: import the job's modules in this worker (and hold it so both start)."""
-    import pipelines.data.spectra_job  # noqa: F401
+    importlib.import_module("pipelines.data.spectra_job")
 
     time.sleep(sleep_s)
     return os.getpid()
@@ -141,8 +144,6 @@ def main() -> None:
     if ray_runs:
         try:
             import ray
-
-            from common.ray_local import init_ray
 
             init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)

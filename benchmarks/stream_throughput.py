@@ -40,6 +40,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import common.shards  # noqa: E402
+import training.streams  # noqa: E402
+from common.shards import ShardWriter, shard_name  # noqa: E402
+
 
 def _module_at(rev: str, path: str, name: str) -> ModuleType:
     source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True,
@@ -56,8 +60,6 @@ def _module_at(rev: str, path: str, name: str) -> ModuleType:
 def streams_at(rev: str) -> ModuleType:
     """``training/streams.py`` as it was at git revision ``rev``, with the shard reader
     (``common/shards.py``) of that revision, imported under other names."""
-    import common.shards
-
     shards = _module_at(rev, "common/shards.py", "shards_at_rev")
     sys.modules["common.shards"] = shards  # what the old streams module binds on import
     try:
@@ -68,8 +70,6 @@ def streams_at(rev: str) -> ModuleType:
 
 def smoke_shards(root: Path, shards: int = 4, per_shard: int = 1500) -> str:
     """Made-up gzip shards of 32x32 JPEGs, as ingest writes them."""
-    from common.shards import ShardWriter, shard_name
-
     rng = np.random.default_rng(0)
     for s in range(shards):
         w = ShardWriter(root / shard_name("smoke", s, gzip=True), gzip=True)
@@ -118,10 +118,8 @@ def main() -> None:
     elif not args.url:
         ap.error("a shard directory is needed (or --smoke)")
     torch.set_num_threads(1)
-    import training.streams as current
-
     base_name = f"streams@{args.against}"
-    arms = {base_name: streams_at(args.against), "this tree": current}
+    arms = {base_name: streams_at(args.against), "this tree": training.streams}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
     for r in range(args.repeats):  # alternate (ABBA), so that load from other jobs and
         order = list(arms.items())      # warm caches favour neither arm

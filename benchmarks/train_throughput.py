@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.networks.registry import build_network  # noqa: E402
@@ -47,6 +48,7 @@ def diffusers_unet(resolution: int, down: tuple[str, ...], smoke: bool,
     """diffusers' UNet2DModel with the same widths, depth and attention level, or None.
     ``head_dim`` None gives one head per attention block; 8 is diffusers' default."""
     try:
+        # deferred: diffusers is optional here (the reference is skipped without it)
         from diffusers import UNet2DModel
     except ImportError:
         print("diffusers is not installed: skipping the reference (pip install diffusers)")
@@ -98,8 +100,6 @@ def step_fn(model: nn.Module, ours: bool, opt: torch.optim.Optimizer, device: to
 
 def count_flops(forward, x0: torch.Tensor) -> float:
     """FLOPs of one forward + backward (torch.utils.flop_counter, eager)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as fc:
         forward(x0).backward()
     return float(fc.get_total_flops())

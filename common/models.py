@@ -18,7 +18,7 @@ from components.generate import GenerativeModel
 def _download(uri: str, dst: Path) -> Path:
     """``runs:/ID/path``, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or any MLflow
     artifact URI -> a local directory (MLflow's client, honouring MLFLOW_TRACKING_URI)."""
-    # mlflow: deferred, a heavy import that only MLflow URIs need
+    # deferred: mlflow (~1 s to import; also through common.pyfunc) only for MLflow URIs
     import mlflow
 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
@@ -52,7 +52,7 @@ def _load_downloaded(local: Path, device: str | torch.device) -> GenerativeModel
     ``mlflow.pyfunc.load_model`` loads it, but with this installation's code: the model's own
     code file is not executed, so a registry entry cannot run code in a service. Loose model
     files (runs logged before the MLflow Model layout) load directly."""
-    from common.pyfunc import load_pyfunc, prism_dir  # mlflow's pyfunc: MLflow URIs only
+    from common.pyfunc import load_pyfunc, prism_dir
 
     inner = prism_dir(local)
     return load_dir(local, device) if inner is None else load_pyfunc(inner, device).model

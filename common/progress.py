@@ -19,6 +19,8 @@ import sys
 import time
 from typing import IO, Any
 
+from tqdm import tqdm
+
 PACKAGES = ("prism_cli", "common", "components", "pipelines", "training", "serving",
             "benchmarks")  # the loggers that --quiet / --verbose set
 NOISY = ("mlflow", "ray", "urllib3", "botocore", "boto3", "s3transfer", "filelock",
@@ -56,9 +58,8 @@ class ConsoleHandler(logging.Handler):
         try:
             text = self.format(record)
             stream = sys.stderr
-            tqdm_module = sys.modules.get("tqdm")  # no bar can exist before tqdm is imported
-            if tqdm_module is not None and len(getattr(tqdm_module.tqdm, "_instances", ())):
-                tqdm_module.tqdm.write(text, file=stream)
+            if len(getattr(tqdm, "_instances", ())):  # a bar is drawn
+                tqdm.write(text, file=stream)
             else:
                 stream.write(text + "\n")
                 stream.flush()
@@ -179,9 +180,6 @@ def progress_bar(total: float | None, desc: str, unit: str = "img", *, initial: 
     shown = enabled and log.isEnabledFor(logging.INFO)
     bar = None
     if shown and (terminal if terminal is not None else _is_terminal(file)):
-        # tqdm: deferred, imported only where a bar is drawn
-        from tqdm import tqdm
-
         bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=file,
                    dynamic_ncols=True, unit_scale=bool(total and total >= 100_000),
                    smoothing=0.1)

@@ -29,7 +29,8 @@ def init_ray(address: str | None = None, **kwargs: Any) -> bool:
     """Connect to ``address`` (else ``$RAY_ADDRESS``), or start a local cluster whose every
     server, the dashboard included, listens on 127.0.0.1 only. Nothing happens when Ray is
     already initialised in this process. Returns whether this call started or joined Ray."""
-    # ray: deferred, a heavy import that only Ray jobs need
+    # deferred: ray (~0.3 s to import) only for Ray jobs; training.launch imports this module
+    # for local runs too
     import ray
 
     if ray.is_initialized():

@@ -84,8 +84,8 @@ class DataConfig(_Section):
 
 def _network_of(preset: str, overrides: dict[str, Any]) -> FamilySettings:
     """The typed settings of ``preset``'s family: the preset's values, then ``overrides``."""
-    # the preset tables live beside the networks, which import torch: deferred to validation,
-    # so that importing this module (the CLI, --help) stays light
+    # deferred: the preset tables live beside the networks, which import torch (~1 s): only
+    # validation needs them, and the CLI imports this module for --help
     from components.networks.registry import preset_kwargs
 
     family, kwargs = preset_kwargs(preset)

@@ -50,7 +50,8 @@ def join(base: str, *parts: str) -> str:
 
 @lru_cache(maxsize=4)
 def _client(endpoint: str | None, profile: str | None, key_hash: int) -> Any:
-    # boto3: deferred, a heavy import that only s3:// URLs need
+    # deferred: boto3 (~0.1 s to import) only for s3:// URLs, and the CLI imports this module
+    # for --help
     import boto3
     from botocore.config import Config
 

@@ -302,6 +302,7 @@ class DiffusersUNetDenoiser:
     def from_pretrained(cls, path: str, schedule: DiscreteSchedule, prediction: str = "eps",
                         **kw) -> DiffusersUNetDenoiser:
         try:
+            # deferred: diffusers, an optional extra (~1.4 s to import), is for this loader only
             from diffusers import UNet2DModel
         except ImportError as e:  # pragma: no cover - depends on the optional extra
             raise ImportError("DiffusersUNetDenoiser needs the optional 'diffusers' package") from e

@@ -280,6 +280,8 @@ def uint8_statistics(images: np.ndarray, params: SpectraParams | None = None) ->
 @lru_cache(maxsize=1)
 def _load_kernel() -> ModuleType | None:
     try:
+        # deferred: the kernel needs numba, an optional dependency (~0.1 s to import, then
+        # compiling): loaded on first use, never with PRISM_SPECTRA_NUMBA=0
         from components import _spectra_kernel
     except ImportError:  # numba absent: the torch path
         return None

@@ -53,10 +53,12 @@ def serve_cmd(
     if direct_ingress and not detach:
         # before anything imports ray.serve: Ray Serve reads these settings at import
         enable_throughput_mode()
-    # torch and Ray (through serving.launch and serving.loading): deferred to the command, so
-    # --help stays fast
-    from serving.launch import base_url, load_config, wait_ready, with_ingress_replicas
+    # deferred: torch and Ray Serve (~2.5 s, through serving.launch and serving.loading) and
+    # requests (~40 ms): each command loads what it uses, so that --help stays fast; serve
+    # also has to set the throughput settings above before ray.serve is imported
+    from serving.launch import base_url, load_config, start, wait_ready, with_ingress_replicas
     from serving.launch import direct_ingress as with_direct_ingress
+    from serving.launch import stop as stop_service
 
     try:
         cfg = load_config(config, model=model, host=host, port=port)
@@ -77,9 +79,6 @@ def serve_cmd(
         _detach(config, model, host, port, pidfile, url, ready_timeout_s, direct_ingress,
                 ingress_replicas)
         return
-    from serving.launch import start
-    from serving.launch import stop as stop_service
-
     stopping = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
     try:

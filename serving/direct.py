@@ -92,7 +92,8 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def _server_class() -> type:
-    # uvicorn: deferred, a heavy import that only the direct ingress needs
+    # deferred: uvicorn (~25 ms) only for the direct ingress; the CLI imports this module for
+    # --help
     import uvicorn
 
     class _Server(uvicorn.Server):

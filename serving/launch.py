@@ -17,6 +17,7 @@ import requests
 import torch
 import yaml
 from ray import serve
+from ray.serve import context as serve_context
 from ray.serve.schema import ServeDeploySchema
 
 from common.ray_local import init_ray
@@ -201,10 +202,8 @@ def shutdown_serve(timeout_s: float = 30.0) -> None:
     for good and raises ``RayActorError``, the end Serve waits for. The same call without
     retries ends in that error at once, and nothing is printed. Where Serve's client differs
     from Ray 2.60's, ``serve.shutdown()`` runs as it is."""
-    from ray.serve import context
-
     try:
-        client, had_client = context._check_cached_client_alive()
+        client, had_client = serve_context._check_cached_client_alive()
         graceful = client._controller.graceful_shutdown if client is not None else None
     except AttributeError:  # another Serve
         serve.shutdown()
@@ -221,4 +220,4 @@ def shutdown_serve(timeout_s: float = 30.0) -> None:
     except ray.exceptions.GetTimeoutError:
         logging.getLogger("ray.serve").warning(
             "the Serve controller did not shut down within %.0f s; see its log", timeout_s)
-    context._disconnect()
+    serve_context._disconnect()

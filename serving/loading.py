@@ -53,7 +53,7 @@ def resolve_registry(uri: str) -> tuple[str, str, list[str]]:
 
     Raises ModelNotFound for an unknown model, alias or version.
     """
-    # mlflow: deferred, a heavy import that only MLflow URIs need
+    # deferred: mlflow (~1 s to import) only for registry URIs, not for local model directories
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 

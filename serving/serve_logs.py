@@ -22,6 +22,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+try:  # Ray's dispatcher of the lines forwarded to the driver: a private name of Ray 2.60
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as _dispatcher
+except ImportError:  # another Ray: its lines are printed as they are
+    _dispatcher = None
+
 # "WARNING 2026-01-01 00:00:00,000 controller 123 -- Cannot deregister ..." (Serve's log format:
 # level, time, component, its id, message), from the actor named ServeController
 _CONTROLLER = "ServeController"
@@ -53,16 +58,14 @@ def drop_benign_serve_warnings() -> bool:
     happens where Ray prints none (``log_to_driver=False``), where it is already there, or
     where this Ray has no such printer. Returns whether the filter is in place. Ray removes its
     printer, filter and all, in ``ray.shutdown()``."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:  # another Ray: its lines are printed as they are
+    if _dispatcher is None:
         return False
     try:
-        with dispatcher._lock:
-            for i, (name, printer) in enumerate(dispatcher.handlers):
+        with _dispatcher._lock:
+            for i, (name, printer) in enumerate(_dispatcher.handlers):
                 if name == _PRINTER:
                     if not getattr(printer, "prism_filtered", False):
-                        dispatcher.handlers[i] = (name, without_benign(printer))
+                        _dispatcher.handlers[i] = (name, without_benign(printer))
                     return True
     except AttributeError:  # a dispatcher of another shape
         pass

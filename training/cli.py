@@ -31,14 +31,12 @@ def train_command(
     except ConfigError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(2) from None
-    if ray:
-        # the loop (torch) and Ray: deferred to the command, so --help stays fast
-        from training.launch import run_ray
+    # deferred: the loop imports torch (~1.5 s): a run loads it, --help does not
+    from training.launch import run_local, run_ray
 
+    if ray:
         result = run_ray(cfg, workers, use_gpu=gpu, storage_path=storage,
                          max_failures=max_failures)
     else:
-        from training.launch import run_local
-
         result = run_local(cfg)
     typer.echo(json.dumps(result, indent=1, default=str))

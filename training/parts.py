@@ -107,7 +107,7 @@ def crossed(images_seen: int, batch: int, every: int) -> bool:
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    # resource: Unix only, and only the CPU path reads it
+    # deferred: resource is Unix only, and only the CPU path reads it
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

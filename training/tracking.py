@@ -22,12 +22,17 @@ hash the same registers nothing new.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import warnings
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
 from PIL import Image, ImageDraw
 
 from common.registry import (
@@ -77,9 +82,6 @@ class MLflowLogger(Callback):
         self.active = info["rank"] == 0 and cfg.tracking.enabled
         if not self.active:
             return
-        # mlflow: deferred, a heavy import that only tracked runs need
-        import mlflow
-
         quiet_mlflow()
         self.cfg = cfg
         self.record = Path(info["run_dir"]) / "mlflow.json" if info.get("run_dir") else None
@@ -108,9 +110,6 @@ class MLflowLogger(Callback):
     def _previous_run(self, experiment_id: str, cfg: Config) -> str | None:
         """The MLflow run this training run continues: the one recorded in its run folder
         (when it still exists in this tracking store), else an unfinished run of its name."""
-        import mlflow
-        from mlflow.exceptions import MlflowException
-
         if self.record is not None and self.record.exists():
             try:
                 rec = json.loads(self.record.read_text())
@@ -127,14 +126,10 @@ class MLflowLogger(Callback):
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self.active:
-            import mlflow
-
             mlflow.log_metrics(metrics, step=step)
 
     def on_images(self, step: int, name: str, image: np.ndarray) -> None:
         if self.active:
-            import mlflow
-
             cfg = self.cfg
             caption = (f"{name}, step {step}: EMA weights, seeds {cfg.sampling.seed}.., "
                        f"{cfg.sampling.sampler} {cfg.sampling.steps} steps" if cfg else name)
@@ -145,8 +140,6 @@ class MLflowLogger(Callback):
     def on_end(self, result: dict[str, Any], model_dir: Path | None) -> None:
         if not self.active:
             return
-        import mlflow
-
         try:
             if model_dir is not None:
                 self.version = register_model(model_name(self.cfg), self.cfg.tracking.alias,  # type: ignore
@@ -171,11 +164,6 @@ def log_dataset(cfg: Config) -> None:
     """The training data as the run's dataset input (the runs table's Dataset column): name
     and digest from ``data.version`` (else the location), source the shards' folder or S3
     prefix. In-memory synthetic data has no source and is not logged."""
-    import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.exceptions import MlflowException
-
     if cfg.data.source == "synthetic" or not cfg.data.url:
         return
     url = cfg.data.url if "://" in cfg.data.url else str(Path(cfg.data.url).resolve())
@@ -192,8 +180,5 @@ def log_dataset(cfg: Config) -> None:
 
 
 def _has_psutil() -> bool:
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether psutil, which MLflow's system metrics need, is installed."""
+    return importlib.util.find_spec("psutil") is not None

@@ -32,7 +32,8 @@ def demo(dest: str = typer.Argument(..., help="output folder"),
          per_class: Optional[int] = typer.Option(None, help="images per class (default 64)"),
          seed: Optional[int] = typer.Option(None, help="crop seed (default 0)")) -> None:
     """Build the embedded demo corpus (crops of scikit-image's photographs; no download)."""
-    # the stages (torch, pyarrow, Ray): deferred to the command, so --help stays fast
+    # deferred: the stages import numpy, torch, pyarrow (~1.5 s): each command loads its own,
+    # so that --help stays fast
     from pipelines.data.demo import build_demo
 
     try:

@@ -34,7 +34,8 @@ def _ints(text: Optional[str], name: str) -> Optional[list[int]]:
 
 
 def _config(params: Optional[str], over: dict[str, Any]) -> Any:
-    # the evaluation stage (torch): deferred to the command, so --help stays fast
+    # deferred: the evaluation stages import torch (~1.5 s): each command loads its own, so
+    # that --help stays fast
     from pipelines.evaluation.evaluate import EvalConfig
 
     base: dict[str, Any] = {}

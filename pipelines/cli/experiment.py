@@ -30,7 +30,7 @@ def _overrides(pairs: list[str]) -> dict:
 @experiment_app.command("list")
 def list_command() -> None:
     """The experiments, their settings and the claim each one tests."""
-    # torch, through the experiments: deferred to the command, so --help stays fast
+    # deferred: the experiments import torch (~1.5 s): a command loads them, --help does not
     from pipelines.experiments import EXPERIMENTS
 
     for exp in EXPERIMENTS.values():

@@ -31,7 +31,7 @@ def promote_cmd(params: str = typer.Option("params.yaml", help="params.yaml with
                                                                     "folder per model"),
                 out: str = typer.Option("outputs/register.json", help="decision record")) -> None:
     """Pick the best evaluated model and set its MLflow alias (champion) if it passes."""
-    # the register stage (torch, mlflow): deferred to the command, so --help stays fast
+    # deferred: the register stage imports torch (~1.5 s): the command loads it, --help does not
     from pipelines.evaluation.register import promote
 
     try:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-if TYPE_CHECKING:  # torch and the science core load when a command runs, not for --help
+if TYPE_CHECKING:  # annotations only: the commands import these themselves
     import torch
 
     from components.schedules import Schedule
@@ -23,13 +23,17 @@ if TYPE_CHECKING:  # torch and the science core load when a command runs, not fo
 science_app = typer.Typer(help="Science-core plots: resolution chromatogram, schedule "
                                "comparison.", no_args_is_help=True)
 
-# name -> (label, factory); SiD2 shifts are relative to d_ref = 64
-def _sc():  # components.schedules, imported on first use
+
+def _sc():
+    """``components.schedules``, imported on first use."""
+    # deferred: torch, matplotlib and the science core (~1.5 s): the commands load them,
+    # --help does not
     import components.schedules as sc
 
     return sc
 
 
+# name -> (label, factory); SiD2 shifts are relative to d_ref = 64
 SCHEDULES: dict[str, tuple[str, Callable[[], Schedule]]] = {
     "cosine": ("cosine (= SiD2 shifted, d = 64)", lambda: _sc().CosineSchedule()),
     "sid2_32": ("SiD2 shifted, d = 32", lambda: _sc().CosineSchedule.shifted(32, 64)),

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import skimage.data
 from PIL import Image
 
 from pipelines.config import DemoConfig
@@ -30,9 +31,6 @@ PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
 
 
 def _photo(name: str) -> np.ndarray:
-    # scikit-image: deferred, a heavy import that only the demo corpus needs
-    import skimage.data
-
     img = skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left" \
         else getattr(skimage.data, name)()
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:

@@ -67,7 +67,7 @@ def summarise(table: pa.Table) -> dict[str, Any]:
 
 
 def _plots(summary: dict[str, Any], table: pa.Table) -> tuple[bytes, bytes]:
-    # matplotlib: deferred, only the plots need it
+    # deferred: matplotlib (~0.4 s to import) only for the plots
     import matplotlib
 
     matplotlib.use("Agg")

@@ -106,7 +106,7 @@ def mlflow_run_id(model_uri: str) -> str | None:
         return model_uri[len("runs:/"):].split("/")[0]
     if not model_uri.startswith("models:/"):
         return None
-    # mlflow: deferred, a heavy import that only registry models need
+    # deferred: mlflow (~1 s to import) only for registry models and --mlflow
     from mlflow import MlflowClient
 
     ref = model_uri[len("models:/"):].strip("/")

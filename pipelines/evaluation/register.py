@@ -182,7 +182,8 @@ def _version_sha(client: Any, mv: Any) -> str | None:
     """The sha256 of a version's weights: its ``weights_sha256`` tag (set at registration),
     else the downloaded file (an MLflow Model keeps it under ``artifacts/prism/``, loose model
     files at the top)."""
-    # mlflow: deferred, a heavy import that only the registry steps need
+    # deferred: mlflow (~1 s to import; also through common.registry) only for the registry
+    # steps, not for the decision rules that the benchmarks and tests import
     import mlflow
 
     if (mv.tags or {}).get("weights_sha256"):

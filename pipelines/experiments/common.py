@@ -369,7 +369,7 @@ def log_to_mlflow(experiment: str, out_dir: Path, results: dict[str, Any],
     """One MLflow run in experiment ``experiment``: the settings as parameters, every numeric
     cell of the result rows as ``<tag>/<column>`` metrics, the output folder as artifacts."""
     try:
-        # mlflow: optional here, and a heavy import
+        # deferred: mlflow (~1 s to import; also through common.registry) is optional here
         import mlflow
     except ImportError:
         log("mlflow is not installed: the run is not logged (prism experiment log DIR later)")
