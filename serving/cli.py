@@ -14,6 +14,7 @@ from typing import Any
 
 import typer
 
+from common.cli_help import examples
 from serving.direct import PortInUse, check_port_free, enable_throughput_mode
 
 serving_app = typer.Typer(no_args_is_help=True)
@@ -25,7 +26,10 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-@serving_app.command("serve")
+@serving_app.command("serve", epilog=examples(
+    "prism serve --model models:/prism-demo-v@champion",
+    "prism serve --model runs/debug/model --port 8011 --detach --pidfile serve.pid",
+    "prism serve --stop --pidfile serve.pid"))
 def serve_cmd(
     config: Path = typer.Option(Path("serving/config.yaml"), help="Ray Serve config file."),
     model: str = typer.Option(None, help="Model to serve: models:/NAME@ALIAS or a directory."),
@@ -156,7 +160,11 @@ def _stop(pidfile: Path, timeout_s: float = 60.0) -> None:
     typer.echo(f"stopped {pid}")
 
 
-@serving_app.command("sample")
+@serving_app.command("sample", epilog=examples(
+    "prism sample --url http://127.0.0.1:8000 --n 4 --steps 16 --out samples",
+    "prism sample --local --model runs/debug/model --n 4 --resolution 32 --out samples-2x",
+    "prism sample --local --model runs/debug/model --n 4 --class-label 0,0,1,1 "
+    "--cfg-scale 3 --out samples-cfg"))
 def sample_cmd(
     out: Path = typer.Option(..., help="Directory for the PNGs (seed_<seed>.png)."),
     url: str = typer.Option("http://127.0.0.1:8000", help="Service URL."),

@@ -25,7 +25,16 @@ def train_command(
                                      help="Ray Train: worker failures tolerated"),
 ) -> None:
     """Train a model. One process (or each process of torchrun) by default; the same loop on
-    Ray Train with --ray. The same run name resumes from its latest checkpoint."""
+    Ray Train with --ray. The same run name resumes from its latest checkpoint.
+
+    Examples:
+
+      prism train training/configs/debug.yaml --set run.output_dir=runs
+
+      prism train params.yaml --section models.demo-v
+
+      prism train training/configs/cifar10-ddpm-eps.yaml --ray --workers 4 --gpu
+    """
     try:
         cfg = load_config(config, set_, section=section)
     except ConfigError as err:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from common.cli_help import examples
 from common.storage import StorageError
 from pipelines.config import load_section
 
@@ -25,7 +26,9 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2) from None
 
 
-@data_app.command("demo")
+@data_app.command("demo", epilog=examples(
+    "prism data demo demo-images --per-class 8",
+    "prism data demo demo-images --params params.yaml --size 64"))
 def demo(dest: str = typer.Argument(..., help="output folder"),
          params: Optional[str] = PARAMS,
          size: Optional[int] = typer.Option(None, help="image side (default 32)"),
@@ -43,7 +46,10 @@ def demo(dest: str = typer.Argument(..., help="output folder"),
         _fail(exc)
 
 
-@data_app.command("ingest")
+@data_app.command("ingest", epilog=examples(
+    "prism data ingest photos shards --size 32 --shard-size 1000 --gzip",
+    "prism data ingest s3://my-bucket/raw-tars s3://my-bucket/shards --size 64",
+    "prism data ingest photos shards --params params.yaml --fresh"))
 def ingest(src: str = typer.Argument(..., help="folder, .tar[.gz], .npz, or shards (local/s3)"),
            dest: str = typer.Argument(..., help="output folder or s3://bucket/prefix"),
            params: Optional[str] = PARAMS,
@@ -79,7 +85,9 @@ def ingest(src: str = typer.Argument(..., help="folder, .tar[.gz], .npz, or shar
     typer.echo(result.line())
 
 
-@data_app.command("spectra")
+@data_app.command("spectra", epilog=examples(
+    "prism data spectra shards stats",
+    "prism data spectra s3://my-bucket/shards s3://my-bucket/stats --eps-lo 0.01 --eps-hi 10"))
 def spectra(shards: str = typer.Argument(..., help="folder or s3:// prefix of shards"),
             out: str = typer.Argument(..., help="output folder or s3:// prefix"),
             params: Optional[str] = PARAMS,
@@ -106,7 +114,8 @@ def spectra(shards: str = typer.Argument(..., help="folder or s3:// prefix of sh
     typer.echo(json.dumps(result, indent=1))
 
 
-@data_app.command("schedules")
+@data_app.command("schedules", epilog=examples(
+    "prism data schedules stats schedule.json --per-class --n-components 2"))
 def schedules(stats: str = typer.Argument(..., help="folder of spectra .parquet files"),
               out: str = typer.Argument(..., help="schedule.json path or folder"),
               params: Optional[str] = PARAMS,

@@ -15,6 +15,8 @@ import typer
 import yaml
 from pydantic import ValidationError
 
+from common.cli_help import examples
+
 eval_app = typer.Typer(help="Evaluation: metrics of a model's samples, the feature network.",
                        no_args_is_help=True)
 
@@ -51,7 +53,11 @@ def _config(params: Optional[str], over: dict[str, Any]) -> Any:
         raise ValueError(f"eval config field {field!r}: {err['msg']}") from None
 
 
-@eval_app.command("run")
+@eval_app.command("run", epilog=examples(
+    "prism eval run runs/debug/model --real shards --out eval --n 64 --steps 8,16 --no-mlflow",
+    "prism eval run models:/prism-demo-v@champion --real shards --params params.yaml",
+    "prism eval run runs/my-photos/model --real shards --schedules model,spectral "
+    "--sampler dpmpp_2m --feature-net nets/feature_net.safetensors"))
 def run(model: str = typer.Argument(..., help="model directory, runs:/ID/model or models:/N@A"),
         real: Optional[str] = typer.Option(None, help="held-out real images (shards, tar, "
                                                        "folder, npz)"),
@@ -94,7 +100,9 @@ def run(model: str = typer.Argument(..., help="model directory, runs:/ID/model o
     typer.echo(f"wrote {Path(cfg.out_dir) / 'metrics.json'} ({len(top['settings'])} settings)")
 
 
-@eval_app.command("feature-net")
+@eval_app.command("feature-net", epilog=examples(
+    "prism eval feature-net train.npz --test test.npz --out nets/debug --debug",
+    "prism eval feature-net shards --test test-shards --out nets/mine --device cuda"))
 def feature_net(train: str = typer.Argument(..., help="labelled training images"),
                 test: Optional[str] = typer.Option(None, help="labelled test images"),
                 out: str = typer.Option("outputs/feature_net", help="output folder"),
@@ -128,7 +136,9 @@ def feature_net(train: str = typer.Argument(..., help="labelled training images"
     typer.echo(json.dumps({k: side.get(k) for k in ("metric_name", "test_accuracy", "sha256")}))
 
 
-@eval_app.command("compare")
+@eval_app.command("compare", epilog=examples(
+    "prism eval compare samples.npz real.npz --out cmp",
+    "prism eval compare samples real-shards --feature-net nets/feature_net.safetensors"))
 def compare(generated: str = typer.Argument(..., help="images to judge (folder, npz, tar...)"),
             real: str = typer.Argument(..., help="reference images"),
             out: Optional[str] = typer.Option(None, help="write metrics.json here"),

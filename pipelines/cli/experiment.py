@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 
+from common.cli_help import examples
 from common.run_config import ConfigError, parse_overrides
 
 experiment_app = typer.Typer(help="Reproduce the seed papers' claims: train or reuse reference "
@@ -27,7 +28,7 @@ def _overrides(pairs: list[str]) -> dict:
         raise typer.BadParameter(str(err), param_hint="--set") from None
 
 
-@experiment_app.command("list")
+@experiment_app.command("list", epilog=examples("prism experiment list"))
 def list_command() -> None:
     """The experiments, their settings and the claim each one tests."""
     # deferred: the experiments import torch (~1.5 s): a command loads them, --help does not
@@ -37,7 +38,9 @@ def list_command() -> None:
         typer.echo(f"{exp.name}  [{', '.join(exp.presets)}]\n    {exp.claim}")
 
 
-@experiment_app.command("show")
+@experiment_app.command("show", epilog=examples(
+    "prism experiment show chromatogram",
+    "prism experiment show upsample-guidance --setting gpu --set n_images=500"))
 def show_command(name: str = typer.Argument(..., help="experiment name"),
                  setting: str = typer.Option("small", "--setting", help="small or gpu "
                                              "(prism experiment list)"),
@@ -53,7 +56,9 @@ def show_command(name: str = typer.Argument(..., help="experiment name"),
     typer.echo(json.dumps(s.model_dump(mode="json"), indent=1))
 
 
-@experiment_app.command("run")
+@experiment_app.command("run", epilog=examples(
+    "prism experiment run chromatogram --setting small --out results/chromatogram",
+    "prism experiment run dimr-vs-dit --setting gpu --set device=cuda"))
 def run_command(name: str = typer.Argument(..., help="experiment name (prism experiment list)"),
                 setting: str = typer.Option("small", "--setting",
                                             help="small (CPU, a minute) or gpu"),
@@ -74,7 +79,8 @@ def run_command(name: str = typer.Argument(..., help="experiment name (prism exp
                            "mlflow_run_id": results.get("mlflow_run_id")}, indent=1))
 
 
-@experiment_app.command("log")
+@experiment_app.command("log", epilog=examples(
+    "prism experiment log results/chromatogram"))
 def log_command(out: Path = typer.Argument(..., help="a results folder with results.json")) -> None:
     """Log a results folder to MLflow (for runs made where MLflow was not installed)."""
     from pipelines.experiments import log_results

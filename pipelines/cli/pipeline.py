@@ -11,6 +11,7 @@ import json
 
 import typer
 
+from common.cli_help import examples
 from pipelines.records import write_records
 
 pipeline_app = typer.Typer(help="DVC pipeline glue: promote the best model, metrics/plot files.",
@@ -22,7 +23,8 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2) from None
 
 
-@pipeline_app.command("promote")
+@pipeline_app.command("promote", epilog=examples(
+    "prism pipeline promote --params params.yaml --eval-dir outputs/eval"))
 def promote_cmd(params: str = typer.Option("params.yaml", help="params.yaml with models: and "
                                                                "register:"),
                 eval_dir: str = typer.Option("outputs/eval", help="evaluate outputs, one "
@@ -41,7 +43,9 @@ def promote_cmd(params: str = typer.Option("params.yaml", help="params.yaml with
     typer.echo(json.dumps({k: result[k] for k in ("best", "value", "passed", "promoted")}))
 
 
-@pipeline_app.command("records")
+@pipeline_app.command("records", epilog=examples(
+    "prism pipeline records loss outputs/train/demo-v/metrics.jsonl outputs/metrics/loss.json",
+    "prism pipeline records register outputs/register.json outputs/metrics/register.json"))
 def records_cmd(kind: str = typer.Argument(..., help="loss, rapsd, chromatogram, schedules, "
                                                      "eval, eval-steps or register"),
                 src: str = typer.Argument(..., help="the stage's JSON / JSONL"),

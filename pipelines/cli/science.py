@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from common.cli_help import examples
+
 if TYPE_CHECKING:  # annotations only: the commands import these themselves
     import torch
 
@@ -80,7 +82,9 @@ def _gaussian_measurement(schedule: Schedule, levels: int, size: int = 32):
                                  levels=levels, generator=g)
 
 
-@science_app.command("chromatogram")
+@science_app.command("chromatogram", epilog=examples(
+    "prism science chromatogram --schedule cosine --levels 3 --no-measure --out chroma.png",
+    "prism science chromatogram --schedule sd_scaled_linear --m 4 --out figures/sd.svg"))
 def chromatogram_command(
     schedule: str = typer.Option("sd_scaled_linear", help=f"one of {', '.join(SCHEDULES)}"),
     m: int = typer.Option(2, min=2, help="scale factor of the time map tau"),
@@ -155,7 +159,9 @@ def plot_schedules(names: list[str], path: str, levels: int = 4):
     return fig
 
 
-@science_app.command("schedules")
+@science_app.command("schedules", epilog=examples(
+    "prism science schedules --out schedules.png",
+    "prism science schedules --levels 2 --out figures/schedules.pdf"))
 def schedules_command(
     out: Path = typer.Option(..., help="figure path (.png/.pdf/.svg); a .json is written beside"),
     levels: int = typer.Option(4, min=1, max=4, help="levels whose signal fraction is drawn"),
