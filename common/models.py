@@ -6,6 +6,8 @@ artifact store), so that training, evaluation, serving and the experiments share
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,11 +19,17 @@ from components.generate import GenerativeModel
 
 def _download(uri: str, dst: Path) -> Path:
     """``runs:/ID/path``, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or any MLflow
-    artifact URI -> a local directory (MLflow's client, honouring MLFLOW_TRACKING_URI)."""
+    artifact URI -> a local directory (MLflow's client, honouring MLFLOW_TRACKING_URI).
+    MLflow's download progress bar is drawn only on a terminal: elsewhere (a service's log, a
+    pipeline stage's) its carriage returns are noise."""
     # deferred: mlflow (~1 s to import; also through common.pyfunc) only for MLflow URIs
     import mlflow
 
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    from common.pyfunc import no_progress_bars
+
+    bars = contextlib.nullcontext() if sys.stderr.isatty() else no_progress_bars()
+    with bars:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
 
 
 def load_model(uri_or_dir: str | Path, device: str | torch.device = "cpu") -> GenerativeModel:

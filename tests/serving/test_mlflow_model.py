@@ -147,3 +147,14 @@ def test_building_the_mlflow_model_draws_no_progress_bar(registered, tmp_path, c
     out, err = capfd.readouterr()
     assert "Downloading artifacts" not in out + err
     assert (tmp_path / "mlmodel" / "MLmodel").is_file()
+
+
+def test_loading_from_the_registry_draws_no_progress_bar_off_a_terminal(registered, capfd):
+    """A service replica loads its model with stderr in a log file: no carriage-return bar."""
+    from common.models import load_model
+
+    with mlflow_tracking(registered["uri"]):
+        model = load_model(f"models:/{NAME}@champion")
+    out, err = capfd.readouterr()
+    assert "Downloading artifacts" not in out + err
+    assert model.num_classes == 4
