@@ -4,6 +4,7 @@
     prism experiment show NAME [--setting small|gpu]
     prism experiment run NAME [--setting small|gpu] [--set key=value ...] [--out DIR]
     prism experiment log DIR          (log a results folder made without MLflow)
+    prism experiment table DIR        (its tables in markdown, for a results page)
 """
 
 from __future__ import annotations
@@ -89,3 +90,18 @@ def log_command(out: Path = typer.Argument(..., help="a results folder with resu
         typer.echo(f"error: no results.json in {out}", err=True)
         raise typer.Exit(2)
     typer.echo(f"logged: run {log_results(str(out))}")
+
+
+@experiment_app.command("table", epilog=examples(
+    "prism experiment table results/chromatogram",
+    "prism experiment table outputs/experiments/dimr-vs-dit/gpu/results.json"))
+def table_command(src: Path = typer.Argument(..., help="a results folder or its results.json")
+                  ) -> None:
+    """The results as markdown tables: rows with their floors, paired differences, verdict."""
+    from pipelines.experiments.tables import results_markdown
+
+    path = src / "results.json" if src.is_dir() else src
+    if not path.is_file():
+        typer.echo(f"error: no results.json at {src}", err=True)
+        raise typer.Exit(2)
+    typer.echo(results_markdown(json.loads(path.read_text())), nl=False)

@@ -114,9 +114,11 @@ _SMALL_SETS = ["data.resolution=32", "data.num_classes=8", "optim.warmup_images=
                "checkpoint.every_images=100000", "sampling.num_images=0", "data.num_workers=0",
                "run.compile=off"]
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU, a minute: the demo corpus (8 classes, 32x32), debug-sized networks of each family
+    # CPU, a minute: the demo corpus (8 classes, 32x32), debug-sized networks of each family;
+    # FLOP marks every arm passes twice within its 4 s even on a busy machine (DiMR's debug
+    # network: 44 images)
     "small": {
-        "time_limit_s": 4.0, "flop_marks": [2e10, 4e10], "n_images": 24, "n_curve": 16,
+        "time_limit_s": 4.0, "flop_marks": [4e9, 8e9], "n_images": 24, "n_curve": 16,
         "steps": 4, "grid_images": 8, "batch_size": 32,
         "feature_recipe": {"width": 4, "epochs": 1, "batch_size": 32, "compile": False},
         "reference_sets": _SMALL_SETS,

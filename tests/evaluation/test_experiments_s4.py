@@ -96,3 +96,34 @@ def test_rows_recompute_from_saved_samples_and_curves_follow_training(s4):
     assert res["verdict"]["verdict"] in ("reproduced", "not reproduced", "inconclusive")
     for f in res["figures"]:
         assert (out / f).stat().st_size > (20 if f.endswith(".json") else 1000), f
+
+
+def test_the_page_tables_carry_the_results_numbers(s4):
+    """`prism experiment table DIR`: every row with its own numbers, the floor beneath them,
+    each paired difference with its interval, and the verdict, read from results.json."""
+    from typer.testing import CliRunner
+
+    import prism_cli
+    from pipelines.experiments.tables import fmt
+
+    res, out = s4
+    got = CliRunner().invoke(prism_cli.app, ["experiment", "table", str(out)])
+    assert got.exit_code == 0, got.output
+    lines = got.output.splitlines()
+    fd = next(k for k in res["rows"][0] if k.startswith("FD-prism") and not k.endswith("_se"))
+    header = next(ln for ln in lines if ln.startswith("| row |")).split(" | ")
+    col = header.index(fd)
+    for row in res["rows"]:
+        line = next(ln for ln in lines if ln.startswith(f"| {row['tag']} |"))
+        assert line.split(" | ")[col] == fmt(row[fd]), (row["tag"], line)
+    floor = res["floors"][str(res["rows"][0]["n"])]
+    floor_line = next(ln for ln in lines if ln.startswith("| floor: real vs real"))
+    assert floor_line.split(" | ")[col] == fmt(floor[fd])
+    for c in res["comparisons"]:
+        d = c[fd]
+        assert any(ln.startswith(f"| {c['b']} - {c['a']} | {c['budget']} |")
+                   and f"{fmt(d['difference'])} [{fmt(d['lo'])}, {fmt(d['hi'])}]" in ln
+                   for ln in lines), c
+    assert f"Verdict: **{res['verdict']['verdict']}**" in got.output
+    missing = CliRunner().invoke(prism_cli.app, ["experiment", "table", str(out / "nothing")])
+    assert missing.exit_code == 2 and "no results.json" in missing.output

@@ -70,7 +70,8 @@ def test_stream_throughput_smoke_times_both_streams(tmp_path):
     assert "ratio this tree / streams@HEAD" in proc.stdout
 
 
-SSD_SMOKE = ["eager=4,compiled=4,compiled-cached=4", "training/configs/ssd-32-3l.yaml", "--set", "model.preset=ssd-debug",
+SSD_SMOKE = ["eager=4,compiled=4,compiled-cached=4", "training/configs/ssd-32-3l.yaml",
+             "--set", "model.preset=ssd-debug",
              "--set", "data.resolution=16", "--set", "train.batch_size=8",
              "--set", "train.log_every_images=16", "--set", "data.num_workers=0",
              "--set", "optim.warmup_images=16"]

@@ -1,0 +1,109 @@
+"""Markdown tables of an experiment's ``results.json``, as its results page shows them.
+
+``prism experiment table DIR`` prints them, so a page's numbers are copied from one command's
+output rather than typed: the rows (each model's metrics, with the training it had), the
+real-vs-real floor of every metric at the rows' sample size beneath them, the paired bootstrap
+differences with their 95% intervals, and the verdict with its rule. Metrics are lower-better
+except precision and recall; ``slope_diff`` is best at 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# summary-row columns in the order a page shows them (FD-prism carries its network's hash)
+METRICS = ("FD-prism", "kid_prism_x1e3", "precision", "recall", "swd_x1e3", "log_rapsd_l1",
+           "slope_diff")
+PROGRESS = (("images_seen", "images seen"), ("train_seconds", "training s"),
+            ("train_flops", "training FLOPs"))
+
+
+def fmt(value: Any) -> str:
+    """A cell: 4 significant digits, counts below 1e9 with separators, FLOP-sized numbers in
+    3 significant digits, '-' where absent."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if abs(value) >= 1e9:
+        return f"{value:.3g}"
+    if isinstance(value, int) or float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+def _metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    keys = [k for r in rows for k in r]
+    return [k for m in METRICS for k in dict.fromkeys(keys)
+            if k == m or (m == "FD-prism" and k.startswith("FD-prism") and not k.endswith("_se"))]
+
+
+def _label(row: dict[str, Any]) -> str:
+    return str(row.get("tag") or row.get("method") or row.get("name") or "?")
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(cells) + " |" for cells in body]]
+
+
+def rows_table(results: dict[str, Any]) -> list[str]:
+    """One line per summary row, then the floor at each of the rows' sample sizes."""
+    rows = results.get("rows") or []
+    if not rows:
+        return []
+    metrics = _metric_columns(rows)
+    progress = [(k, name) for k, name in PROGRESS if any(r.get(k) is not None for r in rows)]
+    seconds = any("sample_seconds_per_image" in r for r in rows)
+    header = ["row", "n", *[name for _, name in progress], *metrics,
+              *(["sampling s/image"] if seconds else [])]
+    body = [[_label(r), fmt(r.get("n")), *[fmt(r.get(k)) for k, _ in progress],
+             *[fmt(r.get(m)) for m in metrics],
+             *([fmt(r.get("sample_seconds_per_image"))] if seconds else [])] for r in rows]
+    floors = results.get("floors") or {}
+    for n in sorted({r.get("n") for r in rows if r.get("n") is not None}):
+        floor = floors.get(str(n))
+        if floor is None:
+            continue
+        body.append([f"floor: real vs real ({floor.get('what', '')})", fmt(floor.get("n")),
+                     *["" for _ in progress], *[fmt(floor.get(m)) for m in metrics],
+                     *([""] if seconds else [])])
+    return _table(header, body)
+
+
+def comparisons_table(results: dict[str, Any]) -> list[str]:
+    """Each paired comparison (``b - a``, or its setting where the experiment names the pair
+    by it, e.g. S1's sampler and steps): difference [95% interval] per metric."""
+    comps = results.get("comparisons") or []
+    if not comps:
+        return []
+    metrics = [k for m in METRICS for k in dict.fromkeys(k for c in comps for k in c)
+               if isinstance(next((c[k] for c in comps if k in c), None), dict)
+               and (k == m or (m == "FD-prism" and k.startswith("FD-prism")))]
+    budgets = any("budget" in c for c in comps)
+    body = []
+    for c in comps:
+        setting = ", ".join(f"{k}={v}" for k, v in c.items()
+                            if k not in ("a", "b", "budget") and not isinstance(v, dict))
+        label = f"{c['b']} - {c['a']}" if "a" in c and "b" in c else setting
+        cells = [("-" if c.get(m) is None else f"{fmt(c[m]['difference'])} "
+                  f"[{fmt(c[m]['lo'])}, {fmt(c[m]['hi'])}]") for m in metrics]
+        body.append([label, *([str(c.get("budget", ""))] if budgets else []), *cells])
+    return _table(["difference", *(["budget"] if budgets else []), *metrics], body)
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The experiment's tables and verdict as markdown (an empty section is left out)."""
+    env = results.get("environment") or {}
+    lines = [f"{results.get('experiment', '?')} ({results.get('setting', '?')}): "
+             f"{env.get('date', '?')}, {env.get('device', '?')}, commit "
+             f"{env.get('commit', '?')}{' (dirty)' if env.get('dirty') else ''}", ""]
+    for section in (rows_table(results), comparisons_table(results)):
+        if section:
+            lines += [*section, ""]
+    v = results.get("verdict") or {}
+    if v:
+        lines.append(f"Verdict: **{v.get('verdict')}**"
+                     + (f" ({v['reason']})" if v.get("reason") else "")
+                     + (f". Rule: {v['rule']}" if v.get("rule") else ""))
+    return "\n".join(lines).rstrip() + "\n"
