@@ -187,7 +187,7 @@ class Session:
         self.failed: str | None = None
 
     def rewrite(self, text: str) -> str:
-        """The guide's text as it runs here: /tmp -> this session's folder."""
+        """The guide's text as it runs here: /tmp -> the page's temporary folder."""
         text = re.sub(r"(?<![\w/])\.venv/bin/(prism|python3?)\b", r"\1", text)
         return re.sub(r"(?<![\w.])/tmp(?![\w.-])", str(self.tmp), text)
 

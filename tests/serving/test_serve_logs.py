@@ -43,7 +43,7 @@ def test_the_filter_goes_in_front_of_rays_printer_once():
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     got: list[dict] = []
-    saved, dispatcher.handlers = dispatcher.handlers, []  # whatever Ray of this session prints
+    saved, dispatcher.handlers = dispatcher.handlers, []  # Ray's own printers, kept
     try:
         assert not drop_benign_serve_warnings()  # no printer (log_to_driver=False): nothing
         dispatcher.add_handler("ray_print_logs", got.append)
