@@ -33,8 +33,8 @@ def fmt(value: Any) -> str:
 
 
 def _metric_columns(rows: list[dict[str, Any]]) -> list[str]:
-    keys = [k for r in rows for k in r]
-    return [k for m in METRICS for k in dict.fromkeys(keys)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return [k for m in METRICS for k in keys
             if k == m or (m == "FD-prism" and k.startswith("FD-prism") and not k.endswith("_se"))]
 
 
