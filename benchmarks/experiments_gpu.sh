@@ -12,6 +12,16 @@
 #   bash benchmarks/experiments_gpu.sh s4-train 590 --set 'arms=[dimr]'  # one S4 arm a call
 #   bash benchmarks/experiments_gpu.sh s4-eval   # S4's feature network, rows, curves
 #
+# Or, needing no warm machine between calls: each arm trained and sampled in one call and
+# brought back without its weights (its run records and samples, in parts of 15 MiB under
+# $OUT), the feature network in another, and the metrics computed here:
+#   bash benchmarks/experiments_gpu.sh s4-arm 590 --set 'arms=[dimr]' --set n_images=2000
+#   bash benchmarks/experiments_gpu.sh fnet-cifar10          # the CIFAR-10 feature network
+#   cat s4-dimr.tgz.* | tar xz -C W; cat fnet.tgz.* | tar xz -C W   # here, in a work folder W
+#   prism experiment run dimr-vs-dit --setting gpu --set work_dir=W --out W/dimr-vs-dit \
+#       --set train_missing=false --set feature_net=W/fnet/feature_net.safetensors \
+#       --set n_images=2000 ...  # the arm calls' other --set arguments
+#
 # Arguments after the stage and its seconds go to `prism experiment run` (for example
 # --set n_images=2000 to fit a smaller device budget). A train stage keeps its arguments (all
 # but `arms=`) on the machine and its eval stage applies them before its own, so both resolve
@@ -36,7 +46,7 @@
 # ../shared/tools/gpu-wheels --no-ray. Results come back under $OUT; log them to MLflow here
 # with `prism experiment log DIR`.
 set -uo pipefail
-stage=${1:?usage: experiments_gpu.sh train|eval|s2-train|s2-eval|s3-train|s3-eval|s4-train|s4-eval [seconds [--set k=v ...]]}
+stage=${1:?usage: experiments_gpu.sh train|eval|s2-train|s2-eval|s3-train|s3-eval|s4-train|s4-eval|s4-arm|fnet-cifar10 [seconds [--set k=v ...]]}
 budget=${2:-560}
 extra=("${@:3}")
 export PYTHONUNBUFFERED=1
@@ -55,7 +65,7 @@ left() { echo $((budget - (SECONDS - start))); }
 run() {  # name setting [--set ...]
   local name=$1 setting=$2; shift 2
   local kept=/tmp/px/$name.train-args mine=("${extra[@]}")
-  if [[ $stage == *train ]]; then  # kept for the eval stage, without the arm selection
+  if [[ $stage == *train || $stage == *arm ]]; then  # kept for an eval stage, without the arms
     local i keep=()
     for ((i = 0; i < ${#mine[@]}; i++)); do
       if [ "${mine[i]}" = --set ] && [[ ${mine[i+1]:-} == arms=* ]]; then ((i++)); continue; fi
@@ -73,7 +83,23 @@ run() {  # name setting [--set ...]
   timeout "$(left)" python3 -m prism_cli experiment run "$name" --setting "$setting" \
       --set work_dir=/tmp/px --set mlflow=false --out "/tmp/px/$name" "$@" "${mine[@]}"
 }
+bring() {  # tag: the files listed in /tmp/px/<experiment>/portable.txt -> $OUT/<tag>.tgz.NN
+  local list=$1/portable.txt
+  [ -f "$list" ] || { echo "nothing sampled to bring back ($list absent)"; return 1; }
+  tar czf - -C /tmp/px -T "$list" | split -b 15m -d - "$OUT/$2.tgz."
+  echo "brought back: $(wc -l < "$list") files in $(ls "$OUT/$2".tgz.* | wc -l) parts"
+}
 case $stage in
+  s4-arm)  # one arm a call: trained, sampled (final model, then snapshots), brought back
+    arm=$(printf '%s\n' "${extra[@]}" | sed -n 's/^arms=\[\(.*\)\]$/\1/p' | tr -d ' ,')
+    budget=$((budget - 20))  # kept for bringing back what was made, even when cut off
+    run dimr-vs-dit gpu --set stop_after_sampling=true
+    for f in /tmp/px/references/{dimr,dit,unet}-*.log; do [ -f "$f" ] && tail -n 3 "$f"; done
+    bring /tmp/px/dimr-vs-dit "s4-${arm:-arms}" ;;
+  fnet-cifar10)  # the CIFAR-10 feature network (26 MB) in parts
+    OUT=/tmp/px/fnet python3 benchmarks/train_feature_net.py --train .gpudata/cifar10-train \
+        --test .gpudata/cifar10-test || exit 1
+    tar czf - -C /tmp/px fnet | split -b 15m -d - "$OUT/fnet.tgz." ;;
   train)
     run spectral-schedules gpu --set stop_after_training=true
     for f in /tmp/px/references/*.log; do tail -n 4 "$f"; done

@@ -10,6 +10,11 @@ training time and FLOPs come from the same snapshots.
 
 What a comparison rests on is read back from what each run recorded (``metrics.jsonl``,
 ``progress.json``), never from constants: :func:`accounting`.
+
+Samples are kept per model (``<arm>@<images seen>``, the seeds from the experiment's seed on),
+so a row and a curve point of one model share them, and an arm can be trained and sampled on
+the machine that holds its weights (:func:`sample_arms`) and measured anywhere else from its
+run's records and samples: :func:`portable_files` lists what has to travel.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pipelines.evaluation.metrics import FeatureSpace, MetricSettings
 from pipelines.experiments.common import (
     Log,
     as_float,
+    environment,
     measure,
     paired_difference,
     sample_uint8,
@@ -101,8 +107,9 @@ def accounting(run_dir: str | Path) -> dict[str, Any]:
 
 def _parameters(model_dir: Path) -> int | None:
     p = model_dir / "model.safetensors"
-    if not p.exists():
-        return None
+    if not p.exists():  # a run brought back without its weights: the count kept beside them
+        kept = model_dir / PARAMETERS_FILE
+        return json.loads(kept.read_text())["parameters"] if kept.exists() else None
 
     with safe_open(str(p), "pt") as f:
         return int(sum(np.prod(f.get_slice(k).get_shape()) for k in f.keys()))
@@ -122,37 +129,99 @@ def common_mark(all_snaps: dict[str, list[dict[str, Any]]], marks: list[float],
     return ok[-1] if ok else None
 
 
+def model_key(arm: str, snap: dict[str, Any]) -> str:
+    """The name of a model's samples: its arm and the images it had seen."""
+    return f"{arm}@{snap['images_seen']}"
+
+
 def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
                   budget_name: str, evaluate: Any, n_rows: int, n_curve: int
                   ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, list], Any]:
     """Rows, metric details, curves and the common mark of every arm.
 
-    ``evaluate(arm, tag, model_dir, n) -> (row, details)`` samples and measures one model.
-    Rows: ``<arm>@time`` (final model) and ``<arm>@<budget_name>`` (the snapshot at the
-    largest mark of ``key`` that every arm reached); curves: every snapshot on ``n_curve``.
+    ``evaluate(arm, samples, model_dir, n) -> (row, details)`` samples (or reuses the samples
+    named ``samples``) and measures one model. Rows: ``<arm>@time`` (final model) and
+    ``<arm>@<budget_name>`` (the snapshot at the largest mark of ``key`` that every arm
+    reached); curves: every snapshot on the first ``n_curve`` of its samples.
     """
     snaps = {a: snapshots(r["run_dir"]) for a, r in refs.items()}
     mark = common_mark(snaps, marks, key)
-    rows, details = [], {}
-    for a, r in refs.items():
-        tag = f"{a}@time"
-        row, details[tag] = evaluate(a, tag, r["model_dir"], n_rows)
-        rows.append({"tag": tag, "arm": a, "budget": "time", **_progress(snaps[a][-1]), **row})
+    picked = [(a, "time", snaps[a][-1]) for a in refs]
     if mark is not None:
-        for a in refs:
-            snap = at_mark(snaps[a], mark, key)
-            tag = f"{a}@{budget_name}"
-            row, details[tag] = evaluate(a, tag, snap["dir"], n_rows)
-            rows.append({"tag": tag, "arm": a, "budget": budget_name, "mark": mark,
-                         **_progress(snap), **row})
+        picked += [(a, budget_name, at_mark(snaps[a], mark, key)) for a in refs]
+    rows, details = [], {}
+    for a, budget, snap in picked:
+        tag, samples = f"{a}@{budget}", model_key(a, snap)
+        row, details[tag] = evaluate(a, samples, snap["dir"], n_rows)
+        rows.append({"tag": tag, "arm": a, "budget": budget, "samples": samples,
+                     **({"mark": mark} if budget != "time" else {}), **_progress(snap), **row})
     curves: dict[str, list[dict[str, Any]]] = {}
     for a in refs:
         curves[a] = []
         for snap in snaps[a]:
-            tag = f"{a}@{snap['images_seen']}"
+            tag = model_key(a, snap)
             row, _ = evaluate(a, tag, snap["dir"], n_curve)
             curves[a].append({"tag": tag, **_progress(snap), **row})
     return rows, details, curves, mark
+
+
+def sample_arms(refs: dict[str, dict[str, Any]], n: int, sample: Any, out: Path,
+                work_dir: str | Path, log: Log) -> list[str]:
+    """Sample ``n`` images of every final model and snapshot of every arm, where the weights
+    are: ``sample(arm, samples, model_dir, n)`` saves them (reusing saved ones). Final models
+    first, then the snapshots from the latest back, so a run cut off has sampled what matters
+    most. Each arm's parameter count is kept beside its weights, and ``out/portable.txt`` lists
+    (after every model, so a run cut off still lists what it made) the files a measurement
+    elsewhere needs: :func:`portable_files`. Returns the sample names."""
+    for r in refs.values():
+        model_dir = Path(r["model_dir"])
+        (model_dir / PARAMETERS_FILE).write_text(
+            json.dumps({"parameters": _parameters(model_dir)}))
+    todo = [(a, snap) for a, r in refs.items()
+            for snap in sorted(snapshots(r["run_dir"]), key=lambda x: (not x["final"],
+                                                                       -x["images_seen"]))]
+    todo.sort(key=lambda t: not t[1]["final"])  # every arm's final model before any snapshot
+    names = []
+    _list_portable(refs, out, work_dir)
+    for a, snap in todo:
+        names.append(model_key(a, snap))
+        sample(a, names[-1], snap["dir"], n)
+        _list_portable(refs, out, work_dir)
+    log(f"sampled {len(names)} models of {len(refs)} arms, {n} images each; the files to bring "
+        f"back are listed in {out / 'portable.txt'}")
+    return names
+
+
+def _list_portable(refs: dict[str, dict[str, Any]], out: Path, work_dir: str | Path) -> None:
+    files = portable_files(refs, out, Path(work_dir))
+    (out / "portable.txt").write_text("".join(f"{f}\n" for f in files))
+
+
+PARAMETERS_FILE = "parameters.json"  # beside model.safetensors: its parameter count
+
+
+def portable_files(refs: dict[str, dict[str, Any]], out: Path, work_dir: Path) -> list[Path]:
+    """What a measurement away from the weights needs, relative to ``work_dir``: each arm's
+    run records (metrics, progress and configs: every JSON and JSONL file of its run, none of
+    its weights or checkpoints; its training log) and its saved samples under ``out`` (inside
+    ``work_dir``)."""
+    files = []
+    for a, r in refs.items():
+        run_dir = Path(r["run_dir"])
+        files += [f for f in sorted(run_dir.rglob("*")) if f.suffix in (".json", ".jsonl")
+                  and "checkpoints" not in f.relative_to(run_dir).parts]
+        files += [run_dir.with_suffix(".log")] if run_dir.with_suffix(".log").exists() else []
+        files += sorted((out / "samples").glob(f"{a}@*"))
+    check_portable(out, work_dir)
+    return [f.resolve().relative_to(work_dir.resolve()) for f in files]
+
+
+def check_portable(out: Path, work_dir: str | Path) -> None:
+    """A sampling-only run lists its files relative to the work folder, so its output folder
+    must lie inside it; checked before any training."""
+    if not Path(out).resolve().is_relative_to(Path(work_dir).resolve()):
+        raise ValueError(f"stop_after_sampling needs the output folder inside work_dir "
+                         f"({work_dir}), got {out}: its samples travel with the run records")
 
 
 def _progress(snap: dict[str, Any]) -> dict[str, Any]:
@@ -174,12 +243,13 @@ def paired(details: dict[str, Any], pairs: list[tuple[str, str, str]]) -> list[d
     return out
 
 
-def grid_figure(out: Path, tags: list[str], k: int) -> list[str]:
-    """grid.png: one row per tag of its first ``k`` saved samples (same seeds in every row)."""
+def grid_figure(out: Path, rows: list[dict[str, Any]], k: int) -> list[str]:
+    """grid.png: one strip per row of the first ``k`` of its model's saved samples (the same
+    seeds in every strip); grid_rows.json names the strips."""
     strips = [to_uint8(image_grid(as_float(torch.from_numpy(
-        np.load(out / "samples" / f"{t}.npy")[:k])), nrow=k)).numpy() for t in tags]
+        np.load(out / "samples" / f"{r['samples']}.npy")[:k])), nrow=k)).numpy() for r in rows]
     Image.fromarray(np.concatenate(strips, axis=0)).save(out / "grid.png")
-    (out / "grid_rows.json").write_text(json.dumps(tags))
+    (out / "grid_rows.json").write_text(json.dumps([r["tag"] for r in rows]))
     return ["grid.png", "grid_rows.json"]
 
 
@@ -205,29 +275,53 @@ def loss_figure(refs: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def evaluate_model(tag: str, model_dir: str, seeds: list[int], labels: list[int] | None,
-                   real: torch.Tensor, spaces: list[FeatureSpace], metrics: MetricSettings,
-                   out: Path, device: str, batch_size: int, sample_kw: dict[str, Any],
-                   log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Sample ``model_dir`` at ``seeds`` (reusing saved samples), measure against ``real``:
-    (summary row with sampling seconds per image, metric details)."""
-    saved = saved_samples(out, tag, len(seeds))
-    if saved is None:
-        model = load_model(model_dir, device)
-        _sync(device)
-        t0 = time.perf_counter()
-        images = sample_uint8(model, seeds, device=device, batch_size=batch_size,
-                              class_labels=labels, desc=tag, **sample_kw)
-        _sync(device)
-        saved = images, time.perf_counter() - t0
-        save_samples(out, tag, *saved)
-        del model
-    images, seconds = saved
+def model_samples(key: str, model_dir: str, seeds: list[int], labels: list[int] | None,
+                  out: Path, device: str, batch_size: int, sample_kw: dict[str, Any]
+                  ) -> tuple[torch.Tensor, float]:
+    """(uint8 images, sampling seconds) of ``model_dir`` at ``seeds`` (consecutive, so a
+    smaller set is a prefix of a larger one): the first ``len(seeds)`` of the samples saved as
+    ``key`` when there are that many, else sampled and saved."""
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"{key}: the seeds must run on from the first, got {seeds[:4]}...")
+    made_with = {"seed": seeds[0], "labels": labels is not None, **sample_kw}
+    saved = saved_samples(out, key, len(seeds), prefix=True, settings=made_with)
+    if saved is not None:
+        return saved
+    if not (Path(model_dir) / "model.safetensors").exists():
+        raise FileNotFoundError(
+            f"no samples {out / 'samples' / key}.npy of {len(seeds)} images, and {model_dir} "
+            "has no weights to sample them: sample the arms where they trained "
+            "(stop_after_sampling=true) and bring their samples back with the run records")
+    model = load_model(model_dir, device)
+    _sync(device)
+    t0 = time.perf_counter()
+    images = sample_uint8(model, seeds, device=device, batch_size=batch_size,
+                          class_labels=labels, desc=key, **sample_kw)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    save_samples(out, key, images, seconds, made_with)
+    return images, seconds
+
+
+def measured(key: str, images: torch.Tensor, seconds: float, real: torch.Tensor,
+             spaces: list[FeatureSpace], metrics: MetricSettings, device: str, log: Log
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metrics of one model's samples against ``real``: (summary row with the sampling
+    seconds per image, metric details)."""
     row, details = measure(images, real, spaces, metrics, device)
-    log(f"{tag}: {len(seeds)} images, {seconds:.1f} s sampling, "
+    log(f"{key}: {len(images)} images, {seconds:.1f} s sampling, "
         + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
                     if isinstance(v, float) and not k.endswith("_se")))
-    return {"n": len(seeds), **row, "sample_seconds_per_image": seconds / len(seeds)}, details
+    return {"n": len(images), **row, "sample_seconds_per_image": seconds / len(images)}, details
+
+
+def sampled_results(name: str, claim: str, s: Any, refs: dict[str, dict[str, Any]],
+                    sampled: list[str], seconds: dict[str, float]) -> dict[str, Any]:
+    """The results of a run stopped after sampling (``stop_after_sampling``): the arms and the
+    samples made (listed with the run records in ``portable.txt``: :func:`sample_arms`)."""
+    return {"experiment": name, "claim": claim, "settings": s.model_dump(mode="json"),
+            "references": refs, "sampled": sampled, "environment": environment(),
+            "seconds": seconds}
 
 
 def _sync(device: str) -> None:

@@ -312,18 +312,26 @@ def environment() -> dict[str, Any]:
             "command": " ".join(sys.argv)}
 
 
-def save_samples(out_dir: Path, tag: str, images: torch.Tensor, seconds: float = 0.0) -> str:
+def save_samples(out_dir: Path, tag: str, images: torch.Tensor, seconds: float = 0.0,
+                 settings: dict[str, Any] | None = None) -> str:
     """``samples/<tag>.npy`` (uint8 N, C, H, W) and ``samples/<tag>.json`` (the sampling
-    seconds); returns the .npy path relative to out_dir."""
+    seconds and the ``settings`` they were made with); returns the .npy path relative to
+    out_dir."""
     p = out_dir / "samples" / f"{tag}.npy"
     p.parent.mkdir(parents=True, exist_ok=True)
     np.save(p, images.numpy())
-    p.with_suffix(".json").write_text(json.dumps({"n": len(images), "seconds": seconds}))
+    meta = {"n": len(images), "seconds": seconds, **({"settings": settings} if settings else {})}
+    p.with_suffix(".json").write_text(json.dumps(meta))
     return str(p.relative_to(out_dir))
 
 
-def saved_samples(out_dir: Path, tag: str, n: int) -> tuple[torch.Tensor, float] | None:
-    """(images, sampling seconds) saved by :func:`save_samples` with ``n`` images, else None.
+def saved_samples(out_dir: Path, tag: str, n: int, prefix: bool = False,
+                  settings: dict[str, Any] | None = None) -> tuple[torch.Tensor, float] | None:
+    """(images, sampling seconds) saved by :func:`save_samples` with ``n`` images, else None;
+    with ``prefix`` the first ``n`` of a larger saved set (and its seconds pro rata), for
+    samples whose seeds run on from one start, so a smaller set is a prefix of a larger one.
+    Samples saved with other ``settings`` raise: they may have been made where the weights
+    are, so they are never silently replaced.
 
     Samples come from fixed seeds, so a re-run of an interrupted experiment into the same
     ``out_dir`` reuses them instead of sampling again."""
@@ -332,9 +340,17 @@ def saved_samples(out_dir: Path, tag: str, n: int) -> tuple[torch.Tensor, float]
     if not (p.exists() and meta.exists()):
         return None
     info = json.loads(meta.read_text())
-    if info.get("n") != n:
+    if settings is not None and info.get("settings", settings) != settings:
+        theirs = info["settings"]
+        diff = {k: (theirs.get(k), settings.get(k)) for k in {*theirs, *settings}
+                if theirs.get(k) != settings.get(k)}
+        raise ValueError(f"{p} was sampled with other settings (saved, asked): {diff}; "
+                         "remove it to sample again")
+    have = info.get("n")
+    if have != n and not (prefix and isinstance(have, int) and have > n):
         return None
-    return torch.from_numpy(np.load(p)), float(info["seconds"])
+    return (torch.from_numpy(np.load(p, mmap_mode="r")[:n].copy()),
+            float(info["seconds"]) * n / have)
 
 
 def slim(details: dict[str, Any]) -> dict[str, Any]:

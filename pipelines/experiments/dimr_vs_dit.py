@@ -31,6 +31,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import Field, field_validator
 
 from pipelines.config import DemoConfig, IngestConfig
@@ -92,6 +93,10 @@ class Settings(ExperimentSettings):
     n_curve: int = Field(1000, ge=2)  # per snapshot on the curves
     grid_images: int = Field(16, ge=1)
     stop_after_training: bool = False  # train (or resume) the arms named, then stop
+    # train (or resume) the arms named, sample n_images of each of their snapshots and
+    # final models, keep the samples and run records, then stop: the metrics can then be
+    # computed on another machine (train_missing=false, the same settings, these files)
+    stop_after_sampling: bool = False
 
     @field_validator("arms")
     @classmethod
@@ -135,10 +140,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "metrics": {"swd_patches_per_image": 16, "swd_directions": 64, "swd_repeats": 1,
                     "kid_subset_size": 8, "kid_subsets": 10, "bootstrap": 10},
     },
-    # one GPU: CIFAR-10 shards made with `prism data ingest` (docs/science/s4-dimr-vs-dit.md)
+    # one GPU: CIFAR-10 shards made with `prism data ingest` (docs/science/s4-dimr-vs-dit.md);
+    # an arm trains and samples its 6 models in one 10-minute device call (s4-arm)
     "gpu": {
         "train_data": ".gpudata/cifar10-train", "real_data": ".gpudata/cifar10-test",
-        "batch_size": 1000,
+        "batch_size": 1000, "time_limit_s": 360.0, "n_images": 2000, "n_curve": 1000,
         "reference_sets": ["optim.warmup_images=64000", "train.log_every_images=6400",
                            "checkpoint.every_images=640000", "checkpoint.keep_last=1",
                            "sampling.num_images=0", "data.num_workers=6"],
@@ -174,6 +180,8 @@ def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
     mark and the curves; returns the results."""
     timer = Timer()
     device = s.resolved_device()
+    if s.stop_after_sampling:
+        A.check_portable(out, s.work_dir)
     with timer("data"):
         train, real_src = _data(s, log)
     with timer("training"):
@@ -188,6 +196,20 @@ def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
         return {"experiment": NAME, "claim": CLAIM, "settings": s.model_dump(mode="json"),
                 "references": refs, "environment": environment(), "seconds": timer.seconds}
 
+    num_classes = _num_classes(refs)
+    sample_kw = {"steps": s.steps, "sampler": s.sampler, "cfg_scale": s.cfg_scale}
+
+    def samples(arm: str, key: str, model_dir: str, n: int) -> tuple[torch.Tensor, float]:
+        seeds = list(range(s.seed, s.seed + n))
+        labels = [i % num_classes for i in seeds] if num_classes else None
+        with timer("sampling"):
+            return A.model_samples(key, model_dir, seeds, labels, out, device, s.batch_size,
+                                   sample_kw)
+
+    if s.stop_after_sampling:
+        return A.sampled_results(NAME, CLAIM, s, refs, A.sample_arms(
+            refs, s.n_images, samples, out, s.work_dir, log), timer.seconds)
+
     with timer("feature_net"):
         fnet = s.feature_net or ensure_feature_net(train, None, s, s.feature_recipe, log)
     spaces = feature_space(fnet, device)
@@ -195,16 +217,12 @@ def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
     with timer("floors"):
         floors = real_floors(s.floor_data or real_src, real_src, real,
                              sorted({s.n_images, s.n_curve}), spaces, s.metrics, s.seed, device)
-    num_classes = _num_classes(refs)
-    sample_kw = {"steps": s.steps, "sampler": s.sampler, "cfg_scale": s.cfg_scale}
 
-    def evaluate(arm: str, tag: str, model_dir: str, n: int
+    def evaluate(arm: str, key: str, model_dir: str, n: int
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
-        seeds = list(range(s.seed, s.seed + n))
-        labels = [i % num_classes for i in seeds] if num_classes else None
-        with timer("sampling+metrics"):
-            return A.evaluate_model(tag, model_dir, seeds, labels, real, spaces, s.metrics,
-                                    out, device, s.batch_size, sample_kw, log)
+        images, seconds = samples(arm, key, model_dir, n)
+        with timer("metrics"):
+            return A.measured(key, images, seconds, real, spaces, s.metrics, device, log)
 
     rows, details, curves, mark = A.evaluate_arms(refs, s.flop_marks, "train_flops", "flops",
                                                   evaluate, s.n_images, s.n_curve)
@@ -254,7 +272,7 @@ def figures(results: dict[str, Any], out: Path, s: Settings) -> list[str]:
     metric = (fd_key(rows[0]) if rows else None) or "swd_x1e3"
     floor = results["floors"].get(str(s.n_curve), {}).get(metric)
     A.curve_figure(results["curves"], metric, floor, out / "curves.png")
-    grid = A.grid_figure(out, [r["tag"] for r in rows if r["budget"] == "time"],
+    grid = A.grid_figure(out, [r for r in rows if r["budget"] == "time"],
                          min(s.grid_images, s.n_images))
     A.loss_figure(results["references"], out / "loss.png")
     return ["curves.png", *grid, "loss.png"]

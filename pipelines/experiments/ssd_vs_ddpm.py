@@ -27,6 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import Field, field_validator
 
 from pipelines.config import DemoConfig, IngestConfig
@@ -88,6 +89,10 @@ class Settings(ExperimentSettings):
     n_curve: int = Field(1000, ge=2)
     grid_images: int = Field(16, ge=1)
     stop_after_training: bool = False
+    # train (or resume) the arms named, sample n_images of each of their snapshots and
+    # final models, keep the samples and run records, then stop: the metrics can then be
+    # computed on another machine (train_missing=false, the same settings, these files)
+    stop_after_sampling: bool = False
 
     @field_validator("arms")
     @classmethod
@@ -167,6 +172,8 @@ def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
     mark and the curves; returns the results."""
     timer = Timer()
     device = s.resolved_device()
+    if s.stop_after_sampling:
+        A.check_portable(out, s.work_dir)
     with timer("data"):
         train, real_src = _data(s, log)
     with timer("training"):
@@ -179,6 +186,17 @@ def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
         return {"experiment": NAME, "claim": CLAIM, "settings": s.model_dump(mode="json"),
                 "references": refs, "environment": environment(), "seconds": timer.seconds}
 
+    def samples(arm: str, key: str, model_dir: str, n: int) -> tuple[torch.Tensor, float]:
+        kw = {"steps": s.steps} if arm.startswith("ssd") else \
+            {"steps": s.steps, "sampler": s.ddpm_sampler}
+        with timer("sampling"):
+            return A.model_samples(key, model_dir, list(range(s.seed, s.seed + n)), None, out,
+                                   device, s.batch_size, kw)
+
+    if s.stop_after_sampling:
+        return A.sampled_results(NAME, CLAIM, s, refs, A.sample_arms(
+            refs, s.n_images, samples, out, s.work_dir, log), timer.seconds)
+
     with timer("feature_net"):
         fnet = s.feature_net or ensure_feature_net(train, None, s, s.feature_recipe, log)
     spaces = feature_space(fnet, device)
@@ -187,14 +205,11 @@ def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
         floors = real_floors(s.floor_data or real_src, real_src, real,
                              sorted({s.n_images, s.n_curve}), spaces, s.metrics, s.seed, device)
 
-    def evaluate(arm: str, tag: str, model_dir: str, n: int
+    def evaluate(arm: str, key: str, model_dir: str, n: int
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
-        kw = {"steps": s.steps} if arm.startswith("ssd") else \
-            {"steps": s.steps, "sampler": s.ddpm_sampler}
-        with timer("sampling+metrics"):
-            return A.evaluate_model(tag, model_dir, list(range(s.seed, s.seed + n)), None,
-                                    real, spaces, s.metrics, out, device, s.batch_size, kw,
-                                    log)
+        images, seconds = samples(arm, key, model_dir, n)
+        with timer("metrics"):
+            return A.measured(key, images, seconds, real, spaces, s.metrics, device, log)
 
     rows, details, curves, mark = A.evaluate_arms(refs, s.image_marks, "images_seen",
                                                   "images", evaluate, s.n_images, s.n_curve)
@@ -234,7 +249,7 @@ def figures(results: dict[str, Any], out: Path, s: Settings) -> list[str]:
     metric = (fd_key(rows[0]) if rows else None) or "swd_x1e3"
     floor = results["floors"].get(str(s.n_curve), {}).get(metric)
     A.curve_figure(results["curves"], metric, floor, out / "curves.png")
-    grid = A.grid_figure(out, [r["tag"] for r in rows if r["budget"] == "time"],
+    grid = A.grid_figure(out, [r for r in rows if r["budget"] == "time"],
                          min(s.grid_images, s.n_images))
     A.loss_figure(results["references"], out / "loss.png")
     return ["curves.png", *grid, "loss.png"]

@@ -52,7 +52,7 @@ def test_rows_recompute_from_saved_samples(s3):
     s = experiments.resolve("ssd-vs-ddpm", "small")
     real, _ = real_images(res["real_data"], None, s.seed, resolution=32)
     row = next(r for r in res["rows"] if r["tag"] == "ssd4@time")
-    images = torch.from_numpy(np.load(out / "samples" / "ssd4@time.npy"))
+    images = torch.from_numpy(np.load(out / "samples" / f"{row['samples']}.npy")[:row["n"]])
     assert images.shape[-1] == 32
     again, _ = measure(images, real, feature_space(res["feature_net"], "cpu"), s.metrics, "cpu")
     fd = next(k for k in row if k.startswith("FD-prism") and not k.endswith("_se"))

@@ -84,7 +84,7 @@ def test_rows_recompute_from_saved_samples_and_curves_follow_training(s4):
     real, _ = real_images(res["real_data"], None, s.seed, resolution=32)
     spaces = feature_space(res["feature_net"], "cpu")
     row = next(r for r in res["rows"] if r["tag"] == "dimr@time")
-    images = torch.from_numpy(np.load(out / "samples" / "dimr@time.npy"))
+    images = torch.from_numpy(np.load(out / "samples" / f"{row['samples']}.npy")[:row["n"]])
     again, _ = measure(images, real, spaces, s.metrics, "cpu")
     fd = next(k for k in row if k.startswith("FD-prism") and not k.endswith("_se"))
     assert again[fd] == pytest.approx(row[fd], rel=1e-5)
@@ -127,3 +127,42 @@ def test_the_page_tables_carry_the_results_numbers(s4):
     assert f"Verdict: **{res['verdict']['verdict']}**" in got.output
     missing = CliRunner().invoke(prism_cli.app, ["experiment", "table", str(out / "nothing")])
     assert missing.exit_code == 2 and "no results.json" in missing.output
+
+
+def test_arms_sampled_where_they_trained_are_measured_elsewhere_from_records_alone(s4):
+    """stop_after_sampling where the weights are, then the metrics in a work folder that holds
+    only the files listed in portable.txt (no weights): the same rows as the run that measured
+    next to the weights; a missing sample is a clear error, not a silent re-sample."""
+    import shutil
+
+    res, _ = s4
+    work = Path(res["settings"]["work_dir"])
+    fixed = {"mlflow": False, "train_data": res["settings"]["train_data"] or str(
+        work / "data" / "demo-shards-32"), "feature_net": res["feature_net"]}
+    out = work / "sampled"
+    sampled = experiments.run("dimr-vs-dit", "small", {
+        **fixed, "work_dir": str(work), "stop_after_sampling": True}, out_dir=str(out))
+    listed = (out / "portable.txt").read_text().split()
+    assert sampled["sampled"] and all(f"{k}.npy" in " ".join(listed) for k in sampled["sampled"])
+    assert not [f for f in listed if f.endswith((".safetensors", ".pt"))]
+    elsewhere = work.parent / f"{work.name}-elsewhere"
+    for f in listed:
+        (elsewhere / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(work / f, elsewhere / f)
+    assert not list(elsewhere.rglob("*.safetensors"))
+    again = experiments.run("dimr-vs-dit", "small", {
+        **fixed, "work_dir": str(elsewhere), "train_missing": False},
+        out_dir=str(elsewhere / "sampled"))
+    fd = next(k for k in res["rows"][0] if k.startswith("FD-prism") and not k.endswith("_se"))
+    assert [(r["tag"], r["images_seen"]) for r in again["rows"]] == \
+        [(r["tag"], r["images_seen"]) for r in res["rows"]]
+    for a, b in zip(again["rows"], res["rows"], strict=True):
+        assert a[fd] == pytest.approx(b[fd], rel=1e-4), a["tag"]
+    assert [r["budget"]["parameters"] for r in again["references"].values()] == \
+        [r["budget"]["parameters"] for r in res["references"].values()]
+    assert again["verdict"]["verdict"] == res["verdict"]["verdict"]
+    (elsewhere / "sampled" / "samples" / f"{again['rows'][0]['samples']}.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="has no weights"):
+        experiments.run("dimr-vs-dit", "small", {
+            **fixed, "work_dir": str(elsewhere), "train_missing": False},
+            out_dir=str(elsewhere / "sampled"))
