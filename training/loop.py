@@ -93,8 +93,12 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
         (d / "progress.json").write_text(json.dumps(progress()))
         return d
 
-    def progress() -> dict[str, float | None]:
+    # where the seconds were measured: a run's training time compares only on one kind of chip
+    chip = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+    def progress() -> dict[str, float | str | None]:
         return {"step": step, "images_seen": images_seen, "train_seconds": clock.seconds,
+                "device": chip, "world": ctx.world,
                 "first_step_s": clock.first_step_s,
                 "train_flops": None if flops is None else flops * images_seen,
                 "flops_per_image": flops}

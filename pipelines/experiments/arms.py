@@ -92,6 +92,7 @@ def accounting(run_dir: str | Path) -> dict[str, Any]:
         "images_seen": final.get("images_seen"),
         "train_seconds": final.get("train_seconds"),
         "train_flops": final.get("train_flops"),
+        "device": final.get("device"),  # the chip the training seconds were measured on
         "first_step_s": [r["first_step_s"] for r in recs if "first_step_s" in r],
         "images_per_second_median": float(np.median(rates)) if rates else None,
         "peak_memory_gib": max((r.get("memory_gib", 0.0) for r in recs), default=None),
@@ -222,6 +223,17 @@ def check_portable(out: Path, work_dir: str | Path) -> None:
     if not Path(out).resolve().is_relative_to(Path(work_dir).resolve()):
         raise ValueError(f"stop_after_sampling needs the output folder inside work_dir "
                          f"({work_dir}), got {out}: its samples travel with the run records")
+
+
+def chips(refs: dict[str, dict[str, Any]]) -> str | None:
+    """Why the arms' training seconds do not compare, if they do not: the arms trained on
+    different kinds of chip (read from each run's record; runs that kept none pass)."""
+    seen = {a: r.get("budget", {}).get("device") for a, r in refs.items()}
+    kinds = {d for d in seen.values() if d is not None}
+    if len(kinds) > 1:
+        return (f"the arms trained on different chips, so equal seconds are not equal "
+                f"compute: {seen}")
+    return None
 
 
 def _progress(snap: dict[str, Any]) -> dict[str, Any]:

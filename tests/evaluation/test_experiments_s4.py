@@ -166,3 +166,20 @@ def test_arms_sampled_where_they_trained_are_measured_elsewhere_from_records_alo
         experiments.run("dimr-vs-dit", "small", {
             **fixed, "work_dir": str(elsewhere), "train_missing": False},
             out_dir=str(elsewhere / "sampled"))
+
+
+def test_arms_on_different_chips_leave_the_verdict_open(s4):
+    """Each run records the chip its seconds were measured on; arms of one experiment trained
+    on two kinds of chip do not share a time budget, and the verdict says so."""
+    from pipelines.experiments import arms as A
+    from pipelines.experiments.dimr_vs_dit import verdict
+
+    res, _ = s4
+    assert {r["budget"]["device"] for r in res["references"].values()} == {"cpu"}
+    assert A.chips(res["references"]) is None
+    refs = {a: {"budget": {**r["budget"]}} for a, r in res["references"].items()}
+    refs["dit"]["budget"]["device"] = "NVIDIA H200"
+    why = A.chips(refs)
+    assert why and "NVIDIA H200" in why
+    v = verdict(res["comparisons"], why)
+    assert v["verdict"] == "inconclusive" and "different chips" in v["reason"]
