@@ -20,7 +20,13 @@
 #   cat s4-dimr.tgz.* | tar xz -C W; cat fnet.tgz.* | tar xz -C W   # here, in a work folder W
 #   prism experiment run dimr-vs-dit --setting gpu --set work_dir=W --out W/dimr-vs-dit \
 #       --set train_missing=false --set feature_net=W/fnet/feature_net.safetensors \
-#       --set n_images=2000 ...  # the arm calls' other --set arguments
+#       --set metrics.swd_bootstrap=false ...  # and the arm calls' other --set arguments
+# (SWD's bootstrap, a sort per resample, takes most of a CPU's time; off, SWD keeps its value
+# without an interval). S3 likewise with s3-arm (carry .whl and .gpudata/tin64-s3: 150 images
+# of each Tiny-ImageNet class, which fit one call with the wheels) and fnet-tin64:
+#   python3 benchmarks/per_class_subset.py ../shared/data/tinyimagenet64/train-200per-class.tar \
+#       /tmp/tin64-150.tar --per-class 150
+#   prism data ingest /tmp/tin64-150.tar .gpudata/tin64-s3 --size 64 --shard-size 10000 --gzip
 #
 # Arguments after the stage and its seconds go to `prism experiment run` (for example
 # --set n_images=2000 to fit a smaller device budget). A train stage keeps its arguments (all
@@ -46,7 +52,7 @@
 # ../shared/tools/gpu-wheels --no-ray. Results come back under $OUT; log them to MLflow here
 # with `prism experiment log DIR`.
 set -uo pipefail
-stage=${1:?usage: experiments_gpu.sh train|eval|s2-train|s2-eval|s3-train|s3-eval|s4-train|s4-eval|s4-arm|fnet-cifar10 [seconds [--set k=v ...]]}
+stage=${1:?usage: experiments_gpu.sh train|eval|s2-train|s2-eval|s3-train|s3-eval|s4-train|s4-eval|s3-arm|s4-arm|fnet-cifar10|fnet-tin64 [seconds [--set k=v ...]]}
 budget=${2:-560}
 extra=("${@:3}")
 export PYTHONUNBUFFERED=1
@@ -90,15 +96,20 @@ bring() {  # tag: the files listed in /tmp/px/<experiment>/portable.txt -> $OUT/
   echo "brought back: $(wc -l < "$list") files in $(ls "$OUT/$2".tgz.* | wc -l) parts"
 }
 case $stage in
-  s4-arm)  # one arm a call: trained, sampled (final model, then snapshots), brought back
+  s3-arm|s4-arm)  # one arm a call: trained, sampled (final model, then snapshots), brought back
     arm=$(printf '%s\n' "${extra[@]}" | sed -n 's/^arms=\[\(.*\)\]$/\1/p' | tr -d ' ,')
+    name=$([ "$stage" = s3-arm ] && echo ssd-vs-ddpm || echo dimr-vs-dit)
     budget=$((budget - 20))  # kept for bringing back what was made, even when cut off
-    run dimr-vs-dit gpu --set stop_after_sampling=true
-    for f in /tmp/px/references/{dimr,dit,unet}-*.log; do [ -f "$f" ] && tail -n 3 "$f"; done
-    bring /tmp/px/dimr-vs-dit "s4-${arm:-arms}" ;;
-  fnet-cifar10)  # the CIFAR-10 feature network (26 MB) in parts
-    OUT=/tmp/px/fnet python3 benchmarks/train_feature_net.py --train .gpudata/cifar10-train \
-        --test .gpudata/cifar10-test || exit 1
+    run "$name" gpu --set stop_after_sampling=true
+    for f in /tmp/px/references/*.log; do tail -n 3 "$f"; done
+    bring "/tmp/px/$name" "${stage%-arm}-${arm:-arms}" ;;
+  fnet-cifar10|fnet-tin64)  # a feature network (26 MB) in parts: fnet.tgz.NN (folder fnet)
+    if [ "$stage" = fnet-cifar10 ]; then
+      set -- --train .gpudata/cifar10-train --test .gpudata/cifar10-test
+    else  # no test set travels with the training shards: its accuracy is not measured
+      set -- --train .gpudata/tin64-s3
+    fi
+    OUT=/tmp/px/fnet python3 benchmarks/train_feature_net.py "$@" || exit 1
     tar czf - -C /tmp/px fnet | split -b 15m -d - "$OUT/fnet.tgz." ;;
   train)
     run spectral-schedules gpu --set stop_after_training=true

@@ -140,10 +140,12 @@ def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
                   ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, list], Any]:
     """Rows, metric details, curves and the common mark of every arm.
 
-    ``evaluate(arm, samples, model_dir, n) -> (row, details)`` samples (or reuses the samples
-    named ``samples``) and measures one model. Rows: ``<arm>@time`` (final model) and
-    ``<arm>@<budget_name>`` (the snapshot at the largest mark of ``key`` that every arm
-    reached); curves: every snapshot on the first ``n_curve`` of its samples.
+    ``evaluate(arm, samples, model_dir, n, intervals) -> (row, details)`` samples (or reuses
+    the samples named ``samples``) and measures one model, with bootstrap intervals for the
+    rows (their paired differences need them) and without for the curves' points. Rows:
+    ``<arm>@time`` (final model) and ``<arm>@<budget_name>`` (the snapshot at the largest mark
+    of ``key`` that every arm reached); curves: every snapshot on the first ``n_curve`` of its
+    samples.
     """
     snaps = {a: snapshots(r["run_dir"]) for a, r in refs.items()}
     mark = common_mark(snaps, marks, key)
@@ -153,7 +155,7 @@ def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
     rows, details = [], {}
     for a, budget, snap in picked:
         tag, samples = f"{a}@{budget}", model_key(a, snap)
-        row, details[tag] = evaluate(a, samples, snap["dir"], n_rows)
+        row, details[tag] = evaluate(a, samples, snap["dir"], n_rows, True)
         rows.append({"tag": tag, "arm": a, "budget": budget, "samples": samples,
                      **({"mark": mark} if budget != "time" else {}), **_progress(snap), **row})
     curves: dict[str, list[dict[str, Any]]] = {}
@@ -161,7 +163,7 @@ def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
         curves[a] = []
         for snap in snaps[a]:
             tag = model_key(a, snap)
-            row, _ = evaluate(a, tag, snap["dir"], n_curve)
+            row, _ = evaluate(a, tag, snap["dir"], n_curve, False)
             curves[a].append({"tag": tag, **_progress(snap), **row})
     return rows, details, curves, mark
 
@@ -316,10 +318,12 @@ def model_samples(key: str, model_dir: str, seeds: list[int], labels: list[int] 
 
 
 def measured(key: str, images: torch.Tensor, seconds: float, real: torch.Tensor,
-             spaces: list[FeatureSpace], metrics: MetricSettings, device: str, log: Log
-             ) -> tuple[dict[str, Any], dict[str, Any]]:
+             spaces: list[FeatureSpace], metrics: MetricSettings, device: str, log: Log,
+             intervals: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """The metrics of one model's samples against ``real``: (summary row with the sampling
-    seconds per image, metric details)."""
+    seconds per image, metric details); ``intervals`` off skips the bootstrap."""
+    if not intervals:
+        metrics = metrics.model_copy(update={"bootstrap": 0})
     row, details = measure(images, real, spaces, metrics, device)
     log(f"{key}: {len(images)} images, {seconds:.1f} s sampling, "
         + ", ".join(f"{k} {v:.4g}" for k, v in row.items()

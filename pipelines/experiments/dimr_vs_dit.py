@@ -218,11 +218,12 @@ def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
         floors = real_floors(s.floor_data or real_src, real_src, real,
                              sorted({s.n_images, s.n_curve}), spaces, s.metrics, s.seed, device)
 
-    def evaluate(arm: str, key: str, model_dir: str, n: int
+    def evaluate(arm: str, key: str, model_dir: str, n: int, intervals: bool
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
         images, seconds = samples(arm, key, model_dir, n)
         with timer("metrics"):
-            return A.measured(key, images, seconds, real, spaces, s.metrics, device, log)
+            return A.measured(key, images, seconds, real, spaces, s.metrics, device, log,
+                              intervals)
 
     rows, details, curves, mark = A.evaluate_arms(refs, s.flop_marks, "train_flops", "flops",
                                                   evaluate, s.n_images, s.n_curve)

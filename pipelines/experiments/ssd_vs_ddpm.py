@@ -129,10 +129,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "metrics": {"swd_patches_per_image": 16, "swd_directions": 64, "swd_repeats": 1,
                     "kid_subset_size": 8, "kid_subsets": 10, "bootstrap": 10},
     },
-    # one GPU: Tiny-ImageNet at 64x64 (the S2 shards; benchmarks/experiments_gpu.sh)
+    # one GPU: Tiny-ImageNet at 64x64, 150 images of each class (what one device call
+    # carries with the wheels; docs/science/s3-ssd-vs-ddpm.md); an arm trains and samples
+    # its models in one 10-minute call (benchmarks/experiments_gpu.sh s3-arm)
     "gpu": {
-        "train_data": ".gpudata/tin64-train", "real_data": ".gpudata/tin64-val",
-        "batch_size": 500,
+        "train_data": ".gpudata/tin64-s3", "real_data": ".gpudata/tin64-val",
+        "batch_size": 500, "time_limit_s": 330.0, "n_images": 1000, "n_curve": 1000,
         "reference_sets": ["optim.warmup_images=64000", "checkpoint.every_images=640000",
                            "checkpoint.keep_last=1", "sampling.num_images=0",
                            "data.num_workers=6"],
@@ -205,11 +207,12 @@ def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
         floors = real_floors(s.floor_data or real_src, real_src, real,
                              sorted({s.n_images, s.n_curve}), spaces, s.metrics, s.seed, device)
 
-    def evaluate(arm: str, key: str, model_dir: str, n: int
+    def evaluate(arm: str, key: str, model_dir: str, n: int, intervals: bool
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
         images, seconds = samples(arm, key, model_dir, n)
         with timer("metrics"):
-            return A.measured(key, images, seconds, real, spaces, s.metrics, device, log)
+            return A.measured(key, images, seconds, real, spaces, s.metrics, device, log,
+                              intervals)
 
     rows, details, curves, mark = A.evaluate_arms(refs, s.image_marks, "images_seen",
                                                   "images", evaluate, s.n_images, s.n_curve)

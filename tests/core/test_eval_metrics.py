@@ -241,3 +241,20 @@ def test_bootstrap_intervals_narrow_with_more_images_and_separate_worse_sets() -
     worse = compute_metrics(blurred, real, settings=s)["intervals"]["metrics"]
     assert worse["log_rapsd_l1"]["lo"] > large["metrics"]["log_rapsd_l1"]["hi"]
     assert worse["swd_x1e3"]["estimate"] > large["metrics"]["swd_x1e3"]["hi"]
+
+
+def test_intervals_without_swd_keep_its_point_value_and_the_other_intervals() -> None:
+    """swd_bootstrap off: SWD keeps its point value (the same as with intervals) but has no
+    interval; log-RAPSD's interval is unchanged."""
+    from pipelines.evaluation.metrics import MetricSettings, compute_metrics
+
+    kw = {"bootstrap": 10, "swd_patches_per_image": 16, "swd_directions": 64,
+          "swd_repeats": 1}
+    real, gen = structured_images(32, seed=10), structured_images(16, seed=11)
+    full = compute_metrics(gen, real, settings=MetricSettings(**kw))
+    lean = compute_metrics(gen, real, settings=MetricSettings(**kw, swd_bootstrap=False))
+    assert "swd_x1e3" in full["intervals"]["metrics"]
+    assert "swd_x1e3" not in lean["intervals"]["metrics"]
+    assert lean["swd"]["mean"] == full["swd"]["mean"]
+    assert lean["intervals"]["metrics"]["log_rapsd_l1"] == \
+        full["intervals"]["metrics"]["log_rapsd_l1"]

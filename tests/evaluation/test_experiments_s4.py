@@ -92,6 +92,9 @@ def test_rows_recompute_from_saved_samples_and_curves_follow_training(s4):
     for arm, pts in res["curves"].items():
         seconds = [p["train_seconds"] for p in pts]
         assert seconds == sorted(seconds) and len(pts) >= 2, arm
+        # a curve's points need no interval (no paired difference reads them): no bootstrap
+        assert not [k for p in pts for k in p if k.endswith("_se")], arm
+    assert all(f"{fd}_se" in r for r in res["rows"])
     assert {c["b"] for c in res["comparisons"]} >= {"dimr@time", "dimr@flops"}
     assert res["verdict"]["verdict"] in ("reproduced", "not reproduced", "inconclusive")
     for f in res["figures"]:
