@@ -27,6 +27,7 @@
 #   python3 benchmarks/per_class_subset.py ../shared/data/tinyimagenet64/train-200per-class.tar \
 #       /tmp/tin64-150.tar --per-class 150
 #   prism data ingest /tmp/tin64-150.tar .gpudata/tin64-s3 --size 64 --shard-size 10000 --gzip
+#   rm -r .gpudata/tin64-s3/_parts  # ingest's resume state (5 MB): 49 MB then travel
 #
 # Arguments after the stage and its seconds go to `prism experiment run` (for example
 # --set n_images=2000 to fit a smaller device budget). A train stage keeps its arguments (all
