@@ -1,8 +1,9 @@
 """Markdown tables of an experiment's ``results.json``, as its results page shows them.
 
 ``prism experiment table DIR`` prints them, so a page's numbers are copied from one command's
-output rather than typed: the rows (each model's metrics, with the training it had), the
-real-vs-real floor of every metric at the rows' sample size beneath them, the paired bootstrap
+output rather than typed: what each arm's run recorded (equal-compute experiments), the rows
+(each model's metrics, with the training it had), the real-vs-real floor of every metric at
+the rows' sample size beneath them, the points along each arm's run, the paired bootstrap
 differences with their 95% intervals, and the verdict with its rule. Metrics are lower-better
 except precision and recall; ``slope_diff`` is best at 0.
 """
@@ -71,6 +72,49 @@ def rows_table(results: dict[str, Any]) -> list[str]:
     return _table(header, body)
 
 
+ARM_COLUMNS = (("device", "chip"), ("parameters", "parameters"),
+               ("flops_per_image", "GFLOP/image"), ("train_seconds", "training s"),
+               ("images_seen", "images seen"), ("train_flops", "training FLOPs"),
+               ("images_per_second", "images/s (loop's clock)"),
+               ("images_per_second_median", "median window images/s"),
+               ("first_step_s", "first step s"), ("peak_memory_gib", "peak GiB"))
+
+
+def arms_table(results: dict[str, Any]) -> list[str]:
+    """What each arm's run recorded (equal-compute experiments: ``references[arm].budget``):
+    the chip, parameters, measured FLOPs per image, training seconds, images and FLOPs,
+    rates, compilation and peak memory."""
+    refs = {a: r["budget"] for a, r in (results.get("references") or {}).items()
+            if isinstance(r, dict) and isinstance(r.get("budget"), dict)}
+    if not refs:
+        return []
+
+    def cell(b: dict[str, Any], key: str) -> str:
+        if key == "flops_per_image":
+            return fmt(None if b.get(key) is None else b[key] / 1e9)
+        if key == "images_per_second":
+            ok = b.get("images_seen") and b.get("train_seconds")
+            return fmt(b["images_seen"] / b["train_seconds"] if ok else None)
+        if key == "first_step_s":
+            return fmt(b[key][0] if b.get(key) else None)
+        return fmt(b.get(key))
+
+    return _table(["arm", *[name for _, name in ARM_COLUMNS]],
+                  [[a, *[cell(b, k) for k, _ in ARM_COLUMNS]] for a, b in refs.items()])
+
+
+def curves_table(results: dict[str, Any]) -> list[str]:
+    """Every arm's snapshots along its run (``curves``): training progress and metrics."""
+    curves = results.get("curves") or {}
+    points = [p for pts in curves.values() for p in pts]
+    if not points:
+        return []
+    metrics = _metric_columns(points)
+    return _table(["point", *[name for _, name in PROGRESS], *metrics],
+                  [[_label(p), *[fmt(p.get(k)) for k, _ in PROGRESS],
+                    *[fmt(p.get(m)) for m in metrics]] for p in points])
+
+
 def comparisons_table(results: dict[str, Any]) -> list[str]:
     """Each paired comparison (``b - a``, or its setting where the experiment names the pair
     by it, e.g. S1's sampler and steps): difference [95% interval] per metric."""
@@ -98,7 +142,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = [f"{results.get('experiment', '?')} ({results.get('setting', '?')}): "
              f"{env.get('date', '?')}, {env.get('device', '?')}, commit "
              f"{env.get('commit', '?')}{' (dirty)' if env.get('dirty') else ''}", ""]
-    for section in (rows_table(results), comparisons_table(results)):
+    for section in (arms_table(results), rows_table(results), curves_table(results),
+                    comparisons_table(results)):
         if section:
             lines += [*section, ""]
     v = results.get("verdict") or {}

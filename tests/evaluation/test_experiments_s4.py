@@ -128,6 +128,15 @@ def test_the_page_tables_carry_the_results_numbers(s4):
                    and f"{fmt(d['difference'])} [{fmt(d['lo'])}, {fmt(d['hi'])}]" in ln
                    for ln in lines), c
     assert f"Verdict: **{res['verdict']['verdict']}**" in got.output
+    # what each arm's loop recorded, and every point along each run
+    for arm, ref in res["references"].items():
+        b = ref["budget"]
+        line = next(ln for ln in lines if ln.startswith(f"| {arm} | cpu |"))
+        assert f" {fmt(b['images_seen'])} " in line and f" {fmt(b['train_flops'])} " in line
+    for pts in res["curves"].values():
+        for p in pts:
+            line = next(ln for ln in lines if ln.startswith(f"| {p['tag']} |"))
+            assert line.split(" | ")[col - 1] == fmt(p[fd]), line
     missing = CliRunner().invoke(prism_cli.app, ["experiment", "table", str(out / "nothing")])
     assert missing.exit_code == 2 and "no results.json" in missing.output
 
