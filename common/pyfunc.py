@@ -60,6 +60,8 @@ def _param_specs() -> list[ParamSpec]:
         default = DEFAULT_STEPS if f.name == "steps" else f.default
         if f.name == "resolution":
             default = 0  # 0: the model's native resolution
+        if f.name == "sampler":
+            default = ""  # "": the model's own (GenerateOptions' None)
         specs.append(ParamSpec(f.name, _PARAM_TYPES[type(default)], default))
     return specs
 
@@ -76,7 +78,8 @@ def signature(num_classes: int, in_channels: int) -> ModelSignature:
 
 
 def options_from_params(params: dict[str, Any] | None) -> GenerateOptions:
-    """``predict``'s params -> GenerateOptions (unknown names refused, 0 resolution native)."""
+    """``predict``'s params -> GenerateOptions (unknown names refused, 0 resolution native,
+    an empty sampler the model's own)."""
     p = dict(params or {})
     names = {f.name for f in dataclasses.fields(GenerateOptions)} - {"time_aware"}
     unknown = sorted(set(p) - names)
@@ -85,6 +88,8 @@ def options_from_params(params: dict[str, Any] | None) -> GenerateOptions:
     p.setdefault("steps", DEFAULT_STEPS)
     if not p.get("resolution"):
         p["resolution"] = None
+    if not p.get("sampler"):
+        p["sampler"] = None
     return GenerateOptions(**p)
 
 

@@ -254,7 +254,8 @@ class SamplingConfig(_Section):
     every_images: int = Field(0, ge=0)  # 0: only at the end
     num_images: int = Field(16, ge=0, le=256)
     steps: int = Field(32, ge=1, le=1000)
-    sampler: Literal["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_full"] = "ddim"
+    # None: the model's own (DDIM; SSD models: their posterior chain, which takes no other)
+    sampler: Literal["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_full"] | None = None
     seed: int = Field(1234, ge=0)
     # fitted spectral schedule model JSON (per-instance runs); None: fitted on the training
     # set's parameters at start (in-memory data only)

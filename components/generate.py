@@ -26,7 +26,7 @@ from torch import Tensor
 from components.diffusion import Cond, NetworkDenoiser
 from components.guidance import TimeAwareConditioning, cascaded_upscale, guided_denoiser
 from components.model import GenerativeModel
-from components.options import GenerateOptions, check_options
+from components.options import DEFAULT_SAMPLER, GenerateOptions, check_options
 from components.samplers import get_sampler, lambda_grid
 from components.spectral_schedules import ScheduleModel, lambda_bounds, spectral_lambda_grid
 from components.ssd import process_from_extra, ssd_chain
@@ -60,7 +60,7 @@ def generate(
     *,
     seeds: list[int],
     steps: int,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     eta: float = 0.0,
     class_labels: list[int] | None = None,
     cfg_scale: float = 1.0,
@@ -80,8 +80,9 @@ def generate(
     section 3, with ``ug_theta``, ``ug_eta`` and ``ug_order`` relative to classifier-free
     guidance) or cascaded upscaling (``"cascade"``, section 2). ``time_aware`` is
     ``(second_class, switch_t)`` with ``switch_t`` in (0, 1) or ``"auto"`` (chromatogram).
-    ``kind == "ssd"`` models run the SSD posterior chain (``sampler`` and ``eta`` do not
-    apply; ``steps`` >= 2 states of the resolution schedule, respaced).
+    ``sampler`` None is DDIM for a denoiser; ``kind == "ssd"`` models run the SSD posterior
+    chain and refuse a ``sampler`` or ``eta`` (``steps`` >= 2 states of the resolution
+    schedule, respaced).
     ``clip_denoised`` clamps every step's x0 estimate to [-1, 1] (as DDPM's sampler does): an
     eps- or v-network's x0 at high noise is its error divided by alpha, and an unclamped one
     derails multistep solvers on young models.
@@ -145,16 +146,17 @@ def sample_standard(model: GenerativeModel, opts: GenerateOptions, seeds: list[i
     cond = Cond(labels_tensor(class_labels, device), None if bounds is None else bounds.to(device))
     gens = per_image_generators(seeds)
     kw: dict = {"clip_denoised": opts.clip_denoised}
-    if opts.sampler == "ddim":
+    sampler = opts.sampler or DEFAULT_SAMPLER
+    if sampler == "ddim":
         kw["eta"] = opts.eta
     res = model.resolution * (1 if opts.upscale == "cascade" else m)
     x = initial_noise(gens, (model.in_channels, res, res), device)  # x_T, (N, C, res, res)
     den = guided(model, opts, cond, m if opts.upscale == "ug" else 1)
     if m > 1 and opts.upscale == "cascade":
         # native-resolution steps on lambdas + 2 log m, hand-off at the chromatogram's default
-        return cascaded_upscale(den, x, lambdas, cond, m=m, sampler=opts.sampler,
+        return cascaded_upscale(den, x, lambdas, cond, m=m, sampler=sampler,
                                 generators=gens, **kw)
-    return get_sampler(opts.sampler)(den, x, lambdas, cond, gens, **kw)
+    return get_sampler(sampler)(den, x, lambdas, cond, gens, **kw)
 
 
 def sample_ssd(model: GenerativeModel, opts: GenerateOptions, seeds: list[int],

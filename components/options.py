@@ -17,6 +17,7 @@ from components.samplers import SAMPLERS
 
 MAX_SEED = 2**63 - 1
 DEFAULT_STEPS = 32  # what a request that names no step count gets (HTTP, MLflow pyfunc)
+DEFAULT_SAMPLER = "ddim"  # a denoiser's sampler when none is named (SSD: its own chain)
 SamplerName = Literal["ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_full"]
 ScheduleName = Literal["model", "spectral"]
 Upscale = Literal["ug", "cascade"]
@@ -43,10 +44,12 @@ class GenerateOptions:
     guidance (``upscale="ug"``, with ``ug_theta``, ``ug_eta``, ``ug_order``) or the cascade.
     ``time_aware`` is ``(second_class, switch_t)`` with ``switch_t`` in (0, 1) or ``"auto"``.
     ``clip_denoised`` clamps each step's x0 estimate to the data range [-1, 1].
+    ``sampler`` None is the model's own: DDIM for a denoiser (``DEFAULT_SAMPLER``), the
+    posterior chain for a Scale Space Diffusion model, which takes no other; ``eta`` is DDIM's.
     """
 
     steps: int
-    sampler: SamplerName = "ddim"
+    sampler: SamplerName | None = None
     eta: float = 0.0
     cfg_scale: float = 1.0
     resolution: int | None = None
@@ -71,7 +74,8 @@ def check_options(model: GenerativeModel, opts: GenerateOptions, seeds: list[int
 
     Raises :class:`OptionError` naming the offending field.
     """
-    _closed("sampler", opts.sampler, SAMPLER_NAMES)
+    if opts.sampler is not None:
+        _closed("sampler", opts.sampler, SAMPLER_NAMES)
     _closed("schedule", opts.schedule, get_args(ScheduleName))
     _closed("upscale", opts.upscale, get_args(Upscale))
     _closed("ug_order", opts.ug_order, get_args(UgOrder))
@@ -84,6 +88,10 @@ def check_options(model: GenerativeModel, opts: GenerateOptions, seeds: list[int
     native, num_classes = model.resolution, model.num_classes
     if model.kind == "ssd":
         _check_ssd(opts, native)
+    elif opts.eta != 0.0 and (opts.sampler or DEFAULT_SAMPLER) != "ddim":
+        raise OptionError("eta", f"eta is DDIM's stochasticity and does not apply to the "
+                          f"{opts.sampler} sampler (ddpm is ancestral, the DPM-Solver++ "
+                          f"samplers are deterministic), got eta={opts.eta}")
     res = opts.resolution or native
     if res <= 0 or res % native:
         raise OptionError("resolution", f"resolution {res} is not a positive multiple of the "
@@ -123,6 +131,13 @@ def check_options(model: GenerativeModel, opts: GenerateOptions, seeds: list[int
 def _check_ssd(opts: GenerateOptions, native: int) -> None:
     """What a Scale Space Diffusion chain cannot honour (classifier-free guidance, time-aware
     conditioning and ``clip_denoised`` apply to it as to any model)."""
+    if opts.sampler is not None:
+        raise OptionError("sampler", f"Scale Space Diffusion models sample with their own "
+                          f"posterior chain over the resolution schedule (ancestral), not "
+                          f"{opts.sampler!r}: leave sampler unset")
+    if opts.eta != 0.0:
+        raise OptionError("eta", f"eta is DDIM's stochasticity; a Scale Space Diffusion "
+                          f"chain is ancestral and takes none, got eta={opts.eta}")
     if opts.resolution not in (None, native):
         raise OptionError("resolution", f"Scale Space Diffusion models sample at their native "
                           f"resolution {native} only: the resolution schedule ends there and "

@@ -173,9 +173,11 @@ def sample_cmd(
     n: int = typer.Option(4, help="Number of images."),
     seed: int = typer.Option(0, help="Base seed: image i gets seed + i."),
     steps: int = typer.Option(32, help="Sampling steps."),
-    sampler: str = typer.Option("ddim", help="ddim, ddpm, dpmpp_2m or dpmpp_2m_full "
-                                "(diffusers' and k-diffusion's DPM-Solver++(2M))."),
-    eta: float = typer.Option(0.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like."),
+    sampler: str = typer.Option(None, help="ddim, ddpm, dpmpp_2m or dpmpp_2m_full "
+                                "(diffusers' and k-diffusion's DPM-Solver++(2M)); unset: the "
+                                "model's own (ddim; SSD models: their posterior chain)."),
+    eta: float = typer.Option(0.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like "
+                              "(the ddim sampler only)."),
     class_label: str = typer.Option(
         None, help="Class for every image, or a comma-separated list, one class per image "
         "(e.g. 0,0,1,1 with --n 4)."),

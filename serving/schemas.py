@@ -66,8 +66,11 @@ class GenerateRequest(BaseModel):
         description="One seed per image (then num_images is their count).")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Base seed: image i gets seed + i.")
     steps: int = Field(DEFAULT_STEPS, ge=1, le=MAX_STEPS)
-    sampler: SamplerName = "ddim"
-    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity.")
+    sampler: SamplerName | None = Field(
+        None, description="Unset: the model's own (DDIM for a denoiser; a Scale Space "
+        "Diffusion model's posterior chain, which takes no other).")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM stochasticity (the ddim "
+                       "sampler only).")
     schedule: ScheduleName = "model"
     cfg_scale: float = Field(1.0, ge=0.0, le=20.0, description="Classifier-free guidance.")
     class_labels: list[int] | int | None = Field(

@@ -131,8 +131,9 @@ class MLflowLogger(Callback):
     def on_images(self, step: int, name: str, image: np.ndarray) -> None:
         if self.active:
             cfg = self.cfg
+            sampler = (cfg.sampling.sampler or "own sampler") if cfg else ""
             caption = (f"{name}, step {step}: EMA weights, seeds {cfg.sampling.seed}.., "
-                       f"{cfg.sampling.sampler} {cfg.sampling.steps} steps" if cfg else name)
+                       f"{sampler} {cfg.sampling.steps} steps" if cfg else name)
             image = readable(image, caption)
             mlflow.log_image(image, artifact_file=f"samples/{name}-{step:08d}.png")
             mlflow.log_image(image, key=name, step=step)

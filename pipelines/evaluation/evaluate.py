@@ -53,7 +53,7 @@ class EvalConfig(BaseModel):
     out_dir: str = "outputs/eval"
     n_images: int = Field(1000, ge=2)
     seed: int = Field(0, ge=0)
-    sampler: str = "ddim"
+    sampler: str | None = None  # None: the model's own (DDIM; SSD: its posterior chain)
     steps: list[int] = Field(default_factory=lambda: [32])
     schedules: list[str] = Field(default_factory=lambda: ["model"])
     eta: float = Field(0.0, ge=0)

@@ -42,6 +42,8 @@ def test_shape_range_and_seed_dependence(model):
     assert not torch.allclose(x[0], x[1])
     again = generate(model, seeds=[0, 1, 2], steps=STEPS)
     assert torch.equal(x, again)
+    # an unnamed sampler is DDIM's
+    assert torch.equal(x, generate(model, seeds=[0, 1, 2], steps=STEPS, sampler="ddim"))
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0),
@@ -161,6 +163,8 @@ def test_spectral_kind_picks_the_per_image_schedule():
     (dict(class_labels=[1], time_aware=(1, 1.5)), "time_aware", "switch"),
     (dict(class_labels=[1], time_aware=(7, 0.5)), "time_aware", "second class"),
     (dict(sampler="euler"), "sampler", "ddim"),
+    (dict(sampler="dpmpp_2m", eta=0.5), "eta", "dpmpp_2m"),  # DDIM's alone, never ignored
+    (dict(sampler="ddpm", eta=1.0), "eta", "ancestral"),
     (dict(seeds=[-1]), "seeds", "seeds"),
     (dict(schedule="spectral"), "schedule", "spectral schedule model"),
     (dict(upscale="nearest"), "upscale", "cascade"),

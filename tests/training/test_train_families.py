@@ -26,6 +26,7 @@ from train_helpers import ROOT  # noqa: E402, F401
 from common.models import load_model  # noqa: E402
 from common.run_config import Config, load_config  # noqa: E402
 from components.generate import generate  # noqa: E402
+from components.options import OptionError  # noqa: E402
 from components.samplers import SAMPLERS  # noqa: E402
 from training.build import build_model, build_objective, ssd_settings_of  # noqa: E402
 from training.data import build_data  # noqa: E402
@@ -176,9 +177,15 @@ def check_ssd_sampling(model, cfg: Config, labels: list[int]) -> None:
     assert model.extra == ssd_settings_of(cfg) and model.extra["levels"] == 3
     a = generate(model, seeds=[5, 6], steps=4, class_labels=None)
     assert a.shape == (2, 3, 16, 16) and torch.isfinite(a).all()
-    # the sampler argument does not apply; the image depends on its seed only
-    b = generate(model, seeds=[6], steps=4, sampler="dpmpp_2m")
+    # the image depends on its seed only
+    b = generate(model, seeds=[6], steps=4)
     torch.testing.assert_close(b[0], a[1], atol=1e-4, rtol=1e-4)
+    # its chain is its own: a sampler or DDIM's eta is refused by name, not ignored
+    for bad, field in (({"sampler": "dpmpp_2m"}, "sampler"), ({"sampler": "ddim"}, "sampler"),
+                       ({"eta": 0.5}, "eta")):
+        with pytest.raises(OptionError, match="Scale Space Diffusion") as err:
+            generate(model, seeds=[6], steps=4, **bad)
+        assert err.value.field == field
     c = generate(model, seeds=[5], steps=6)
     assert not torch.allclose(c[0], a[0])
     with pytest.raises(ValueError, match="Scale Space Diffusion models"):
