@@ -180,10 +180,9 @@ def sample_arms(refs: dict[str, dict[str, Any]], n: int, sample: Any, out: Path,
         model_dir = Path(r["model_dir"])
         (model_dir / PARAMETERS_FILE).write_text(
             json.dumps({"parameters": _parameters(model_dir)}))
-    todo = [(a, snap) for a, r in refs.items()
-            for snap in sorted(snapshots(r["run_dir"]), key=lambda x: (not x["final"],
-                                                                       -x["images_seen"]))]
-    todo.sort(key=lambda t: not t[1]["final"])  # every arm's final model before any snapshot
+    models = [(a, snap) for a, r in refs.items() for snap in snapshots(r["run_dir"])]
+    todo = [m for m in models if m[1]["final"]] + sorted(
+        (m for m in models if not m[1]["final"]), key=lambda m: -m[1]["images_seen"])
     names = []
     _list_portable(refs, out, work_dir)
     for a, snap in todo:
