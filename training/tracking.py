@@ -130,10 +130,11 @@ class MLflowLogger(Callback):
 
     def on_images(self, step: int, name: str, image: np.ndarray) -> None:
         if self.active:
-            cfg = self.cfg
-            sampler = (cfg.sampling.sampler or "own sampler") if cfg else ""
-            caption = (f"{name}, step {step}: EMA weights, seeds {cfg.sampling.seed}.., "
-                       f"{sampler} {cfg.sampling.steps} steps" if cfg else name)
+            caption = name
+            if self.cfg:
+                sc = self.cfg.sampling
+                caption = (f"{name}, step {step}: EMA weights, seeds {sc.seed}.., "
+                           f"{sc.sampler or 'own sampler'} {sc.steps} steps")
             image = readable(image, caption)
             mlflow.log_image(image, artifact_file=f"samples/{name}-{step:08d}.png")
             mlflow.log_image(image, key=name, step=step)
