@@ -15,33 +15,240 @@ Samples are kept per model (``<arm>@<images seen>``, the seeds from the experime
 so a row and a curve point of one model share them, and an arm can be trained and sampled on
 the machine that holds its weights (:func:`sample_arms`) and measured anywhere else from its
 run's records and samples: :func:`portable_files` lists what has to travel.
+
+The procedure every such experiment follows (data, training, accounting, sampling, floors,
+rows, curves, paired differences, figures) is :func:`run`; an experiment supplies its
+:class:`Design` (arms, marks, sampling options, comparisons, rule) and :class:`ArmsSettings`.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field, field_validator
 from safetensors import safe_open
 
 from common.models import load_model
 from components.generate import image_grid, to_uint8
+from pipelines.config import DemoConfig, IngestConfig
+from pipelines.data.demo import build_demo
+from pipelines.data.ingest import ingest
 from pipelines.evaluation.metrics import FeatureSpace, MetricSettings
 from pipelines.experiments.common import (
+    ExperimentSettings,
     Log,
+    ReferenceSpec,
+    Timer,
     as_float,
+    ensure_feature_net,
     environment,
+    fd_key,
+    feature_space,
     measure,
     paired_difference,
+    real_floors,
+    real_images,
     sample_uint8,
     save_samples,
     saved_samples,
+    slim,
+    train_references,
 )
+
+
+class ArmsSettings(ExperimentSettings):
+    """Settings every equal-compute experiment has; a subclass names its arms (``ARMS``, the
+    default of ``arms``) and its marks."""
+
+    ARMS: ClassVar[tuple[str, ...]] = ()
+
+    train_data: str | None = None  # shards; None: the embedded demo corpus, built in work_dir
+    real_data: str | None = None  # held-out images; None: the training data
+    floor_data: str | None = None  # a second real set for the floors; None: real_data halves
+    arms: list[str] = Field(default_factory=list, validate_default=True)  # empty: every arm
+    time_limit_s: float = Field(480.0, gt=0)  # training seconds per arm (the loop's clock)
+    reference_sets: list[str] = Field(default_factory=list)  # overrides for every arm
+    arm_sets: dict[str, list[str]] = Field(default_factory=dict)  # per-arm overrides
+    feature_net: str | None = None  # weights; None: trained on train_data (feature_recipe)
+    feature_recipe: dict[str, Any] = Field(default_factory=dict)
+    n_images: int = Field(5000, ge=2)  # per row
+    n_curve: int = Field(1000, ge=2)  # per snapshot on the curves
+    grid_images: int = Field(16, ge=1)
+    stop_after_training: bool = False  # train (or resume) the arms named, then stop
+    # train (or resume) the arms named, sample n_images of each of their snapshots and
+    # final models, keep the samples and run records, then stop: the metrics can then be
+    # computed on another machine (train_missing=false, the same settings, these files)
+    stop_after_sampling: bool = False
+
+    @field_validator("arms")
+    @classmethod
+    def _arms(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if a not in cls.ARMS]
+        if bad:
+            raise ValueError(f"arms must be among {list(cls.ARMS)}, got {v}")
+        return list(dict.fromkeys(v)) or list(cls.ARMS)
+
+    @field_validator("arm_sets")
+    @classmethod
+    def _arm_sets(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        bad = [a for a in v if a not in cls.ARMS]
+        if bad:
+            raise ValueError(f"arm_sets names arms that do not exist: {bad} "
+                             f"(arms: {list(cls.ARMS)})")
+        return v
+
+
+@dataclass(frozen=True)
+class Design:
+    """What an equal-compute experiment fixes beside its settings.
+
+    ``arms`` maps each arm to its recipe; ``sets(s, arm)`` adds the overrides an arm takes
+    from the settings beyond the shared ones (none by default). The arms meet at the largest
+    of ``s.<marks_field>`` that all reached, counted as ``mark_key`` in their run records
+    (``train_flops`` or ``images_seen``); the rows there are ``<arm>@<mark_budget>``.
+    ``pairs``: the (a, b) arms whose paired differences b - a are computed at both budgets;
+    ``verdict(comparisons, rows, apart)`` applies the rule fixed before measuring.
+    """
+
+    name: str
+    claim: str
+    arms: dict[str, ReferenceSpec]
+    marks_field: str
+    mark_key: str
+    mark_budget: str
+    pairs: list[tuple[str, str]]
+    verdict: Callable[[list[dict[str, Any]], list[dict[str, Any]], str | None],
+                      dict[str, Any]]
+    resolution: Callable[[Any], int]
+    sample_kw: Callable[[Any, str], dict[str, Any]]
+    sets: Callable[[Any, str], list[str]] = lambda s, arm: []
+    conditional: bool = False  # sample with class labels (seed mod the arms' classes)
+
+    @property
+    def mark_field(self) -> str:
+        """The results' key of the common mark."""
+        return {"flops": "flop_mark", "images": "image_mark"}.get(self.mark_budget,
+                                                                   f"{self.mark_budget}_mark")
+
+
+def demo_data(s: ArmsSettings, resolution: int, log: Log) -> tuple[str, str]:
+    """(training shards, real images): ``s.train_data`` and ``s.real_data``, or the embedded
+    demo corpus at ``resolution``, built and ingested in the work folder once."""
+    if s.train_data is not None:
+        return s.train_data, s.real_data or s.train_data
+    root = Path(s.work_dir) / "data"
+    shards = root / f"demo-shards-{resolution}"
+    if not (shards / "manifest.parquet").exists():
+        corpus = root / f"demo-corpus-{resolution}"
+        build_demo(corpus, DemoConfig(size=resolution, per_class=32), log=log)
+        ingest(str(corpus), str(shards),
+               IngestConfig(size=resolution, shard_size=128, gzip=True), log=log)
+    return str(shards), s.real_data or str(shards)
+
+
+def references(d: Design, s: ArmsSettings, train: str) -> dict[str, ReferenceSpec]:
+    """Every arm named in ``s.arms`` under the shared budget, on the same data and seed."""
+    marks = getattr(s, d.marks_field)
+    budget = arm_sets(s.time_limit_s, **{d.marks_field: marks})
+    return {a: ReferenceSpec(config=d.arms[a].config, sets=[
+        f"data.url={train}", f"run.seed={s.seed}", *d.arms[a].sets, *budget,
+        *d.sets(s, a), *s.reference_sets, *s.arm_sets.get(a, [])]) for a in s.arms}
+
+
+def run(d: Design, s: ArmsSettings, out: Path, log: Log) -> dict[str, Any]:
+    """Train (or reuse) the arms, then evaluate their final models, their snapshots at the
+    common mark and the curves; returns the results. ``s.stop_after_training`` and
+    ``s.stop_after_sampling`` end it early (:func:`sample_arms`)."""
+    timer = Timer()
+    device = s.resolved_device()
+    if s.stop_after_sampling:
+        check_portable(out, s.work_dir)
+    with timer("data"):
+        train, real_src = demo_data(s, d.resolution(s), log)
+    with timer("training"):
+        refs = train_references(references(d, s, train), s, d.name, log)
+    for a, r in refs.items():
+        r["budget"] = b = accounting(r["run_dir"])
+        log(f"{a}: {b['images_seen']} images, {b['train_seconds']:.1f} s, "
+            f"{(b['flops_per_image'] or 0) / 1e9:.2f} GFLOP/image, "
+            f"{(b['train_flops'] or 0):.3g} FLOPs")
+    head = {"experiment": d.name, "claim": d.claim, "settings": s.model_dump(mode="json"),
+            "references": refs}
+    if s.stop_after_training:
+        return {**head, "environment": environment(), "seconds": timer.seconds}
+
+    num_classes = _num_classes(refs) if d.conditional else 0
+
+    def samples(arm: str, key: str, model_dir: str, n: int) -> tuple[torch.Tensor, float]:
+        seeds = list(range(s.seed, s.seed + n))
+        labels = [i % num_classes for i in seeds] if num_classes else None
+        with timer("sampling"):
+            return model_samples(key, model_dir, seeds, labels, out, device, s.batch_size,
+                                 d.sample_kw(s, arm))
+
+    if s.stop_after_sampling:
+        sampled = sample_arms(refs, s.n_images, samples, out, s.work_dir, log)
+        return {**head, "sampled": sampled, "environment": environment(),
+                "seconds": timer.seconds}
+
+    with timer("feature_net"):
+        fnet = s.feature_net or ensure_feature_net(train, None, s, s.feature_recipe, log)
+    spaces = feature_space(fnet, device)
+    real, _ = real_images(real_src, None, s.seed, resolution=d.resolution(s))
+    with timer("floors"):
+        floors = real_floors(s.floor_data or real_src, real_src, real,
+                             sorted({s.n_images, s.n_curve}), spaces, s.metrics, s.seed, device)
+
+    def evaluate(arm: str, key: str, model_dir: str, n: int, intervals: bool
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+        images, seconds = samples(arm, key, model_dir, n)
+        with timer("metrics"):
+            return measured(key, images, seconds, real, spaces, s.metrics, device, log,
+                            intervals)
+
+    rows, details, curves, mark = evaluate_arms(
+        refs, getattr(s, d.marks_field), d.mark_key, d.mark_budget, evaluate, s.n_images,
+        s.n_curve)
+    comparisons = paired(details, [(f"{a}@{budget}", f"{b}@{budget}", budget)
+                                   for budget in ("time", d.mark_budget) for a, b in d.pairs])
+    results = {
+        **head, "feature_net": fnet, "real_data": real_src, "n_real": len(real),
+        "floors": floors, d.mark_field: mark, "rows": rows, "curves": curves,
+        "comparisons": comparisons, "verdict": d.verdict(comparisons, rows, chips(refs)),
+        "details": {k: slim(v) for k, v in details.items()},
+        "environment": environment(), "seconds": timer.seconds}
+    results["figures"] = figures(results, out, s)
+    return results
+
+
+def _num_classes(refs: dict[str, dict[str, Any]]) -> int:
+    counts = {json.loads((Path(r["model_dir"]) / "config.json").read_text())["num_classes"]
+              for r in refs.values()}
+    if len(counts) != 1:
+        raise ValueError(f"the arms disagree on the number of classes: {sorted(counts)}")
+    return counts.pop()
+
+
+def figures(results: dict[str, Any], out: Path, s: ArmsSettings) -> list[str]:
+    """curves.png (FD-prism, else SWD, along the run against time and FLOPs, beside the floor
+    at the curves' n), grid.png (one strip per arm's final model, the same seeds and labels),
+    loss.png (each arm's training loss)."""
+    rows = results["rows"]
+    metric = (fd_key(rows[0]) if rows else None) or "swd_x1e3"
+    floor = results["floors"].get(str(s.n_curve), {}).get(metric)
+    curve_figure(results["curves"], metric, floor, out / "curves.png")
+    grid = grid_figure(out, [r for r in rows if r["budget"] == "time"],
+                       min(s.grid_images, s.n_images))
+    loss_figure(results["references"], out / "loss.png")
+    return ["curves.png", *grid, "loss.png"]
 
 
 def arm_sets(time_limit_s: float, flop_marks: list[float] = (),
@@ -328,15 +535,6 @@ def measured(key: str, images: torch.Tensor, seconds: float, real: torch.Tensor,
         + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
                     if isinstance(v, float) and not k.endswith("_se")))
     return {"n": len(images), **row, "sample_seconds_per_image": seconds / len(images)}, details
-
-
-def sampled_results(name: str, claim: str, s: Any, refs: dict[str, dict[str, Any]],
-                    sampled: list[str], seconds: dict[str, float]) -> dict[str, Any]:
-    """The results of a run stopped after sampling (``stop_after_sampling``): the arms and the
-    samples made (listed with the run records in ``portable.txt``: :func:`sample_arms`)."""
-    return {"experiment": name, "claim": claim, "settings": s.model_dump(mode="json"),
-            "references": refs, "sampled": sampled, "environment": environment(),
-            "seconds": seconds}
 
 
 def _sync(device: str) -> None:

@@ -25,40 +25,23 @@ with paired bootstrap differences ssd - ddpm and the sampling seconds per image.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
 from pydantic import Field, field_validator
 
-from pipelines.config import DemoConfig, IngestConfig
-from pipelines.data.demo import build_demo
-from pipelines.data.ingest import ingest
 from pipelines.experiments import arms as A
-from pipelines.experiments.common import (
-    ExperimentSettings,
-    Log,
-    ReferenceSpec,
-    Timer,
-    ensure_feature_net,
-    environment,
-    fd_key,
-    feature_space,
-    real_floors,
-    real_images,
-    slim,
-    status,
-    train_references,
-)
+from pipelines.experiments.common import Log, ReferenceSpec, status
 
 NAME = "ssd-vs-ddpm"
 CLAIM = ("Scale Space Diffusion (a Flexi-UNet over a shrinking state) matches DDPM's quality "
          "at lower training and sampling cost (Mukhopadhyay et al.: 2 levels, FID 2.14 "
          "against 2.22 at 0.89x the training time).")
+# arm -> its recipe, made unconditional
 ARMS: dict[str, ReferenceSpec] = {
-    "ssd4": ReferenceSpec(config="ssd-64-4l"),
+    "ssd4": ReferenceSpec(config="ssd-64-4l", sets=["data.num_classes=0"]),
     "ssd2": ReferenceSpec(config="ssd-64-4l", sets=[
-        "model.preset=ssd-64-2l", "objective.options.levels=2"]),
-    "ddpm": ReferenceSpec(config="ddpm-x0-64"),
+        "data.num_classes=0", "model.preset=ssd-64-2l", "objective.options.levels=2"]),
+    "ddpm": ReferenceSpec(config="ddpm-x0-64", sets=["data.num_classes=0"]),
 }
 MARGIN = 0.05  # "matches": FD-prism within 5% of DDPM's (a non-inferiority margin)
 RULE = ("ssd4@time and ssd4@images against ddpm at the same budget, paired bootstrap of "
@@ -67,40 +50,18 @@ RULE = ("ssd4@time and ssd4@images against ddpm at the same budget, paired boots
         "either lies wholly above 0, else 'inconclusive'.")
 
 
-class Settings(ExperimentSettings):
-    """S3's settings (``prism experiment show ssd-vs-ddpm``)."""
+class Settings(A.ArmsSettings):
+    """S3's settings (``prism experiment show ssd-vs-ddpm``); the shared ones:
+    :class:`arms.ArmsSettings`."""
 
-    train_data: str | None = None  # shards; None: the embedded demo corpus, built in work_dir
-    real_data: str | None = None  # held-out images; None: the training data
-    floor_data: str | None = None
+    ARMS: ClassVar[tuple[str, ...]] = tuple(ARMS)
+
     resolution: int = Field(64, ge=8)
-    arms: list[str] = Field(default_factory=lambda: list(ARMS))
-    time_limit_s: float = Field(480.0, gt=0)  # training seconds per arm (the loop's clock)
     image_marks: list[int] = Field(
         default_factory=lambda: [64000, 128000, 256000, 384000, 512000])
     ssd_compile: bool = False  # compile the SSD arms (one graph per resolution pair)
-    reference_sets: list[str] = Field(default_factory=list)  # overrides for every arm
-    arm_sets: dict[str, list[str]] = Field(default_factory=dict)  # per-arm overrides
-    feature_net: str | None = None
-    feature_recipe: dict[str, Any] = Field(default_factory=dict)
     steps: int = Field(100, ge=1)  # sampling steps of every arm
     ddpm_sampler: str = "ddim"
-    n_images: int = Field(5000, ge=2)
-    n_curve: int = Field(1000, ge=2)
-    grid_images: int = Field(16, ge=1)
-    stop_after_training: bool = False
-    # train (or resume) the arms named, sample n_images of each of their snapshots and
-    # final models, keep the samples and run records, then stop: the metrics can then be
-    # computed on another machine (train_missing=false, the same settings, these files)
-    stop_after_sampling: bool = False
-
-    @field_validator("arms")
-    @classmethod
-    def _arms(cls, v: list[str]) -> list[str]:
-        bad = [a for a in v if a not in ARMS]
-        if not v or bad:
-            raise ValueError(f"arms must be among {list(ARMS)}, got {v}")
-        return list(dict.fromkeys(v))
 
     @field_validator("image_marks")
     @classmethod
@@ -142,93 +103,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _data(s: Settings, log: Log) -> tuple[str, str]:
-    if s.train_data is not None:
-        return s.train_data, s.real_data or s.train_data
-
-    size = s.resolution
-    root = Path(s.work_dir) / "data"
-    shards = root / f"demo-shards-{size}"
-    if not (shards / "manifest.parquet").exists():
-        corpus = root / f"demo-corpus-{size}"
-        build_demo(corpus, DemoConfig(size=size, per_class=32), log=log)
-        ingest(str(corpus), str(shards), IngestConfig(size=size, shard_size=128, gzip=True),
-               log=log)
-    return str(shards), s.real_data or str(shards)
-
-
-def references(s: Settings, train: str) -> dict[str, ReferenceSpec]:
-    """Every arm named in ``s.arms`` under the shared budget, on the same data and seed."""
-    budget = A.arm_sets(s.time_limit_s, image_marks=s.image_marks)
-    out = {}
-    for a in s.arms:
-        compile_off = ["run.compile=off"] if a.startswith("ssd") and not s.ssd_compile else []
-        out[a] = ReferenceSpec(config=ARMS[a].config, sets=[
-            f"data.url={train}", f"run.seed={s.seed}", "data.num_classes=0",
-            *ARMS[a].sets, *budget, *compile_off, *s.reference_sets, *s.arm_sets.get(a, [])])
-    return out
-
-
-def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
-    """Train (or reuse) the arms, evaluate their final models, snapshots at the common image
-    mark and the curves; returns the results."""
-    timer = Timer()
-    device = s.resolved_device()
-    if s.stop_after_sampling:
-        A.check_portable(out, s.work_dir)
-    with timer("data"):
-        train, real_src = _data(s, log)
-    with timer("training"):
-        refs = train_references(references(s, train), s, NAME, log)
-    for a, r in refs.items():
-        r["budget"] = b = A.accounting(r["run_dir"])
-        log(f"{a}: {b['images_seen']} images, {b['train_seconds']:.1f} s, "
-            f"{(b['flops_per_image'] or 0) / 1e9:.2f} GFLOP/image (expected over pairs)")
-    if s.stop_after_training:
-        return {"experiment": NAME, "claim": CLAIM, "settings": s.model_dump(mode="json"),
-                "references": refs, "environment": environment(), "seconds": timer.seconds}
-
-    def samples(arm: str, key: str, model_dir: str, n: int) -> tuple[torch.Tensor, float]:
-        kw = {"steps": s.steps} if arm.startswith("ssd") else \
-            {"steps": s.steps, "sampler": s.ddpm_sampler}
-        with timer("sampling"):
-            return A.model_samples(key, model_dir, list(range(s.seed, s.seed + n)), None, out,
-                                   device, s.batch_size, kw)
-
-    if s.stop_after_sampling:
-        return A.sampled_results(NAME, CLAIM, s, refs, A.sample_arms(
-            refs, s.n_images, samples, out, s.work_dir, log), timer.seconds)
-
-    with timer("feature_net"):
-        fnet = s.feature_net or ensure_feature_net(train, None, s, s.feature_recipe, log)
-    spaces = feature_space(fnet, device)
-    real, _ = real_images(real_src, None, s.seed, resolution=s.resolution)
-    with timer("floors"):
-        floors = real_floors(s.floor_data or real_src, real_src, real,
-                             sorted({s.n_images, s.n_curve}), spaces, s.metrics, s.seed, device)
-
-    def evaluate(arm: str, key: str, model_dir: str, n: int, intervals: bool
-                 ) -> tuple[dict[str, Any], dict[str, Any]]:
-        images, seconds = samples(arm, key, model_dir, n)
-        with timer("metrics"):
-            return A.measured(key, images, seconds, real, spaces, s.metrics, device, log,
-                              intervals)
-
-    rows, details, curves, mark = A.evaluate_arms(refs, s.image_marks, "images_seen",
-                                                  "images", evaluate, s.n_images, s.n_curve)
-    comparisons = A.paired(details, [(f"ddpm@{b}", f"{arm}@{b}", b) for b in ("time", "images")
-                                     for arm in ("ssd4", "ssd2")])
-    results = {
-        "experiment": NAME, "claim": CLAIM, "settings": s.model_dump(mode="json"),
-        "references": refs, "feature_net": fnet, "real_data": real_src, "n_real": len(real),
-        "floors": floors, "image_mark": mark, "rows": rows, "curves": curves,
-        "comparisons": comparisons, "verdict": verdict(comparisons, rows, A.chips(refs)),
-        "details": {k: slim(v) for k, v in details.items()},
-        "environment": environment(), "seconds": timer.seconds}
-    results["figures"] = figures(results, out, s)
-    return results
-
-
 def verdict(comparisons: list[dict[str, Any]], rows: list[dict[str, Any]],
             apart: str | None = None) -> dict[str, Any]:
     """The rule, fixed before measuring (``RULE``); ``apart``: why the arms' seconds do not
@@ -249,14 +123,29 @@ def verdict(comparisons: list[dict[str, Any]], rows: list[dict[str, Any]],
             "ssd4_minus_ddpm": {c["budget"]: c[metric] for c in cells}}
 
 
-def figures(results: dict[str, Any], out: Path, s: Settings) -> list[str]:
-    """curves.png (FD-prism along the run against time and FLOPs), grid.png (one row per
-    arm's final model, same seeds), loss.png."""
-    rows = results["rows"]
-    metric = (fd_key(rows[0]) if rows else None) or "swd_x1e3"
-    floor = results["floors"].get(str(s.n_curve), {}).get(metric)
-    A.curve_figure(results["curves"], metric, floor, out / "curves.png")
-    grid = A.grid_figure(out, [r for r in rows if r["budget"] == "time"],
-                         min(s.grid_images, s.n_images))
-    A.loss_figure(results["references"], out / "loss.png")
-    return ["curves.png", *grid, "loss.png"]
+def _sets(s: Settings, arm: str) -> list[str]:
+    """The SSD arms eager unless ``ssd_compile``."""
+    return ["run.compile=off"] if arm.startswith("ssd") and not s.ssd_compile else []
+
+
+def _sample_kw(s: Settings, arm: str) -> dict[str, Any]:
+    """The same steps for every arm: SSD's own respaced chain, the DDPM arm's sampler."""
+    return {"steps": s.steps} if arm.startswith("ssd") else \
+        {"steps": s.steps, "sampler": s.ddpm_sampler}
+
+
+DESIGN = A.Design(
+    name=NAME, claim=CLAIM, arms=ARMS, marks_field="image_marks", mark_key="images_seen",
+    mark_budget="images", pairs=[("ddpm", "ssd4"), ("ddpm", "ssd2")], verdict=verdict,
+    resolution=lambda s: s.resolution, sample_kw=_sample_kw, sets=_sets)
+
+
+def references(s: Settings, train: str) -> dict[str, ReferenceSpec]:
+    """Every arm named in ``s.arms`` under the shared budget, on the same data and seed."""
+    return A.references(DESIGN, s, train)
+
+
+def run(s: Settings, out: Path, log: Log = status) -> dict[str, Any]:
+    """Train (or reuse) the arms, evaluate their final models, snapshots at the common image
+    mark and the curves; returns the results (:func:`arms.run`)."""
+    return A.run(DESIGN, s, out, log)
