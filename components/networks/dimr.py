@@ -12,7 +12,7 @@ Feature cascade b -> b+1 (r = g_{b+1} / g_b):
     -> Linear(d_b (depth_b + 1) -> d_{b+1} r^2) -> PixelShuffle(r) -> TD-LayerNorm
     -> added to branch b+1's input embedding (gradients flow through).
 
-Time enters only through TD-LN, via ``c = clamp(-c_noise[:, 0], -1, 1)`` (``tdln.py``). With
+Time enters only through TD-LN, via ``c = tdln.time_coordinate(c_noise)`` in [-1, 1]. With
 ``n_cond = 3`` (spectral schedules) the extra columns ``(lambda(0), lambda(1)) / 15`` are
 embedded (sinusoidal, x1000) and added to the conditioning token through a zero-initialised
 Linear (ours, documented): at initialisation the network ignores them.

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from pydantic import Field, field_validator
 from safetensors import safe_open
 
@@ -465,10 +465,22 @@ def paired(details: dict[str, Any], pairs: list[tuple[str, str, str]]) -> list[d
 
 def grid_figure(out: Path, rows: list[dict[str, Any]], k: int) -> list[str]:
     """grid.png: one strip per row of the first ``k`` of its model's saved samples (the same
-    seeds in every strip); grid_rows.json names the strips."""
-    strips = [to_uint8(image_grid(as_float(torch.from_numpy(
-        np.load(out / "samples" / f"{r['samples']}.npy")[:k])), nrow=k)).numpy() for r in rows]
-    Image.fromarray(np.concatenate(strips, axis=0)).save(out / "grid.png")
+    seeds in every strip), the row's name at its left; grid_rows.json names the strips."""
+    images = [torch.from_numpy(np.load(out / "samples" / f"{r['samples']}.npy")[:k])
+              for r in rows]
+    strips = [to_uint8(image_grid(as_float(x), nrow=k)).numpy() for x in images]
+    grid = Image.fromarray(np.concatenate(strips, axis=0))
+    zoom = max(1, 64 // images[0].shape[-1])  # small images drawn larger, pixels kept sharp
+    grid = grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST)
+    font = ImageFont.load_default()
+    margin = 8 + max(int(font.getlength(r["tag"])) for r in rows)
+    page = Image.new("RGB", (grid.width + margin, grid.height), "white")
+    page.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(page)
+    h = grid.height // len(rows)
+    for i, r in enumerate(rows):
+        draw.text((4, i * h + h // 2), r["tag"], fill="black", font=font, anchor="lm")
+    page.save(out / "grid.png")
     (out / "grid_rows.json").write_text(json.dumps([r["tag"] for r in rows]))
     return ["grid.png", "grid_rows.json"]
 

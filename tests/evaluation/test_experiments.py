@@ -179,3 +179,24 @@ def test_spectral_schedules_small_end_to_end(tmp_path):
                                          "inconclusive")
     for label, ref in res["references"].items():
         assert ref["training"]["images_seen"] >= s.training_images, label
+
+
+def test_arms_grid_names_each_strip_and_draws_small_images_larger(tmp_path):
+    from PIL import Image
+
+    from pipelines.experiments import arms
+
+    (tmp_path / "samples").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for tag, name in (("a@time", "a@10"), ("bb@time", "bb@20")):
+        np.save(tmp_path / "samples" / f"{name}.npy",
+                rng.integers(0, 256, (6, 3, 16, 16), dtype=np.uint8))
+        rows.append({"tag": tag, "samples": name})
+    arms.grid_figure(tmp_path, rows, 4)
+    page = np.asarray(Image.open(tmp_path / "grid.png").convert("L"))
+    strip = arms.image_grid(torch.zeros(4, 3, 16, 16), nrow=4)  # one unzoomed strip
+    assert page.shape[0] == 2 * strip.shape[-2] * 4  # 16 px images drawn at 4x
+    margin = page.shape[1] - strip.shape[-1] * 4
+    assert margin > 0 and (page[:, :margin] < 128).any()  # the names are written at the left
+    assert json.loads((tmp_path / "grid_rows.json").read_text()) == ["a@time", "bb@time"]
