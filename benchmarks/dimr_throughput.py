@@ -11,8 +11,11 @@ DiT-B/2 pixel 32x32 batch 256 eager = 0.32 of the matmul rate on an H200). Model
     dit          our dit-b2-32 (FLOP-matched to dimr-32-2r)
     diffusers    diffusers.DiTTransformer2DModel of dit-b2-32's size (skipped if absent)
 
-Usage: ``python benchmarks/dimr_throughput.py [--batch 256] [--steps 30]``;
-``--smoke`` runs the debug presets on CPU in seconds. Results: JSON in $OUT
+Usage: ``python benchmarks/dimr_throughput.py [--batch 256] [--steps 30] [--profile]``;
+``--smoke`` runs the debug presets on CPU in seconds. ``--profile`` also runs each model's
+timed step under ``torch.profiler`` and splits its kernel time by op class (matmul, attention,
+norm, elementwise, optimizer, copy; ``benchmarks/train_profile.py``), with the gap no kernel
+fills: what bounds each model's fraction of the matmul rate. Results: JSON in $OUT
 (default ./outputs/bench), a table printed last.
 """
 
@@ -34,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.train_profile import CLASSES, class_cells, profiled  # noqa: E402
 from components.multiscale import multiscale_targets  # noqa: E402
 from components.networks.registry import build_network  # noqa: E402
 from components.networks.tdln import count_parameters, time_coordinate  # noqa: E402
@@ -157,6 +161,10 @@ def bench_one(name: str, model: nn.Module, call_of: Callable, compile_: bool,
            "compiled": bool(compile_ and args.compile)}
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.profile:
+        prof = profiled(step, args.steps, device)
+        kernel_ms = sum(prof["per_class_ms"].values())
+        out.update(kernel_ms=kernel_ms, gap_ms=max(out["step_ms"] - kernel_ms, 0.0), **prof)
     model.to("cpu")
     return out
 
@@ -171,6 +179,8 @@ def main() -> None:
     p.add_argument("--models", default=None,
                    help="comma list of models to time (default all): dimr, dimr_tbranch, dit, "
                         "diffusers_eager, diffusers")
+    p.add_argument("--profile", action="store_true",
+                   help="split each model's step by op class under torch.profiler")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
@@ -220,6 +230,14 @@ def main() -> None:
             continue
         print(f"{name:<16}{r['params_M']:>9.1f}{r['images_per_s']:>10.0f}{r['tflops']:>9.2f}"
               f"{r['fraction_of_matmul']:>7.2f}{r.get('peak_mem_gib', float('nan')):>9.2f}")
+    profiled_rows = {n: r for n, r in results.items() if "per_class_ms" in r}
+    if profiled_rows:
+        print("\nms per step (share of the step): gap and kernels by op class")
+        print(f"{'model':<16}{'step':>8}{'gap':>14}" + "".join(f" {c[:11]:>14}" for c in CLASSES))
+        for name, r in profiled_rows.items():
+            w = r["step_ms"]
+            print(f"{name:<16}{w:>8.2f}{r['gap_ms']:>7.2f} ({r['gap_ms'] / w:>4.0%})"
+                  + class_cells(r["per_class_ms"], w))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-# Source on the GPU machine: installs the carried wheels (.whl/, see ../shared/tools/gpu-wheels)
-# into /tmp/site and prints what the machine is. Usage: source benchmarks/gpu_env.sh
+# Source on the GPU machine: installs the carried wheels (.whl/, see ../shared/tools/gpu-wheels;
+# .whl-hf/ too where carried: diffusers and its dependencies for the reference rows, the recipe
+# in benchmarks/results/training.md) into /tmp/site and prints what the machine is.
+# Usage: source benchmarks/gpu_env.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl >/dev/null 2>&1 || echo "wheel install failed" >&2
+  --target /tmp/site $(ls .whl/*.whl .whl-hf/*.whl 2>/dev/null) >/dev/null 2>&1 \
+  || echo "wheel install failed" >&2
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg RAY_USAGE_STATS_ENABLED=0
 export OUT=${OUT:-$PWD/outputs/bench}
 mkdir -p "$OUT"

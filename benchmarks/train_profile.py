@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -60,6 +61,47 @@ def op_class(name: str) -> str:
     return "elementwise"
 
 
+def profiled(step: Callable[[], object], steps: int, device: torch.device) -> dict:
+    """``steps`` calls of ``step`` under ``torch.profiler``: kernel ms per step by op class
+    (:func:`op_class`) and the 25 longest kernels. On CUDA only device kernels count (a
+    CPU-side op or a graph replay carries its children's device time, which would count a
+    kernel twice); on CPU the leaf aten ops' own time."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts):  # the profiler's own first-use cost
+        step()
+        sync(device)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    per_class = dict.fromkeys(CLASSES, 0.0)
+    kernels = []
+    for ev in prof.key_averages():
+        if device.type == "cuda":
+            if ev.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = ev.self_device_time_total
+        else:
+            us = ev.self_cpu_time_total if ev.key.startswith("aten::") else 0.0
+        if us <= 0:
+            continue
+        ms = us / 1e3 / steps
+        cls = op_class(ev.key)
+        per_class[cls] += ms
+        kernels.append({"name": ev.key[:160], "class": cls, "ms_per_step": ms,
+                        "calls_per_step": ev.count / steps})
+    kernels.sort(key=lambda k: -k["ms_per_step"])
+    return {"per_class_ms": per_class, "top_kernels": kernels[:25]}
+
+
+def class_cells(per_class_ms: dict[str, float], wall_ms: float) -> str:
+    """The table cells of one case: ms per step by class, with its share of the wall time."""
+    return "".join(f" {per_class_ms[c]:>6.2f} ({per_class_ms[c] / wall_ms:>4.0%})"
+                   for c in CLASSES)
+
+
 def profile_case(preset: str, res: int, batch: int, mode: str, device: torch.device,
                  steps: int, warmup: int) -> dict:
     """Wall ms per step, kernel ms per step by class, the gap, and the longest kernels."""
@@ -85,37 +127,14 @@ def profile_case(preset: str, res: int, batch: int, mode: str, device: torch.dev
         step(x0)
     sync(device)
     wall_ms = 1e3 * (time.perf_counter() - t0) / steps
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(steps):
-            step(x0)
-        sync(device)
-    per_class = dict.fromkeys(CLASSES, 0.0)
-    kernels = []
-    for ev in prof.key_averages():
-        if device.type == "cuda":  # kernels only: CPU-side ops and graph calls carry their
-            # children's device time too, and counting them would count a kernel twice
-            if ev.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            us = ev.self_device_time_total
-        else:  # CPU: leaf aten ops' own time
-            us = ev.self_cpu_time_total if ev.key.startswith("aten::") else 0.0
-        if us <= 0:
-            continue
-        ms = us / 1e3 / steps
-        cls = op_class(ev.key)
-        per_class[cls] += ms
-        kernels.append({"name": ev.key[:160], "class": cls, "ms_per_step": ms,
-                        "calls_per_step": ev.count / steps})
-    busy = sum(per_class.values())
-    kernels.sort(key=lambda k: -k["ms_per_step"])
+    prof = profiled(lambda: step(x0), steps, device)
+    busy = sum(prof["per_class_ms"].values())
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"preset": preset, "resolution": res, "batch": batch, "mode": mode,
             "warmup_seconds": warm_s, "wall_ms": wall_ms, "images_per_second":
             1e3 * batch / wall_ms, "kernel_ms": busy, "gap_ms": max(wall_ms - busy, 0.0),
-            "per_class_ms": per_class, "peak_memory_gib": peak, "top_kernels": kernels[:25]}
+            "per_class_ms": prof["per_class_ms"], "peak_memory_gib": peak,
+            "top_kernels": prof["top_kernels"]}
 
 
 def main() -> None:
@@ -150,8 +169,7 @@ def main() -> None:
     print(head + "".join(f" {c[:11]:>14}" for c in CLASSES))
     for r in rows:
         w = r["wall_ms"]
-        cells = "".join(f" {r['per_class_ms'][c]:>6.2f} ({r['per_class_ms'][c] / w:>4.0%})"
-                        for c in CLASSES)
+        cells = class_cells(r["per_class_ms"], w)
         print(f"{r['resolution']:>4} {r['batch']:>5} {r['mode']:>16} "
               f"{r['images_per_second']:>8.0f} {w:>7.2f} {r['gap_ms']:>5.2f} "
               f"({r['gap_ms'] / w:>4.0%}){cells}")

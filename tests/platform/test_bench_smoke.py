@@ -13,10 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(script: str, out: Path) -> subprocess.CompletedProcess:
+def _run(script: str, out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300, check=True)
+    return subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                          check=True)
 
 
 def test_train_throughput_smoke_reports_every_model_and_the_fastest_ratio(tmp_path):
@@ -54,6 +55,23 @@ def test_train_profile_smoke_accounts_for_the_step_by_op_class(tmp_path):
     assert row["kernel_ms"] == pytest.approx(sum(per_class.values()))
     assert row["kernel_ms"] <= row["wall_ms"] * 1.5  # profiled op time is of the step's order
     assert "ms per step" in proc.stdout
+
+
+def test_dimr_throughput_profile_splits_every_models_step_by_op_class(tmp_path):
+    from benchmarks.train_profile import CLASSES
+
+    proc = _run("dimr_throughput.py", tmp_path, "--profile", "--models", "dimr,dimr_tbranch,dit")
+    models = json.loads((tmp_path / "dimr_throughput.json").read_text())["models"]
+    assert set(models) == {"dimr", "dimr_tbranch", "dit"}
+    for name, r in models.items():
+        per_class = r["per_class_ms"]
+        assert set(per_class) == set(CLASSES), name
+        assert per_class["matmul"] > 0 and per_class["norm"] > 0, name  # a real step ran
+        assert r["kernel_ms"] == pytest.approx(sum(per_class.values()))
+        assert r["gap_ms"] == pytest.approx(max(r["step_ms"] - r["kernel_ms"], 0.0))
+        assert r["top_kernels"] and r["top_kernels"][0]["ms_per_step"] > 0
+    assert models["dimr"]["per_class_ms"]["conv"] > 0  # DiMR's ConvNeXt branch
+    assert "gap and kernels by op class" in proc.stdout
 
 
 def test_stream_throughput_smoke_times_both_streams(tmp_path):
