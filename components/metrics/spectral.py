@@ -13,6 +13,12 @@ mean of the spectra, robust to a few very bright images). With
 - ``log_rapsd_per_frequency`` = d(f) for f = 1 .. n_bins (positive: too much power)
 - ``slope_difference`` = beta_gen - beta_real of the power-law fits ``S ~ A f^-beta`` to the
   two profiles (positive: generated images are too smooth).
+
+Set-level spectra average over images, so a minority of images left noisy by a sampler hides
+among smooth ones. Per image, :func:`high_frequency_share` is the share of its luminance power
+(mean removed) above ``cutoff`` cycles per pixel; :func:`high_frequency_outliers` is the
+fraction of generated images whose share exceeds the real set's ``quantile`` (real against
+real: about ``1 - quantile``).
 """
 
 from __future__ import annotations
@@ -76,3 +82,42 @@ def spectral_distance(generated: Tensor, real: Tensor, *, channel: str = "lumina
         "profile_real": pr.tolist(),
         "channel": channel,
     }
+
+
+def high_frequency_share(images: Tensor, *, cutoff: float = 0.375,
+                         batch_size: int = 1024) -> Tensor:
+    """Each image's share of its luminance power above ``cutoff`` cycles per pixel (radial
+    frequency of the DFT grid; the image mean removed): (N, C, H, W) in [-1, 1] -> (N,)
+    float64 in [0, 1]. A flat image has share 0."""
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N, C, H, W) batch, "
+                         f"got {tuple(images.shape)}")
+    if not 0 < cutoff < 0.5 * 2**0.5:
+        raise ValueError(f"cutoff must lie in (0, 0.707) cycles per pixel, got {cutoff}")
+    h, w = images.shape[-2:]
+    fy = torch.fft.fftfreq(h, dtype=torch.float64, device=images.device)
+    fx = torch.fft.fftfreq(w, dtype=torch.float64, device=images.device)
+    high = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff
+    parts = []
+    for start in range(0, images.shape[0], batch_size):
+        y = luminance(images[start : start + batch_size].double())
+        power = torch.fft.fft2(y - y.mean(dim=(-2, -1), keepdim=True)).abs().square()
+        total = power.flatten(1).sum(1)
+        parts.append(torch.where(total > 0, power[:, high].sum(1) / total.clamp_min(1e-300),
+                                 torch.zeros_like(total)))
+    return torch.cat(parts).cpu()
+
+
+def high_frequency_outliers(generated: Tensor, real: Tensor, *, cutoff: float = 0.375,
+                            quantile: float = 0.99) -> dict[str, object]:
+    """The fraction of generated images whose high-frequency share
+    (:func:`high_frequency_share`) exceeds the real set's ``quantile``, with the threshold and
+    both sets' median shares."""
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+    g = high_frequency_share(generated, cutoff=cutoff)
+    r = high_frequency_share(real, cutoff=cutoff)
+    threshold = torch.quantile(r, quantile).item()
+    return {"fraction": (g > threshold).double().mean().item(), "threshold": threshold,
+            "median_generated": g.median().item(), "median_real": r.median().item(),
+            "cutoff": cutoff, "quantile": quantile}

@@ -29,7 +29,12 @@ from components.metrics.inception import FID_WEIGHTS_NAME, load_fid_inception, s
 from components.metrics.kid import kid
 from components.metrics.memorization import memorization
 from components.metrics.prd import precision_recall
-from components.metrics.spectral import log_rapsd_profile, log_rapsd_profiles, spectral_distance
+from components.metrics.spectral import (
+    high_frequency_outliers,
+    log_rapsd_profile,
+    log_rapsd_profiles,
+    spectral_distance,
+)
 from components.metrics.swd import swd, swd_replicates
 
 
@@ -47,6 +52,11 @@ class MetricSettings(BaseModel):
     kid_subset_size: int = Field(1000, ge=2)
     pr_k: int = Field(3, ge=1)
     memorization_threshold: float = Field(1 / 3, gt=0, lt=1)
+    hf_cutoff: float = Field(0.375, gt=0, lt=0.7, description="cycles per pixel above which "
+                             "an image's power counts as high-frequency (hf_outliers)")
+    hf_quantile: float = Field(0.99, gt=0, lt=1, description="hf_outliers: the fraction of "
+                               "generated images above this quantile of the real images' "
+                               "high-frequency share")
     seed: int = 0
     feature_batch_size: int = Field(500, ge=1)
     bootstrap: int = Field(50, ge=0, description="bootstrap resamples of the generated set "
@@ -127,6 +137,8 @@ def compute_metrics(generated: torch.Tensor, real: torch.Tensor, *, settings: Me
                      patches_per_image=s.swd_patches_per_image, directions=s.swd_directions,
                      repeats=s.swd_repeats, seed=s.seed)
     out["spectral"] = spectral_distance(generated, real, channel=s.spectral_channel)
+    out["hf_outliers"] = high_frequency_outliers(generated, real, cutoff=s.hf_cutoff,
+                                                 quantile=s.hf_quantile)
     features = {}
     for space in spaces:
         key = "fid" if space.name == "FID" else "fd_prism"
@@ -197,6 +209,8 @@ def summary_row(metrics: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"swd_x1e3": metrics["swd"]["mean"],
                            "log_rapsd_l1": metrics["spectral"]["log_rapsd_l1"],
                            "slope_diff": metrics["spectral"]["slope_difference"]}
+    if "hf_outliers" in metrics:  # results made before the metric existed lack it
+        row["hf_outliers"] = metrics["hf_outliers"]["fraction"]
     if "fd_prism" in metrics:
         fp = metrics["fd_prism"]
         row.update({fp["name"]: fp["fd"], "kid_prism_x1e3": 1e3 * fp["kid"]["mean"],

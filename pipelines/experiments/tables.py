@@ -5,7 +5,7 @@ output rather than typed: what each arm's run recorded (equal-compute experiment
 (each model's metrics, with the training it had), the real-vs-real floor of every metric at
 the rows' sample size beneath them, the points along each arm's run, the paired bootstrap
 differences with their 95% intervals, and the verdict with its rule. Metrics are lower-better
-except precision and recall; ``slope_diff`` is best at 0.
+except precision and recall; ``slope_diff`` is best at 0, ``hf_outliers`` at its floor.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 # summary-row columns in the order a page shows them (FD-prism carries its network's hash)
 METRICS = ("FD-prism", "kid_prism_x1e3", "precision", "recall", "swd_x1e3", "log_rapsd_l1",
-           "slope_diff")
+           "slope_diff", "hf_outliers")
 PROGRESS = (("images_seen", "images seen"), ("train_seconds", "training s"),
             ("train_flops", "training FLOPs"))
 

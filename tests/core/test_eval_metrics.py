@@ -17,7 +17,11 @@ from components.metrics.frechet import feature_stats, frechet_distance, frechet_
 from components.metrics.kid import kid, mmd2_unbiased
 from components.metrics.memorization import memorization
 from components.metrics.prd import precision_recall
-from components.metrics.spectral import spectral_distance
+from components.metrics.spectral import (
+    high_frequency_outliers,
+    high_frequency_share,
+    spectral_distance,
+)
 from components.metrics.swd import laplacian_pyramid, swd
 from components.spectra import gaussian_random_field
 
@@ -211,6 +215,27 @@ def test_spectral_distance_detects_blur_and_slope() -> None:
     assert blur["slope_difference"] > 0.5  # steeper spectrum for blurred images
     noisy = spectral_distance(_noisy(x, 0.2), x)
     assert noisy["slope_difference"] < 0 and noisy["log_rapsd_l1"] > 0.1
+
+
+def test_high_frequency_outliers_count_the_noisy_minority_that_set_spectra_miss() -> None:
+    real, x = structured_images(400, seed=6), structured_images(400, seed=7)
+    flat = torch.zeros(2, 3, 32, 32)
+    assert high_frequency_share(flat).tolist() == [0.0, 0.0]
+    share = high_frequency_share(x)
+    assert share.shape == (400,) and bool(((share > 0) & (share < 1)).all())
+    assert (high_frequency_share(_noisy(x, 0.2)) > share).all()  # white noise: flat spectrum
+    floor = high_frequency_outliers(x, real)["fraction"]
+    assert floor <= 0.04  # real against real: about 1 - quantile
+    # a tenth of the images left noisy: counted image by image
+    mixed = torch.cat([_noisy(x[:40], 0.5), x[40:]])
+    out = high_frequency_outliers(mixed, real)
+    clean_above = int((share[40:] > out["threshold"]).sum())
+    assert out["fraction"] == pytest.approx((40 + clean_above) / 400)
+    assert out["fraction"] >= 0.1 > floor
+    assert out["median_generated"] == pytest.approx(out["median_real"], rel=0.2)
+    assert high_frequency_outliers(gaussian_blur(x, 1.0), real)["fraction"] == 0.0
+    with pytest.raises(ValueError, match="quantile"):
+        high_frequency_outliers(x, real, quantile=1.0)
 
 
 def test_swd_replicates_identity_row_is_swd_and_resamples_differ() -> None:
