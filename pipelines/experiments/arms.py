@@ -113,7 +113,8 @@ class Design:
     ``arms`` maps each arm to its recipe; ``sets(s, arm)`` adds the overrides an arm takes
     from the settings beyond the shared ones (none by default). The arms meet at the largest
     of ``s.<marks_field>`` that all reached, counted as ``mark_key`` in their run records
-    (``train_flops`` or ``images_seen``); the rows there are ``<arm>@<mark_budget>``.
+    (``train_flops`` or ``images_seen``); the rows there are ``<arm>@<mark_budget>``, and the
+    results name the mark under ``mark_field``.
     ``pairs``: the (a, b) arms whose paired differences b - a are computed at both budgets;
     ``verdict(comparisons, rows, apart)`` applies the rule fixed before measuring.
     """
@@ -124,6 +125,7 @@ class Design:
     marks_field: str
     mark_key: str
     mark_budget: str
+    mark_field: str
     pairs: list[tuple[str, str]]
     verdict: Callable[[list[dict[str, Any]], list[dict[str, Any]], str | None],
                       dict[str, Any]]
@@ -131,12 +133,6 @@ class Design:
     sample_kw: Callable[[Any, str], dict[str, Any]]
     sets: Callable[[Any, str], list[str]] = lambda s, arm: []
     conditional: bool = False  # sample with class labels (seed mod the arms' classes)
-
-    @property
-    def mark_field(self) -> str:
-        """The results' key of the common mark."""
-        return {"flops": "flop_mark", "images": "image_mark"}.get(self.mark_budget,
-                                                                   f"{self.mark_budget}_mark")
 
 
 def demo_data(s: ArmsSettings, resolution: int, log: Log) -> tuple[str, str]:

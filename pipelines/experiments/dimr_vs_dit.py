@@ -131,7 +131,7 @@ def verdict(comparisons: list[dict[str, Any]], apart: str | None = None) -> dict
 
 DESIGN = A.Design(
     name=NAME, claim=CLAIM, arms=ARMS, marks_field="flop_marks", mark_key="train_flops",
-    mark_budget="flops",
+    mark_budget="flops", mark_field="flop_mark",
     pairs=[("dit", "dimr"), ("dit", "unet"), ("dit", "dimr-adaln"), ("dimr", "dimr-adaln")],
     verdict=lambda comparisons, rows, apart: verdict(comparisons, apart),
     resolution=lambda s: 32, conditional=True,

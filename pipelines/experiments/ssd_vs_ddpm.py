@@ -136,7 +136,8 @@ def _sample_kw(s: Settings, arm: str) -> dict[str, Any]:
 
 DESIGN = A.Design(
     name=NAME, claim=CLAIM, arms=ARMS, marks_field="image_marks", mark_key="images_seen",
-    mark_budget="images", pairs=[("ddpm", "ssd4"), ("ddpm", "ssd2")], verdict=verdict,
+    mark_budget="images", mark_field="image_mark", pairs=[("ddpm", "ssd4"), ("ddpm", "ssd2")],
+    verdict=verdict,
     resolution=lambda s: s.resolution, sample_kw=_sample_kw, sets=_sets)
 
 
