@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,3 +116,29 @@ def test_ssd_compile_cost_smoke_times_eager_compiled_and_cached(tmp_path):
         assert r["speedup"] == pytest.approx(r["steady_images_per_s"] / e["steady_images_per_s"])
         assert (r["pays_after_wall_s"] is None) == (r["speedup"] <= 1)
     assert "compiling pays after" in proc.stdout
+
+
+def test_hf_outlier_seeds_finds_the_noisy_seeds_by_class_and_across_models(tmp_path):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:16, :16]
+    smooth = (127 + 60 * np.sin(xx[None] / 3 + rng.uniform(0, 6, (60, 1, 1)))
+              * np.cos(yy[None] / 4)).astype(np.uint8)  # (60, 16, 16): low frequencies only
+    grain = np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "real.npz", x=np.repeat(grain[..., None], 3, -1), y=np.zeros(60))
+    # generated: the same scenes without the real images' grain, 3 (then 2) left as noise
+    images = np.repeat(smooth[:40, None], 3, 1)  # (40, 3, 16, 16) uint8, seeds 0..39
+    noisy = images.copy()
+    noisy[[3, 13, 23]] = rng.integers(0, 256, (3, 3, 16, 16), dtype=np.uint8)
+    earlier = images.copy()
+    earlier[[3, 5]] = rng.integers(0, 256, (2, 3, 16, 16), dtype=np.uint8)
+    np.save(tmp_path / "now.npy", noisy)
+    np.save(tmp_path / "earlier.npy", earlier)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/hf_outlier_seeds.py", str(tmp_path / "now.npy"),
+         "--real", str(tmp_path / "real.npz"), "--earlier", str(tmp_path / "earlier.npy")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(proc.stdout[: proc.stdout.index("\n}") + 2])
+    assert report["fraction"] == pytest.approx(3 / 40)
+    # class 3 holds seeds 3, 13, 23 and 33: three of its four images are noise
+    assert report["per_class"] == pytest.approx([0, 0, 0, 0.75, 0, 0, 0, 0, 0, 0])
+    assert (report["outliers"], report["earlier_outliers"], report["shared_seeds"]) == (3, 2, 1)
