@@ -106,7 +106,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def verdict(comparisons: list[dict[str, Any]], rows: list[dict[str, Any]],
             apart: str | None = None) -> dict[str, Any]:
     """The rule, fixed before measuring (``RULE``); ``apart``: why the arms' seconds do not
-    compare (:func:`arms.chips`), which leaves the rule's equal-time half unmet."""
+    compare (:func:`arm_records.chips`), which leaves the rule's equal-time half unmet."""
     if apart:
         return {"verdict": "inconclusive", "rule": RULE, "reason": apart}
     cells = [c for c in comparisons if c["a"].startswith("ddpm@") and c["b"].startswith("ssd4@")]

@@ -184,7 +184,7 @@ def test_spectral_schedules_small_end_to_end(tmp_path):
 def test_arms_grid_names_each_strip_and_draws_small_images_larger(tmp_path):
     from PIL import Image
 
-    from pipelines.experiments import arms
+    from pipelines.experiments import arm_figures as arms
 
     (tmp_path / "samples").mkdir()
     rng = np.random.default_rng(0)

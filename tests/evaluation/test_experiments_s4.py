@@ -183,7 +183,7 @@ def test_arms_sampled_where_they_trained_are_measured_elsewhere_from_records_alo
 def test_arms_on_different_chips_leave_the_verdict_open(s4):
     """Each run records the chip its seconds were measured on; arms of one experiment trained
     on two kinds of chip do not share a time budget, and the verdict says so."""
-    from pipelines.experiments import arms as A
+    from pipelines.experiments import arm_records as A
     from pipelines.experiments.dimr_vs_dit import verdict
 
     res, _ = s4
