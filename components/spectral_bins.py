@@ -13,6 +13,32 @@ from functools import lru_cache
 import numpy as np
 
 
+def _half_spectrum(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ky (h, 1), kx (1, wr), multiplicity (h*wr,)) of the rfft2 half-spectrum: integer
+    frequencies, and 2 for a column that stands for two conjugate frequencies, else 1."""
+    ky = np.fft.fftfreq(h, 1.0 / h)[:, None]  # integer frequencies (h, 1)
+    kx = np.arange(w // 2 + 1)[None, :]  # (1, wr)
+    mult = np.full((h, w // 2 + 1), 2.0)
+    mult[:, 0] = 1.0
+    if w % 2 == 0:
+        mult[:, -1] = 1.0  # the Nyquist column is its own conjugate
+    return ky, kx, mult.ravel()
+
+
+@lru_cache(maxsize=32)
+def high_band_matrix(h: int, w: int, cutoff: float) -> np.ndarray:
+    """(h*wr, 2) pooling of the half-spectrum: column 0 sums every frequency but DC, column 1
+    those above ``cutoff`` cycles per pixel (radius ``sqrt((ky/h)^2 + (kx/w)^2)``), each with
+    its conjugate multiplicity, so ``power_half @ M`` equals the full-spectrum sums."""
+    ky, kx, mult = _half_spectrum(h, w)
+    radius = np.sqrt((ky / h) ** 2 + (kx / w) ** 2).ravel()
+    m = np.zeros((radius.size, 2))
+    m[1:, 0] = mult[1:]  # index 0 is DC
+    high = radius > cutoff
+    m[high, 1] = mult[high]
+    return m
+
+
 @lru_cache(maxsize=32)
 def bin_matrices(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Averaging matrices over the rfft2 half-spectrum of an (h, w) plane.
@@ -22,14 +48,8 @@ def bin_matrices(h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     get weight 2, so ``power_half @ M`` equals the same sum over the full spectrum.
     """
     n_bins = min(h, w) // 2
-    ky = np.fft.fftfreq(h, 1.0 / h)[:, None]  # integer frequencies (h, 1)
-    kx = np.arange(w // 2 + 1)[None, :]  # (1, wr)
+    ky, kx, mult = _half_spectrum(h, w)
     r = np.rint(np.sqrt(ky**2 + kx**2)).astype(np.int64).ravel()  # (h*wr,)
-    mult = np.full((h, w // 2 + 1), 2.0)
-    mult[:, 0] = 1.0
-    if w % 2 == 0:
-        mult[:, -1] = 1.0  # the Nyquist column is its own conjugate
-    mult = mult.ravel()
     avg = np.zeros((r.size, n_bins))
     inside = (r >= 1) & (r <= n_bins)
     avg[np.flatnonzero(inside), r[inside] - 1] = mult[inside]

@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from components.spectra import POWER_FLOOR, luminance, power_law_fit, rapsd
+from components.spectra import POWER_FLOOR, luminance, power_half, power_law_fit, rapsd
+from components.spectral_bins import high_band_matrix
 
 
 def log_rapsd_profiles(images: Tensor, *, channel: str = "luminance",
@@ -87,7 +88,7 @@ def spectral_distance(generated: Tensor, real: Tensor, *, channel: str = "lumina
 def high_frequency_share(images: Tensor, *, cutoff: float = 0.375,
                          batch_size: int = 1024) -> Tensor:
     """Each image's share of its luminance power above ``cutoff`` cycles per pixel (radial
-    frequency of the DFT grid; the image mean removed): (N, C, H, W) in [-1, 1] -> (N,)
+    frequency of the DFT grid; DC, the image mean, left out): (N, C, H, W) in [-1, 1] -> (N,)
     float64 in [0, 1]. A flat image has share 0."""
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty (N, C, H, W) batch, "
@@ -95,15 +96,14 @@ def high_frequency_share(images: Tensor, *, cutoff: float = 0.375,
     if not 0 < cutoff < 0.5 * 2**0.5:
         raise ValueError(f"cutoff must lie in (0, 0.707) cycles per pixel, got {cutoff}")
     h, w = images.shape[-2:]
-    fy = torch.fft.fftfreq(h, dtype=torch.float64, device=images.device)
-    fx = torch.fft.fftfreq(w, dtype=torch.float64, device=images.device)
-    high = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff
+    band = torch.as_tensor(high_band_matrix(h, w, cutoff), dtype=torch.float64,
+                           device=images.device)
     parts = []
     for start in range(0, images.shape[0], batch_size):
-        y = luminance(images[start : start + batch_size].double())
-        power = torch.fft.fft2(y - y.mean(dim=(-2, -1), keepdim=True)).abs().square()
-        total = power.flatten(1).sum(1)
-        parts.append(torch.where(total > 0, power[:, high].sum(1) / total.clamp_min(1e-300),
+        # the orthonormal half-spectrum of components.spectra; DC left out of both sums
+        total, above = (power_half(luminance(images[start : start + batch_size].double()))
+                        @ band).unbind(-1)
+        parts.append(torch.where(total > 0, above / total.clamp_min(1e-300),
                                  torch.zeros_like(total)))
     return torch.cat(parts).cpu()
 
