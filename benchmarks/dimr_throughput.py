@@ -11,6 +11,11 @@ DiT-B/2 pixel 32x32 batch 256 eager = 0.32 of the matmul rate on an H200). Model
     dit          our dit-b2-32 (FLOP-matched to dimr-32-2r)
     diffusers    diffusers.DiTTransformer2DModel of dit-b2-32's size (skipped if absent)
 
+Every model and its batch are in ``torch.channels_last`` on CUDA, as ``prism train`` puts them
+(``run.channels_last: auto``); ``--layouts channels_last,contiguous`` adds rows named
+``<model>@contiguous`` without it, in the same run (DiMR's 7x7 depthwise convolutions run
+PyTorch's native kernels instead of cuDNN's when their weights are contiguous).
+
 Usage: ``python benchmarks/dimr_throughput.py [--batch 256] [--steps 30] [--profile]``;
 ``--smoke`` runs the debug presets on CPU in seconds. ``--profile`` also runs each model's
 timed step under ``torch.profiler`` and splits its kernel time by op class (matmul, attention,
@@ -134,8 +139,11 @@ def build_models(args: argparse.Namespace) -> dict[str, tuple[nn.Module, Callabl
 
 
 def bench_one(name: str, model: nn.Module, call_of: Callable, compile_: bool,
-              batch: dict, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    model = model.to(device).train()
+              batch: dict, args: argparse.Namespace, device: torch.device,
+              layout: torch.memory_format = torch.contiguous_format) -> dict[str, Any]:
+    model = model.to(device).train().to(memory_format=layout)
+    batch = {k: v.contiguous(memory_format=layout) if v.dim() == 4 else v
+             for k, v in batch.items()}
     groups = model.param_groups(0.0) if hasattr(model, "param_groups") else model.parameters()
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
     # FLOPs of one training step (forward + backward), counted eagerly
@@ -179,6 +187,9 @@ def main() -> None:
     p.add_argument("--models", default=None,
                    help="comma list of models to time (default all): dimr, dimr_tbranch, dit, "
                         "diffusers_eager, diffusers")
+    p.add_argument("--layouts", default="channels_last",
+                   help="comma list of memory layouts on CUDA: channels_last (as prism train; "
+                        "rows <model>), contiguous (rows <model>@contiguous)")
     p.add_argument("--profile", action="store_true",
                    help="split each model's step by op class under torch.profiler")
     args = p.parse_args()
@@ -203,15 +214,22 @@ def main() -> None:
                        50 if device.type == "cuda" else 3)
     results: dict[str, Any] = {}
     keep = set(args.models.split(",")) if args.models else set(models)
-    for name, (model, call_of, compile_) in models.items():
-        if name not in keep:
-            continue
+    layouts = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+    wanted = args.layouts.split(",") if device.type == "cuda" else ["contiguous"]
+    if unknown := set(wanted) - set(layouts):
+        sys.exit(f"unknown layouts {sorted(unknown)}; known: {sorted(layouts)}")
+    runs = [(name, name if lay == "channels_last" or device.type != "cuda" else f"{name}@{lay}",
+             layouts[lay]) for name in models if name in keep for lay in wanted]
+    for name, row, layout in runs:
+        model, call_of, compile_ = models[name]
         try:
-            results[name] = bench_one(name, model, call_of, compile_, batch, args, device)
-            results[name]["fraction_of_matmul"] = results[name]["tflops"] / mm
+            results[row] = bench_one(row, model, call_of, compile_, batch, args, device,
+                                     layout)
+            results[row]["fraction_of_matmul"] = results[row]["tflops"] / mm
+            results[row]["layout"] = str(layout).removeprefix("torch.")
         except Exception as err:  # record and go on: one failing model must not hide the rest
-            results[name] = {"error": f"{type(err).__name__}: {err}"}
-        print(name, json.dumps(results[name]), flush=True)
+            results[row] = {"error": f"{type(err).__name__}: {err}"}
+        print(row, json.dumps(results[row]), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -223,20 +241,20 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "dimr_throughput.json").write_text(json.dumps(report, indent=2))
     print(f"\n{report['device']}  batch {B}  {res}x{res}  matmul {mm:.1f} TFLOP/s")
-    print(f"{'model':<16}{'params M':>9}{'img/s':>10}{'TFLOP/s':>9}{'of mm':>7}{'mem GiB':>9}")
+    print(f"{'model':<24}{'params M':>9}{'img/s':>10}{'TFLOP/s':>9}{'of mm':>7}{'mem GiB':>9}")
     for name, r in results.items():
         if "error" in r:
-            print(f"{name:<16} error: {r['error'][:80]}")
+            print(f"{name:<24} error: {r['error'][:80]}")
             continue
-        print(f"{name:<16}{r['params_M']:>9.1f}{r['images_per_s']:>10.0f}{r['tflops']:>9.2f}"
+        print(f"{name:<24}{r['params_M']:>9.1f}{r['images_per_s']:>10.0f}{r['tflops']:>9.2f}"
               f"{r['fraction_of_matmul']:>7.2f}{r.get('peak_mem_gib', float('nan')):>9.2f}")
     profiled_rows = {n: r for n, r in results.items() if "per_class_ms" in r}
     if profiled_rows:
         print("\nms per step (share of the step): gap and kernels by op class")
-        print(f"{'model':<16}{'step':>8}{'gap':>14}" + "".join(f" {c[:11]:>14}" for c in CLASSES))
+        print(f"{'model':<24}{'step':>8}{'gap':>14}" + "".join(f" {c[:11]:>14}" for c in CLASSES))
         for name, r in profiled_rows.items():
             w = r["step_ms"]
-            print(f"{name:<16}{w:>8.2f}{r['gap_ms']:>7.2f} ({r['gap_ms'] / w:>4.0%})"
+            print(f"{name:<24}{w:>8.2f}{r['gap_ms']:>7.2f} ({r['gap_ms'] / w:>4.0%})"
                   + class_cells(r["per_class_ms"], w))
 
 
