@@ -142,3 +142,29 @@ def test_hf_outlier_seeds_finds_the_noisy_seeds_by_class_and_across_models(tmp_p
     # class 3 holds seeds 3, 13, 23 and 33: three of its four images are noise
     assert report["per_class"] == pytest.approx([0, 0, 0, 0.75, 0, 0, 0, 0, 0, 0])
     assert (report["outliers"], report["earlier_outliers"], report["shared_seeds"]) == (3, 2, 1)
+
+
+def test_colour_spread_tells_a_shared_colour_cast_from_real_colours(tmp_path):
+    rng = np.random.default_rng(0)
+    colours = rng.uniform(40, 215, (80, 1, 1, 3))  # every real image its own mean colour
+    real = np.clip(colours + rng.normal(0, 20, (80, 8, 8, 3)), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "real.npz", x=real, y=np.zeros(80))
+    cast = np.clip(np.array([150, 140, 90])[None, :, None, None]
+                   + rng.normal(0, 20, (40, 3, 8, 8)), 0, 255).astype(np.uint8)
+    np.save(tmp_path / "m@200.npy", cast)
+    np.save(tmp_path / "m@100.npy", cast[:, ::-1].copy())
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/colour_spread.py", str(tmp_path / "m@200.npy"),
+         str(tmp_path / "m@100.npy"), "--real", str(tmp_path / "real.npz"), "--chains",
+         "--levels", "1,2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(proc.stdout[: proc.stdout.index("\n}") + 2])
+    rows = report["images"]
+    assert list(rows) == ["m@100", "m@200", "real"]  # arms, then images seen
+    assert max(rows["m@200"]["colour_spread"]) < 0.02 < 0.1 < min(rows["real"]["colour_spread"])
+    assert rows["m@200"]["set_colour"] == pytest.approx([150 / 255, 140 / 255, 90 / 255],
+                                                        abs=0.01)
+    assert rows["m@100"]["set_colour"][0] == pytest.approx(90 / 255, abs=0.01)
+    # the exact denoiser's chains keep most of the mean-colour variance (n = 1000)
+    for kept in report["chains"]["kept"].values():
+        assert 0.75 < kept < 1.15
