@@ -20,6 +20,7 @@ from torch import Tensor
 from components.diffusion import Cond
 from components.scale import downsample_mean
 from components.schedules import alpha_sigma
+from components.ssd import SSDProcess
 
 
 class GaussianDenoiser:
@@ -65,6 +66,55 @@ class GaussianDenoiser:
         c, h, w = self.shape
         d_mat = downsample_matrix(self.shape, m)  # (d_low, d)
         return GaussianDenoiser(d_mat @ self.mu, d_mat @ self.cov @ d_mat.T, (c, h // m, w // m))
+
+
+class SSDGaussianDenoiser:
+    """The exact x0-denoiser of a Scale Space Diffusion process (``components.ssd``) for
+    N(mu, Sigma) images of one channel at the process's base resolution.
+
+    With ``x_k = a_k R x0 + sigma_k eps`` and ``R = R_{0:k}`` (the resizes down to r(k)), it
+    returns ``R_{0:j} E[x0 | x_k]`` at the resolution ``cond.out_resolution`` asks for:
+
+        E[x0 | x_k] = mu + Sigma R^T a_k (a_k^2 R Sigma R^T + sigma_k^2 I)^{-1} (x_k - a_k R mu).
+
+    The state k is the one whose log-SNR is ``lam`` (it falls strictly with k). Driving
+    ``ssd_chain`` with it measures what the chain itself does to a distribution.
+    """
+
+    prediction = "x0"
+
+    def __init__(self, process: SSDProcess, mu: Tensor, cov: Tensor) -> None:
+        d = process.base_resolution ** 2
+        if mu.shape != (d,) or cov.shape != (d, d):
+            raise ValueError(f"SSDGaussianDenoiser: need mu ({d},) and cov ({d}, {d}) for "
+                             f"{process.base_resolution} px images, got {tuple(mu.shape)} and "
+                             f"{tuple(cov.shape)}")
+        self.process, self.mu, self.cov = process, mu.double(), cov.double()
+        self.lams = process.lambda_(torch.arange(process.T)).double()
+        self._gains: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def down(self, r: int) -> Tensor:
+        """``R_{0:r}`` as a (r^2, base^2) matrix on flattened images."""
+        A = self.process.matrix(self.process.base_resolution, r, "cpu", torch.float64)
+        return torch.kron(A, A)
+
+    def _gain(self, k: int) -> tuple[Tensor, Tensor]:
+        if k not in self._gains:
+            p = self.process
+            R, a, s = self.down(p.res(k)), p.a(k), p.sigma(k)
+            C = a * a * R @ self.cov @ R.T + s * s * torch.eye(R.shape[0], dtype=torch.float64)
+            self._gains[k] = (torch.linalg.solve(C, a * R @ self.cov).T, a * R @ self.mu)
+        return self._gains[k]
+
+    def __call__(self, x: Tensor, lam: Tensor, cond: Cond) -> Tensor:
+        k = int((self.lams - float(lam.flatten()[0])).abs().argmin())
+        if x.shape[1] != 1 or x.shape[-1] != self.process.res(k):
+            raise ValueError(f"SSDGaussianDenoiser: expected (B, 1, {self.process.res(k)}, "
+                             f"{self.process.res(k)}) at state {k}, got {tuple(x.shape)}")
+        gain, mean_k = self._gain(k)
+        x0 = self.mu + (x.reshape(x.shape[0], -1).double() - mean_k) @ gain.T
+        r = cond.out_resolution or self.process.base_resolution
+        return (x0 @ self.down(r).T).reshape(x.shape[0], 1, r, r).to(x.dtype)
 
 
 def downsample_matrix(shape: tuple[int, int, int], m: int) -> Tensor:

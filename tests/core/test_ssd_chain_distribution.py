@@ -1,11 +1,10 @@
 """The SSD chain, driven by the Bayes-optimal x0-denoiser of Gaussian data, returns that data.
 
-Gaussian images x0 ~ N(mu, S) at 8 px (one channel) have an exact denoiser at every state,
-``E[R_{0:j} x0 | x_k] = R_{0:j} (mu + S R^T a (a^2 R S R^T + sigma^2 I)^{-1} (x_k - a R mu))``
-with ``R = R_{0:k}``, so the chain's samples can be compared with the data's own mean and
-covariance: what the sampler loses is the sampler's, not a network's. S has a strong
-constant component (an image's mean colour), which is where a sampler that shrinks the
-coarse levels' variance shows first.
+Gaussian images x0 ~ N(mu, S) at 8 px (one channel) have an exact denoiser at every state
+(``components.analytic.SSDGaussianDenoiser``), so the chain's samples can be compared with the
+data's own mean and covariance: what the sampler loses is the sampler's, not a network's. S
+has a strong constant component (an image's mean colour), which is where a sampler that
+shrinks the coarse levels' variance shows first.
 """
 
 from __future__ import annotations
@@ -13,40 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from components.analytic import SSDGaussianDenoiser
 from components.diffusion import Cond
 from components.ssd import SSDProcess, ssd_chain
 
 F64 = torch.float64
 N_SAMPLES = 4000  # sampling error of a variance: sqrt(2 / 4000) = 2.2%
-
-
-class GaussianDenoiser:
-    """The exact x0-denoiser of N(mu, S) images for an :class:`SSDProcess`."""
-
-    prediction = "x0"
-
-    def __init__(self, process: SSDProcess, mu: torch.Tensor, S: torch.Tensor) -> None:
-        self.p, self.mu, self.S = process, mu, S
-        self.lams = process.lambda_(torch.arange(process.T)).double()
-        self._gains: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def down(self, r: int) -> torch.Tensor:
-        A = self.p.matrix(self.p.base_resolution, r, "cpu", F64)
-        return torch.kron(A, A)  # R_{0:r} on flattened images
-
-    def gain(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if k not in self._gains:
-            R, a, s = self.down(self.p.res(k)), self.p.a(k), self.p.sigma(k)
-            C = a * a * R @ self.S @ R.T + s * s * torch.eye(R.shape[0], dtype=F64)
-            self._gains[k] = (torch.linalg.solve(C, a * R @ self.S).T, a * R @ self.mu)
-        return self._gains[k]
-
-    def __call__(self, x: torch.Tensor, lam: torch.Tensor, cond: Cond) -> torch.Tensor:
-        k = int((self.lams - float(lam[0])).abs().argmin())  # lambda falls strictly with k
-        K, mean_k = self.gain(k)
-        x0 = self.mu + (x.reshape(x.shape[0], -1).double() - mean_k) @ K.T
-        r = cond.out_resolution
-        return (x0 @ self.down(r).T).reshape(x.shape[0], 1, r, r).float()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +31,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def chain_statistics(levels: int, mu: torch.Tensor, S: torch.Tensor) -> dict[str, float]:
     p = SSDProcess(8, levels=levels)
-    x = ssd_chain(GaussianDenoiser(p, mu, S), p, N_SAMPLES, torch.Generator().manual_seed(1),
+    x = ssd_chain(SSDGaussianDenoiser(p, mu, S), p, N_SAMPLES, torch.Generator().manual_seed(1),
                   Cond(), channels=1, clip=False).reshape(N_SAMPLES, -1).double()
     one = torch.full((64,), 1 / 64, dtype=F64)
     C = torch.cov(x.T)
@@ -89,3 +60,14 @@ def test_three_levels_lose_a_tenth_of_the_variance_at_the_late_resolution_jump(d
     stats = chain_statistics(3, *data)
     assert 0.8 < stats["mean_colour_variance"] < 1.0, stats
     assert stats["covariance_error"] < 0.12, stats
+
+
+def test_the_exact_denoiser_refuses_what_it_cannot_denoise(data):
+    p = SSDProcess(8, levels=2)
+    with pytest.raises(ValueError, match="need mu"):
+        SSDGaussianDenoiser(p, torch.zeros(16, dtype=F64), torch.eye(16, dtype=F64))
+    d = SSDGaussianDenoiser(p, *data)
+    lam = p.lambda_(torch.tensor([p.T - 1]))  # the last state is at 4 px
+    with pytest.raises(ValueError, match="expected"):
+        d(torch.zeros(2, 1, 8, 8), lam, Cond(out_resolution=4))
+    assert d(torch.zeros(2, 1, 4, 4), lam, Cond(out_resolution=8)).shape == (2, 1, 8, 8)

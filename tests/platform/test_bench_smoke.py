@@ -156,7 +156,7 @@ def test_colour_spread_tells_a_shared_colour_cast_from_real_colours(tmp_path):
     proc = subprocess.run(
         [sys.executable, "benchmarks/colour_spread.py", str(tmp_path / "m@200.npy"),
          str(tmp_path / "m@100.npy"), "--real", str(tmp_path / "real.npz"), "--chains",
-         "--levels", "1,2"],
+         "--levels", "1,2", "--field-resolution", "8"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
     report = json.loads(proc.stdout[: proc.stdout.index("\n}") + 2])
     rows = report["images"]
@@ -168,3 +168,5 @@ def test_colour_spread_tells_a_shared_colour_cast_from_real_colours(tmp_path):
     # the exact denoiser's chains keep most of the mean-colour variance (n = 1000)
     for kept in report["chains"]["kept"].values():
         assert 0.75 < kept < 1.15
+    for kept in report["chains"]["field_kept"].values():  # 1/f^2 images: colour and contrast
+        assert 0.75 < kept["mean_colour"] < 1.15 and 0.8 < kept["within_image"] < 1.1
