@@ -4,12 +4,15 @@
 #   bash benchmarks/ssd_compile_cost.sh [MODE=SECONDS,...] [config] [--set k=v ...]
 #   bash benchmarks/ssd_compile_cost.sh eager=60,compiled=360           # one device call
 #   bash benchmarks/ssd_compile_cost.sh compiled-cached=120             # the next, same machine
+#   bash benchmarks/ssd_compile_cost.sh eager=60,compiled-blocks=240    # blocks compiled alone
 #
 # `prism train` of the config (default training/configs/ssd-64-4l.yaml: one graph per
 # (input, output) resolution pair, compiled as each pair first occurs) on synthetic batches:
 # `eager` (`run.compile=off`), `compiled` (`run.compile=on`, default mode, on an empty Inductor
 # cache: what a fresh machine pays) and `compiled-cached` (compiled again on the cache that
-# `compiled` left: what a re-run on the same machine pays), each for its seconds on the loop's
+# `compiled` left: what a re-run on the same machine pays) and `compiled-blocks`
+# (`run.compile_scope=blocks`: each UNet block compiled on its own, shared by every resolution
+# pair that runs it, on an empty cache of its own), each for its seconds on the loop's
 # clock. Runs live in /tmp/ssdcc and a mode already run is not run again, so the modes can be
 # spread over calls to one warm machine. A run's wall time is its first step (compilation
 # included) plus the loop's clock; the later resolution pairs compile inside the loop's clock,
@@ -31,18 +34,20 @@ mkdir -p "$OUT"
 work=${SSDCC_WORK:-/tmp/ssdcc}
 mkdir -p "$work"
 cache=$work/inductor  # empty before `compiled`: that run pays the whole compilation
-train() {  # name compile seconds
-  if [ -f "$work/$1/model/progress.json" ]; then echo "$1: already run"; return; fi
-  rm -rf "${work:?}/$1"  # a run cut off is run again from the start
-  [ "$1" = compiled ] && rm -rf "$cache"
-  echo "$1: ${3} s on the loop's clock"
-  TORCHINDUCTOR_CACHE_DIR=$cache python3 -m prism_cli train "$config" \
-      --set data.source=synthetic --set run.compile="$2" --set train.time_limit_s="$3" \
+train() {  # name compile seconds [--set k=v ...]
+  local name=$1 comp=$2 secs=$3 dir=$cache; shift 3
+  if [ -f "$work/$name/model/progress.json" ]; then echo "$name: already run"; return; fi
+  rm -rf "${work:?}/$name"  # a run cut off is run again from the start
+  [ "$name" = compiled ] && rm -rf "$cache"
+  [ "$name" = compiled-blocks ] && dir=$work/inductor-blocks && rm -rf "$dir"
+  echo "$name: $secs s on the loop's clock"
+  TORCHINDUCTOR_CACHE_DIR=$dir python3 -m prism_cli train "$config" \
+      --set data.source=synthetic --set run.compile="$comp" --set train.time_limit_s="$secs" \
       --set train.total_images=1000000000000 --set tracking.enabled=false \
       --set sampling.num_images=0 --set checkpoint.every_images=1000000000000 \
-      --set run.output_dir="$work" --set run.name="$1" "${extra[@]}" \
-      > "$OUT/ssd_compile_$1.log" 2>&1 || { tail -n 30 "$OUT/ssd_compile_$1.log"; exit 1; }
-  cp "$work/$1/metrics.jsonl" "$OUT/ssd_compile_$1-metrics.jsonl"
+      --set run.output_dir="$work" --set run.name="$name" "$@" "${extra[@]}" \
+      > "$OUT/ssd_compile_$name.log" 2>&1 || { tail -n 30 "$OUT/ssd_compile_$name.log"; exit 1; }
+  cp "$work/$name/metrics.jsonl" "$OUT/ssd_compile_$name-metrics.jsonl"
 }
 for m in ${modes//,/ }; do
   name=${m%%=*} secs=${m#*=}
@@ -52,7 +57,8 @@ for m in ${modes//,/ }; do
       if [ "$name" = compiled-cached ] && [ ! -d "$cache" ]; then
         echo "compiled-cached needs the cache of a compiled run first"; exit 2; fi
       train "$name" on "$secs" ;;
-    *) echo "unknown mode $name (eager, compiled, compiled-cached)"; exit 2 ;;
+    compiled-blocks) train "$name" on "$secs" --set run.compile_scope=blocks ;;
+    *) echo "unknown mode $name (eager, compiled, compiled-cached, compiled-blocks)"; exit 2 ;;
   esac
 done
 python3 - "$OUT" "$work" "$config" <<'EOF'
@@ -60,7 +66,7 @@ import json, statistics, sys
 from pathlib import Path
 out, work, config = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 rows = {}
-for name in ("eager", "compiled", "compiled-cached"):
+for name in ("eager", "compiled", "compiled-cached", "compiled-blocks"):
     if not (work / name / "metrics.jsonl").exists():
         continue
     recs = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()
@@ -76,7 +82,7 @@ for name in ("eager", "compiled", "compiled-cached"):
                   "offset_s": wall - images / steady,
                   "peak_gib": max(r.get("memory_gib", 0) for r in recs)}
 e = rows.get("eager")
-for name in ("compiled", "compiled-cached"):
+for name in ("compiled", "compiled-cached", "compiled-blocks"):
     if e is None or name not in rows:
         continue
     c = rows[name]

@@ -57,6 +57,10 @@ class RunConfig(_Section):
     # CUDA graphs (benchmarks/train_profile.py measures the modes side by side)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune",
                           "max-autotune-no-cudagraphs"] = "default"
+    # what is compiled: the whole network (one graph per input shape: SSD's Flexi-UNet gets
+    # one per resolution pair), or each of its repeated blocks on its own (a network's
+    # COMPILE_UNITS; one graph per block shape, shared by every resolution pair that runs it)
+    compile_scope: Literal["model", "blocks"] = "model"
     channels_last: Switch = "auto"
 
 

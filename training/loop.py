@@ -79,7 +79,10 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
         # one static graph per input shape: SSD trains on several resolution pairs, and
         # automatic dynamic shapes would turn its int arguments symbolic (slow, recompiling)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        fwd = torch.compile(fwd, dynamic=False, mode=cfg.run.compile_mode)
+        if cfg.run.compile_scope == "blocks":
+            parts.compile_blocks(net, cfg.run.compile_mode)
+        else:
+            fwd = torch.compile(fwd, dynamic=False, mode=cfg.run.compile_mode)
     graphs = compiled and device.type == "cuda" and \
         cfg.run.compile_mode in ("reduce-overhead", "max-autotune")
     cb.on_start(cfg, {"rank": ctx.rank, "world": ctx.world, "device": str(device),

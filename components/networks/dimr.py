@@ -198,6 +198,9 @@ class Branch(nn.Module):
 class DiMR(nn.Module):
     """Multi-resolution network with TD-LN; see the module docstring."""
 
+    # run.compile_scope=blocks compiles these on their own
+    COMPILE_UNITS = (TransformerBlock, ConvNeXtBlock)
+
     def __init__(self, cfg: DiMRConfig) -> None:
         super().__init__()
         self.cfg = cfg

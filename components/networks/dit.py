@@ -94,6 +94,8 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     """Pixel DiT with adaLN-Zero; ``net(x, c_noise, class_labels) -> eps`` (B, C, H, W)."""
 
+    COMPILE_UNITS = (DiTBlock,)  # run.compile_scope=blocks compiles these on their own
+
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         if cfg.resolution % cfg.patch:

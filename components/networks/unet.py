@@ -258,6 +258,8 @@ class UNet(nn.Module):
     skips pushed at level i, in order: level input, then each block output), ``head``.
     """
 
+    COMPILE_UNITS = (Block,)  # run.compile_scope=blocks compiles these on their own
+
     def __init__(
         self,
         resolution: int = 32,

@@ -192,14 +192,41 @@ def test_resumed_optimizer_moments_take_channels_last_strides(tmp_path):
 
 
 @pytest.mark.slow  # inductor's CPU compile: about a minute per mode
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_compiled_modes_train_the_same_losses_as_eager(tmp_path, mode):
-    """A compile mode is a speed path only: the loss curve of a few steps matches eager (on
-    CPU no CUDA graphs are recorded; the GPU side is benchmarks/train_profile.py)."""
+@pytest.mark.parametrize("mode,scope", [("default", "model"), ("reduce-overhead", "model"),
+                                        ("default", "blocks")])
+def test_compiled_modes_train_the_same_losses_as_eager(tmp_path, mode, scope):
+    """A compile mode or scope is a speed path only: the loss curve of a few steps matches
+    eager (on CPU no CUDA graphs are recorded; the GPU side is benchmarks/train_profile.py and,
+    for the scopes, benchmarks/ssd_compile_cost.sh)."""
     sets = ("train.total_images=24", "train.log_every_images=8")
     run_local(debug_config(tmp_path / "eager", "run.compile=off", *sets))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     run_local(debug_config(tmp_path / "compiled", "run.compile=on",
-                           f"run.compile_mode={mode}", *sets))
+                           f"run.compile_mode={mode}", f"run.compile_scope={scope}", *sets))
+    # something was compiled: a scope that left the network eager would pass the losses too
+    # (blocks met first under the FLOP counter's dispatch mode once stayed eager all run)
+    assert counters["stats"]["unique_graphs"] > 0
     want, got = losses(tmp_path / "eager/debug"), losses(tmp_path / "compiled/debug")
     assert len(got) == len(want) == 3
     assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_compile_blocks_compiles_each_named_block_in_place():
+    """run.compile_scope=blocks: the network's COMPILE_UNITS compiled in place (lazily: no
+    compilation happens here), the state-dict keys those of the plain network; a network that
+    names none is refused with the way out."""
+    from components.networks.registry import build_network
+    from training.parts import compile_blocks
+
+    for preset, unit_names in [("ssd-debug", {"Block"}), ("dit-debug", {"DiTBlock"}),
+                               ("dimr-debug", {"TransformerBlock", "ConvNeXtBlock"})]:
+        net = build_network(preset)
+        keys = list(net.state_dict())
+        units = [m for m in net.modules() if type(m).__name__ in unit_names]
+        assert compile_blocks(net, "default") == len(units) > 0
+        assert all(m._compiled_call_impl is not None for m in units)
+        assert list(net.state_dict()) == keys
+    with pytest.raises(ValueError, match="compile_scope=model"):
+        compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)), "default")
