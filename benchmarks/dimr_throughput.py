@@ -14,7 +14,8 @@ DiT-B/2 pixel 32x32 batch 256 eager = 0.32 of the matmul rate on an H200). Model
 Every model and its batch are in ``torch.channels_last`` on CUDA, as ``prism train`` puts them
 (``run.channels_last: auto``); ``--layouts channels_last,contiguous`` adds rows named
 ``<model>@contiguous`` without it, in the same run (DiMR's 7x7 depthwise convolutions run
-PyTorch's native kernels instead of cuDNN's when their weights are contiguous).
+PyTorch's native kernels instead of cuDNN's when their weights are contiguous). On CPU the
+default layout is contiguous.
 
 Usage: ``python benchmarks/dimr_throughput.py [--batch 256] [--steps 30] [--profile]``;
 ``--smoke`` runs the debug presets on CPU in seconds. ``--profile`` also runs each model's
@@ -187,9 +188,10 @@ def main() -> None:
     p.add_argument("--models", default=None,
                    help="comma list of models to time (default all): dimr, dimr_tbranch, dit, "
                         "diffusers_eager, diffusers")
-    p.add_argument("--layouts", default="channels_last",
-                   help="comma list of memory layouts on CUDA: channels_last (as prism train; "
-                        "rows <model>), contiguous (rows <model>@contiguous)")
+    p.add_argument("--layouts", default=None,
+                   help="comma list of memory layouts: channels_last, contiguous (default: "
+                        "channels_last on CUDA, as prism train; contiguous on CPU); rows of "
+                        "the default layout are named <model>, others <model>@<layout>")
     p.add_argument("--profile", action="store_true",
                    help="split each model's step by op class under torch.profiler")
     args = p.parse_args()
@@ -215,11 +217,12 @@ def main() -> None:
     results: dict[str, Any] = {}
     keep = set(args.models.split(",")) if args.models else set(models)
     layouts = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-    wanted = args.layouts.split(",") if device.type == "cuda" else ["contiguous"]
+    default = "channels_last" if device.type == "cuda" else "contiguous"
+    wanted = args.layouts.split(",") if args.layouts else [default]
     if unknown := set(wanted) - set(layouts):
         sys.exit(f"unknown layouts {sorted(unknown)}; known: {sorted(layouts)}")
-    runs = [(name, name if lay == "channels_last" or device.type != "cuda" else f"{name}@{lay}",
-             layouts[lay]) for name in models if name in keep for lay in wanted]
+    runs = [(name, name if lay == default else f"{name}@{lay}", layouts[lay])
+            for name in models if name in keep for lay in wanted]
     for name, row, layout in runs:
         model, call_of, compile_ = models[name]
         try:

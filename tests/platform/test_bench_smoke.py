@@ -61,9 +61,16 @@ def test_train_profile_smoke_accounts_for_the_step_by_op_class(tmp_path):
 def test_dimr_throughput_profile_splits_every_models_step_by_op_class(tmp_path):
     from benchmarks.train_profile import CLASSES
 
-    proc = _run("dimr_throughput.py", tmp_path, "--profile", "--models", "dimr,dimr_tbranch,dit")
+    proc = _run("dimr_throughput.py", tmp_path, "--profile", "--models", "dimr,dimr_tbranch,dit",
+                "--layouts", "contiguous,channels_last")
     models = json.loads((tmp_path / "dimr_throughput.json").read_text())["models"]
-    assert set(models) == {"dimr", "dimr_tbranch", "dit"}
+    assert set(models) == {"dimr", "dimr_tbranch", "dit", "dimr@channels_last",
+                           "dimr_tbranch@channels_last", "dit@channels_last"}
+    assert models["dit"]["layout"] == "contiguous_format"
+    assert models["dit@channels_last"]["layout"] == "channels_last"
+    # the same work either way: the layout moves bytes, not FLOPs
+    assert models["dimr@channels_last"]["gflop_per_step"] == pytest.approx(
+        models["dimr"]["gflop_per_step"])
     for name, r in models.items():
         per_class = r["per_class_ms"]
         assert set(per_class) == set(CLASSES), name
