@@ -50,10 +50,9 @@ class MeanColourDenoiser:
 
     def __init__(self, process: SSDProcess, v: float) -> None:
         self.p, self.v = process, v
-        self.lams = process.lambda_(torch.arange(process.T)).double()
 
     def __call__(self, x: torch.Tensor, lam: torch.Tensor, cond: Cond) -> torch.Tensor:
-        k = int((self.lams - float(lam[0])).abs().argmin())  # lambda falls strictly with k
+        k = self.p.state_of(lam)
         a, s, r = self.p.a(k), self.p.sigma(k), x.shape[-1]
         c = a * self.v * x.double().mean(dim=(1, 2, 3)) / (a * a * self.v + s * s / r**2)
         ro = cond.out_resolution

@@ -54,7 +54,7 @@ def main() -> None:
         before = outliers(args.earlier, threshold, args.cutoff)[: len(now)]
         report |= {"earlier": args.earlier, "outliers": int(now.sum()),
                    "earlier_outliers": int(before.sum()),
-                   "shared_seeds": int((now & before[: len(now)]).sum())}
+                   "shared_seeds": int((now & before).sum())}
     print(json.dumps(report, indent=1))
     print(f"\nhf outliers {report['fraction']:.3f} (threshold {threshold:.4f}); per class: "
           + " ".join(f"{f:.3f}" for f in report["per_class"]))

@@ -77,7 +77,7 @@ class SSDGaussianDenoiser:
 
         E[x0 | x_k] = mu + Sigma R^T a_k (a_k^2 R Sigma R^T + sigma_k^2 I)^{-1} (x_k - a_k R mu).
 
-    The state k is the one whose log-SNR is ``lam`` (it falls strictly with k). Driving
+    The state k is the one whose log-SNR is ``lam`` (``SSDProcess.state_of``). Driving
     ``ssd_chain`` with it measures what the chain itself does to a distribution.
     """
 
@@ -90,13 +90,15 @@ class SSDGaussianDenoiser:
                              f"{process.base_resolution} px images, got {tuple(mu.shape)} and "
                              f"{tuple(cov.shape)}")
         self.process, self.mu, self.cov = process, mu.double(), cov.double()
-        self.lams = process.lambda_(torch.arange(process.T)).double()
         self._gains: dict[int, tuple[Tensor, Tensor]] = {}
+        self._down: dict[int, Tensor] = {}
 
     def down(self, r: int) -> Tensor:
         """``R_{0:r}`` as a (r^2, base^2) matrix on flattened images."""
-        A = self.process.matrix(self.process.base_resolution, r, "cpu", torch.float64)
-        return torch.kron(A, A)
+        if r not in self._down:
+            A = self.process.matrix(self.process.base_resolution, r, "cpu", torch.float64)
+            self._down[r] = torch.kron(A, A)
+        return self._down[r]
 
     def _gain(self, k: int) -> tuple[Tensor, Tensor]:
         if k not in self._gains:
@@ -107,7 +109,7 @@ class SSDGaussianDenoiser:
         return self._gains[k]
 
     def __call__(self, x: Tensor, lam: Tensor, cond: Cond) -> Tensor:
-        k = int((self.lams - float(lam.flatten()[0])).abs().argmin())
+        k = self.process.state_of(lam)
         if x.shape[1] != 1 or x.shape[-1] != self.process.res(k):
             raise ValueError(f"SSDGaussianDenoiser: expected (B, 1, {self.process.res(k)}, "
                              f"{self.process.res(k)}) at state {k}, got {tuple(x.shape)}")

@@ -105,6 +105,7 @@ class SSDProcess:
         self.resolutions = resolution_schedule(self.base_resolution, self.levels, self.T,
                                                self.resolution_schedule, self.gamma)
         self._mats: dict[tuple, Tensor] = {}
+        self._lambdas = self.lambda_(torch.arange(self.T)).double()  # for state_of
         self._eig: dict[tuple, tuple[Tensor, Tensor]] = {}
         # segments of equal (r(k-1), r(k)): training draws all of a batch from one segment
         pairs = [(self.res(k - 1), self.res(k)) for k in range(self.T)]
@@ -137,6 +138,12 @@ class SSDProcess:
         """log SNR of states k (long tensor, k >= 0), float32."""
         ab = self.alpha_bar.to(k.device)[k]
         return (ab.log() - (-ab).log1p()).float()
+
+    def state_of(self, lam: Tensor | float) -> int:
+        """The state k whose log SNR is nearest ``lam`` (a scalar, or the first of a batch
+        that shares one): what a denoiser given only lambda needs to know where it is."""
+        value = float(torch.as_tensor(lam).flatten()[0])
+        return int((self._lambdas - value).abs().argmin())  # falls strictly with k
 
     # ----------------------------------------------------------------- resize operators
     def matrix(self, n_in: int, n_out: int, device: torch.device | str = "cpu",
