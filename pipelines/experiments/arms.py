@@ -117,10 +117,12 @@ class Design:
 
     ``arms`` maps each arm to its recipe; ``sets(s, arm)`` adds the overrides an arm takes
     from the settings beyond the shared ones (none by default). The arms meet at the largest
-    of ``s.<marks_field>`` that all reached, counted as ``mark_key`` in their run records
-    (``train_flops`` or ``images_seen``); the rows there are ``<arm>@<mark_budget>``, and the
-    results name the mark under ``mark_field``.
-    ``pairs``: the (a, b) arms whose paired differences b - a are computed at both budgets;
+    of ``s.<marks_field>`` that the first pair both reached, counted as ``mark_key`` in their
+    run records (``train_flops`` or ``images_seen``); the rows there are
+    ``<arm>@<mark_budget>``, and the results name the mark under ``mark_field``; a pair that
+    did not both reach it meets at its own largest common mark (:func:`evaluate_arms`).
+    ``pairs``: the (a, b) arms whose paired differences b - a are computed at both budgets,
+    the first the rule's;
     ``verdict(comparisons, rows, apart)`` applies the rule fixed before measuring.
     """
 
@@ -215,11 +217,12 @@ def run(d: Design, s: ArmsSettings, out: Path, log: Log) -> dict[str, Any]:
             return measured(key, images, seconds, real, spaces, s.metrics, device, log,
                             intervals)
 
-    rows, details, curves, mark = evaluate_arms(
+    rows, details, curves, mark, at = evaluate_arms(
         refs, getattr(s, d.marks_field), d.mark_key, d.mark_budget, evaluate, s.n_images,
-        s.n_curve)
-    comparisons = paired(details, [(f"{a}@{budget}", f"{b}@{budget}", budget)
-                                   for budget in ("time", d.mark_budget) for a, b in d.pairs])
+        s.n_curve, d.pairs)
+    comparisons = paired(details, [(f"{a}@time", f"{b}@time", "time") for a, b in d.pairs]
+                         + [(f"{a}@{at[a, b]}", f"{b}@{at[a, b]}", at[a, b])
+                            for a, b in d.pairs if (a, b) in at])
     results = {
         **head, "feature_net": fnet, "real_data": real_src, "n_real": len(real),
         "floors": floors, d.mark_field: mark, "rows": rows, "curves": curves,
@@ -239,28 +242,48 @@ def _num_classes(refs: dict[str, dict[str, Any]]) -> int:
 
 
 def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
-                  budget_name: str, evaluate: Any, n_rows: int, n_curve: int
-                  ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, list], Any]:
-    """Rows, metric details, curves and the common mark of every arm.
+                  budget_name: str, evaluate: Any, n_rows: int, n_curve: int,
+                  pairs: list[tuple[str, str]] = ()
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, list], Any,
+                             dict[tuple[str, str], str]]:
+    """Rows, metric details, curves, the main mark and each pair's equal-compute budget.
 
     ``evaluate(arm, samples, model_dir, n, intervals) -> (row, details)`` samples (or reuses
     the samples named ``samples``) and measures one model, with bootstrap intervals for the
     rows (their paired differences need them) and without for the curves' points. Rows:
-    ``<arm>@time`` (final model) and ``<arm>@<budget_name>`` (the snapshot at the largest mark
-    of ``key`` that every arm reached); curves: every snapshot on the first ``n_curve`` of its
-    samples.
+    ``<arm>@time`` (final model) and ``<arm>@<budget_name>``, the snapshot at the main mark:
+    the largest mark of ``key`` that both arms of the first pair reached (the rule's pair;
+    every arm when no pair is given), for every arm that reached it. A pair that did not both
+    reach the main mark meets at the largest mark it did reach, in rows
+    ``<arm>@<budget_name> (<mark>)``: an arm that stopped early leaves the others' equal-compute
+    rows where they were. Returns ``at``: each pair's budget label (the rows' suffix after
+    ``@``; pairs that share no mark are absent). Curves: every snapshot on the first
+    ``n_curve`` of its samples.
     """
     snaps = {a: snapshots(r["run_dir"]) for a, r in refs.items()}
-    mark = common_mark(snaps, marks, key)
-    picked = [(a, "time", snaps[a][-1]) for a in refs]
+    pairs = [(a, b) for a, b in pairs if a in refs and b in refs]
+    first = {a: snaps[a] for a in pairs[0]} if pairs else snaps
+    mark = common_mark(first, marks, key)
+    picked = [(a, "time", None, snaps[a][-1]) for a in refs]
     if mark is not None:
-        picked += [(a, budget_name, at_mark(snaps[a], mark, key)) for a in refs]
+        picked += [(a, budget_name, mark, at_mark(snaps[a], mark, key)) for a in refs
+                   if at_mark(snaps[a], mark, key)]
+    at: dict[tuple[str, str], str] = {}
+    for a, b in pairs:
+        m = common_mark({a: snaps[a], b: snaps[b]}, marks, key)
+        if m is None:
+            continue
+        label = budget_name if m == mark else f"{budget_name} ({mark_label(m)})"
+        at[a, b] = label
+        have = {(arm, lab) for arm, lab, _, _ in picked}
+        picked += [(arm, label, m, at_mark(snaps[arm], m, key)) for arm in (a, b)
+                   if (arm, label) not in have]
     rows, details = [], {}
-    for a, budget, snap in picked:
+    for a, budget, m, snap in picked:
         tag, samples = f"{a}@{budget}", model_key(a, snap)
         row, details[tag] = evaluate(a, samples, snap["dir"], n_rows, True)
         rows.append({"tag": tag, "arm": a, "budget": budget, "samples": samples,
-                     **({"mark": mark} if budget != "time" else {}), **progress(snap), **row})
+                     **({"mark": m} if m is not None else {}), **progress(snap), **row})
     curves: dict[str, list[dict[str, Any]]] = {}
     for a in refs:
         curves[a] = []
@@ -268,7 +291,15 @@ def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
             tag = model_key(a, snap)
             row, _ = evaluate(a, tag, snap["dir"], n_curve, False)
             curves[a].append({"tag": tag, **progress(snap), **row})
-    return rows, details, curves, mark
+    return rows, details, curves, mark, at
+
+
+def mark_label(m: float) -> str:
+    """A mark as a row names it: counts with separators, FLOP-sized ones as 1.25e16."""
+    if m >= 1e9:
+        mant, exp = f"{m:.3g}".split("e")
+        return f"{mant}e{int(exp)}"
+    return f"{int(m):,}"
 
 
 def paired(details: dict[str, Any], pairs: list[tuple[str, str, str]]) -> list[dict[str, Any]]:

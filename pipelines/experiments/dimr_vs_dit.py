@@ -16,8 +16,10 @@ and seed, the same warm-up. Every arm trains for the same seconds on the loop's 
 exports EMA snapshots at shared training-FLOP marks. Rows:
 
 - ``<arm>@time``: the final model of each arm (equal GPU time);
-- ``<arm>@flops``: each arm's snapshot at the largest FLOP mark every arm reached (equal
-  training FLOPs, as the loop measured them);
+- ``<arm>@flops``: each arm's snapshot at the largest FLOP mark both ``dimr`` and ``dit``
+  reached (equal training FLOPs, as the loop measured them), for every arm that reached it;
+  an arm that did not (the UNet, the fewest FLOPs per second) meets its pair at the largest
+  mark both reached, in rows ``<arm>@flops (<mark>)`` (:func:`arms.evaluate_arms`);
 
 each sampled at the same seeds and labels with the same sampler and steps, measured against
 CIFAR-10's test set (FD-prism, KID, precision/recall, SWD, log-RAPSD distance) beside the

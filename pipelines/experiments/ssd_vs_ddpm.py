@@ -14,8 +14,10 @@ pairs compile inside that time when compiled, which is why the SSD arms run eage
 default: ``ssd_compile``) and exports EMA snapshots at shared image marks. Rows:
 
 - ``<arm>@time``: each arm's final model (equal GPU time);
-- ``<arm>@images``: each arm's snapshot at the largest image mark every arm reached (equal
-  images seen, the same data);
+- ``<arm>@images``: each arm's snapshot at the largest image mark both ``ssd4`` and ``ddpm``
+  reached (equal images seen, the same data); ``ssd2`` meets ``ddpm`` at the largest mark
+  both reached, in rows ``<arm>@images (<mark>)`` where that is a smaller one
+  (:func:`arms.evaluate_arms`);
 
 sampled at the same seeds with the same number of steps (SSD's respaced chain, DDIM for the
 DDPM arm), measured against Tiny-ImageNet's validation images beside the real-vs-real floor,
