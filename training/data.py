@@ -53,7 +53,13 @@ def to_batch(images: np.ndarray | torch.Tensor, labels: np.ndarray | None,
         x = torch.nn.functional.avg_pool2d(x, side // resolution)
     y = None
     if num_classes > 0 and labels is not None:
-        y = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(device)
+        y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        bad = (y < -1) | (y >= num_classes)  # here, on the host: the networks do not check
+        if bool(bad.any()):                  # labels on the GPU (a sync every step)
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"label {int(y[i])} of {keys[i] if i < len(keys) else i} is "
+                             f"outside [-1, {num_classes}) (data.num_classes={num_classes})")
+        y = y.to(device)
     out = {"images": x, "labels": y, "lambda_bounds": None, "spectral_params": None,
            "keys": list(keys)}
     if params is not None:  # (b, 4) = (log_A, beta, lambda_min, lambda_max)

@@ -125,10 +125,12 @@ class NoiseEmbedding(nn.Module):
         if labels is None:  # no labels given: the null class for every image
             return torch.full((c_noise.shape[0],), n, dtype=torch.long, device=c_noise.device)
         labels = labels.long()
-        # the range check reads the labels on the host: not while a CUDA graph is recorded
-        # (components/cuda_graphs.py; the graph's callers have checked the labels already)
-        capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
-        if labels.numel() and not capturing and (int(labels.min()) < -1 or int(labels.max()) > n):
+        # the range is checked for CPU labels outside compilation, as DiT's and DiMR's
+        # (networks.dimr.class_index): on the GPU it would sync the host every step and break
+        # the compiled graph; the training batches are checked on the host before they move
+        # (training.data.to_batch), the sampler's labels where it makes them
+        check = labels.device.type == "cpu" and not torch.compiler.is_compiling()
+        if check and labels.numel() and (int(labels.min()) < -1 or int(labels.max()) > n):
             raise ValueError(
                 f"class_labels must be in [-1, {n}] (-1 or {n} = null class), got "
                 f"[{int(labels.min())}, {int(labels.max())}]"

@@ -142,6 +142,18 @@ def test_stream_batches_are_mean_downsampled_to_the_training_resolution():
         to_batch(images, None, None, ["a", "b", "c"], torch.device("cpu"), 0, 48)
 
 
+def test_a_label_outside_the_models_classes_is_refused_on_the_host():
+    """The networks check labels on the CPU only (on the GPU a check would sync every step and
+    break the compiled graph), so a batch is checked before it moves to the device."""
+    from training.data import to_batch
+
+    images = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    ok = to_batch(images, np.array([0, 9, -1]), None, ["a", "b", "c"], torch.device("cpu"), 10)
+    assert ok["labels"].tolist() == [0, 9, -1]
+    with pytest.raises(ValueError, match="label 10 of b is outside"):
+        to_batch(images, np.array([0, 10, 1]), None, ["a", "b", "c"], torch.device("cpu"), 10)
+
+
 def test_a_corpus_with_more_classes_than_the_model_is_refused_before_training(tmp_path):
     import json
 
