@@ -9,7 +9,11 @@ DiT-B/2 pixel 32x32 batch 256 eager = 0.32 of the matmul rate on an H200). Model
     dimr         dimr-32-2r with the multi-scale loss (all branches)
     dimr_tbranch DiMR's Transformer branch alone (goal: >= 0.45 of the matmul rate)
     dit          our dit-b2-32 (FLOP-matched to dimr-32-2r)
+    unet         prism's CIFAR-10 UNet (ddpm-cifar10) with 10 classes: S4's third row
     diffusers    diffusers.DiTTransformer2DModel of dit-b2-32's size (skipped if absent)
+
+``--compile-mode reduce-overhead`` compiles with CUDA graphs (``run.compile_mode`` of
+``prism train``); the default is torch.compile's default mode.
 
 Every model and its batch are in ``torch.channels_last`` on CUDA, as ``prism train`` puts them
 (``run.channels_last: auto``); ``--layouts channels_last,contiguous`` adds rows named
@@ -118,6 +122,10 @@ def build_models(args: argparse.Namespace) -> dict[str, tuple[nn.Module, Callabl
     }
     dit = build_network(dit_name)
     models["dit"] = (dit, lambda m: lambda b: m(b["x"], b["c"], b["y"]), True)
+    # S4's third row: prism's CIFAR-10 UNet made class-conditional (cifar10-ddpm-eps.yaml)
+    unet = build_network("unet-debug" if args.smoke else "ddpm-cifar10",
+                         num_classes=dit.cfg.num_classes, resolution=dit.cfg.resolution)
+    models["unet"] = (unet, lambda m: lambda b: m(b["x"], b["c"], b["y"]), True)
     try:
         # deferred: diffusers is optional here (the reference is skipped without it)
         from diffusers import DiTTransformer2DModel
@@ -152,7 +160,8 @@ def bench_one(name: str, model: nn.Module, call_of: Callable, compile_: bool,
         make_step(model, call_of(model), opt, batch, device)()
     flops = fc.get_total_flops()
     torch._dynamo.reset()
-    runner = torch.compile(model, dynamic=False) if compile_ and args.compile else model
+    runner = torch.compile(model, mode=args.compile_mode, dynamic=False) \
+        if compile_ and args.compile else model
     step = make_step(model, call_of(runner), opt, batch, device)
     for _ in range(args.warmup):
         step()
@@ -167,7 +176,8 @@ def bench_one(name: str, model: nn.Module, call_of: Callable, compile_: bool,
     out = {"params_M": count_parameters(model) / 1e6, "step_ms": 1e3 * dt,
            "images_per_s": args.batch / dt, "gflop_per_step": flops / 1e9,
            "tflops": flops / dt / 1e12, "loss": float(loss),
-           "compiled": bool(compile_ and args.compile)}
+           "compiled": bool(compile_ and args.compile),
+           "compile_mode": args.compile_mode if compile_ and args.compile else None}
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if args.profile:
@@ -184,10 +194,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode (prism train's run.compile_mode)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the debug presets")
     p.add_argument("--models", default=None,
                    help="comma list of models to time (default all): dimr, dimr_tbranch, dit, "
-                        "diffusers_eager, diffusers")
+                        "unet, diffusers_eager, diffusers")
     p.add_argument("--layouts", default=None,
                    help="comma list of memory layouts: channels_last, contiguous (default: "
                         "channels_last on CUDA, as prism train; contiguous on CPU); rows of "

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole training loop against the bare step, one GPU, one call (about 9 minutes).
 #
-#   bash benchmarks/loop_vs_bare.sh [loop seconds per model, default 150] [models, default dit,dimr]
+#   bash benchmarks/loop_vs_bare.sh [loop seconds per model, default 150] [models, default dit,dimr] \
+#       [compile mode, default "default"]
+#   bash benchmarks/loop_vs_bare.sh 150 unet reduce-overhead   # the UNet with CUDA graphs
 #
 # Bare step: benchmarks/dimr_throughput.py (noise, forward, loss, backward, clip, fused AdamW on
 # synthetic batches; batch 128, bf16, compiled). Loop: `prism train` of the same recipe as S4's
@@ -15,17 +17,19 @@
 set -uo pipefail
 secs=${1:-150}
 models=${2:-dit,dimr}
+mode=${3:-default}  # torch.compile's mode in both: --compile-mode / run.compile_mode
+arm_sets=$(python3 -c "import sys; print('{' + ', '.join(f'{a}: [run.compile_mode={sys.argv[2]}]' for a in sys.argv[1].split(',')) + '}')" "$models" "$mode")
 source benchmarks/gpu_env.sh
 work=/tmp/lvb
 python3 benchmarks/dimr_throughput.py --batch 128 --steps 30 --warmup 5 --models "$models" \
-    > "$OUT/bare.log" 2>&1 || { tail -n 20 "$OUT/bare.log"; exit 1; }
+    --compile-mode "$mode" > "$OUT/bare.log" 2>&1 || { tail -n 20 "$OUT/bare.log"; exit 1; }
 cp "$OUT/dimr_throughput.json" "$OUT/bare.json"
 python3 -m prism_cli experiment run dimr-vs-dit --setting gpu --set stop_after_training=true \
     --set "arms=[$models]" --set time_limit_s="$secs" --set work_dir=$work --set mlflow=false \
-    --set 'flop_marks=[1e15]' --out $work/out > "$OUT/loop.log" 2>&1 \
+    --set 'flop_marks=[1e15]' --set "arm_sets=$arm_sets" --out $work/out > "$OUT/loop.log" 2>&1 \
     || { tail -n 30 "$OUT/loop.log"; exit 1; }
 for f in $work/references/*/metrics.jsonl; do cp "$f" "$OUT/$(basename "$(dirname "$f")")-metrics.jsonl"; done
-python3 - "$OUT" "$work" "$secs" <<'EOF'
+python3 - "$OUT" "$work" "$secs" "$mode" <<'EOF'
 import glob, json, statistics, sys
 from pathlib import Path
 out, work, secs = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
@@ -47,9 +51,11 @@ for d in sorted(glob.glob(f"{work}/references/*/")):
     r = rows[arm]
     r["loop_over_bare"] = r["loop_images_per_s"] / r["bare_images_per_s"]
 report = {"device": bare["device"], "matmul_tflops": bare["matmul_tflops"], "seconds": secs,
+          "compile_mode": sys.argv[4],
           "models": rows}
 (out / "loop_vs_bare.json").write_text(json.dumps(report, indent=2))
-print(f"{bare['device']}, bf16 matmul {bare['matmul_tflops']:.1f} TFLOP/s, loop {secs:.0f} s")
+print(f"{bare['device']}, bf16 matmul {bare['matmul_tflops']:.1f} TFLOP/s, loop {secs:.0f} s, "
+      f"compile mode {sys.argv[4]}")
 print("| model | bare img/s | loop img/s (whole run) | loop / bare | median window | slowest window | peak GiB loop / bare |")
 print("|---|---|---|---|---|---|---|")
 for a, r in rows.items():
