@@ -40,10 +40,15 @@ def test_arms_trained_under_the_recorded_budget_and_meet_at_an_image_mark(s3):
         assert config["kind"] == ("ssd" if arm.startswith("ssd") else "standard"), arm
     mark = res["image_mark"]
     assert mark in s.image_marks
-    rows = [r for r in res["rows"] if r["budget"] == "images"]
-    assert {r["arm"] for r in rows} == {"ssd4", "ssd2", "ddpm"}
+    rows = [r for r in res["rows"] if r["budget"].startswith("images")]
+    # ssd4 and ddpm (the rule's pair) meet at the main mark; ssd2 meets ddpm there too, or at
+    # the largest mark both reached when it fell short (rows "<arm>@images (<mark>)")
+    assert {r["arm"] for r in rows if r["budget"] == "images"} >= {"ssd4", "ddpm"}
+    ssd2 = next(r for r in rows if r["arm"] == "ssd2")
+    assert any(r["arm"] == "ddpm" and r["budget"] == ssd2["budget"] for r in rows)
     for r in rows:
-        assert mark <= r["images_seen"] < mark + 16  # the first step at or past the mark
+        assert r["mark"] in s.image_marks and (r["mark"] == mark) == (r["budget"] == "images")
+        assert r["mark"] <= r["images_seen"] < r["mark"] + 16  # the first step at or past it
     assert all(r["sample_seconds_per_image"] > 0 for r in res["rows"])
 
 

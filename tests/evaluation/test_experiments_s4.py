@@ -66,16 +66,23 @@ def test_every_arm_trained_under_the_same_recorded_budget(s4):
     assert len(set(per_image.values())) == len(s.arms) == 4  # four networks, each measured
 
 
-def test_equal_flops_rows_sit_at_the_common_mark(s4):
+def test_equal_flops_rows_sit_at_the_marks(s4):
     res, _ = s4
     mark = res["flop_mark"]
-    assert mark in experiments.resolve("dimr-vs-dit", "small").flop_marks
-    flops_rows = [r for r in res["rows"] if r["budget"] == "flops"]
+    marks = experiments.resolve("dimr-vs-dit", "small").flop_marks
+    assert mark in marks
+    flops_rows = [r for r in res["rows"] if r["budget"].startswith("flops")]
+    # dimr and dit (the rule's pair) meet at the main mark; every other arm meets its pair
+    # there or, where it fell short, at the largest mark both reached ("<arm>@flops (<mark>)")
+    assert {r["arm"] for r in flops_rows if r["budget"] == "flops"} >= {"dimr", "dit"}
     assert {r["arm"] for r in flops_rows} == set(res["references"])
+    for c in res["comparisons"]:
+        assert {c["a"], c["b"]} <= {r["tag"] for r in res["rows"]}
     for r in flops_rows:
         b = res["references"][r["arm"]]["budget"]
         batch = 16  # the small setting's train.batch_size
-        assert mark <= r["train_flops"] < mark + batch * b["flops_per_image"] + 1
+        assert r["mark"] in marks and (r["mark"] == mark) == (r["budget"] == "flops")
+        assert r["mark"] <= r["train_flops"] < r["mark"] + batch * b["flops_per_image"] + 1
 
 
 def test_rows_recompute_from_saved_samples_and_curves_follow_training(s4):
