@@ -11,6 +11,7 @@ the same run, the first steps' seconds (compilation) and peak memory.
 
     python benchmarks/train_throughput.py            # GPU: both resolutions
     python benchmarks/train_throughput.py --smoke    # CPU, tiny models, eager, a few seconds
+    python benchmarks/train_throughput.py --resolutions 32 --batch 256   # beside the recipe's
 
 Results: JSON in $OUT (default ./outputs/bench)/train_throughput.json; a table is printed last.
 No Ray or MLflow needed.
@@ -178,6 +179,9 @@ def main() -> None:
                     help="execution modes of diffusers' UNet")
     ap.add_argument("--heads", nargs="*", default=list(HEAD_DIMS), choices=list(HEAD_DIMS),
                     help="diffusers attention layouts")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="batch for every resolution (default: the recipe's, 128 at 32x32 and "
+                         "64 at 64x64): the best batch beside the recipe's")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     cases = SMOKE if args.smoke else {r: CASES[r] for r in args.resolutions}
@@ -188,6 +192,7 @@ def main() -> None:
     peak = matmul_tflops(device, args.smoke)
     rows = []
     for res, (preset, down, batch) in cases.items():
+        batch = args.batch if args.batch and not args.smoke else batch
         models = [(f"ours {m}", True, m, lambda p=preset: build_network(p)) for m in modes]
         models += [(f"diffusers {h} {m}", False, m,
                     lambda h=h, r=res, d=down: diffusers_unet(r, d, args.smoke, HEAD_DIMS[h]))
