@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -243,7 +243,7 @@ def _num_classes(refs: dict[str, dict[str, Any]]) -> int:
 
 def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
                   budget_name: str, evaluate: Any, n_rows: int, n_curve: int,
-                  pairs: list[tuple[str, str]] = ()
+                  pairs: Sequence[tuple[str, str]] = ()
                   ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, list], Any,
                              dict[tuple[str, str], str]]:
     """Rows, metric details, curves, the main mark and each pair's equal-compute budget.
