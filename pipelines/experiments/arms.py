@@ -266,8 +266,8 @@ def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
     mark = common_mark(first, marks, key)
     picked = [(a, "time", None, snaps[a][-1]) for a in refs]
     if mark is not None:
-        picked += [(a, budget_name, mark, at_mark(snaps[a], mark, key)) for a in refs
-                   if at_mark(snaps[a], mark, key)]
+        picked += [(a, budget_name, mark, snap) for a in refs
+                   if (snap := at_mark(snaps[a], mark, key))]
     at: dict[tuple[str, str], str] = {}
     for a, b in pairs:
         m = common_mark({a: snaps[a], b: snaps[b]}, marks, key)
