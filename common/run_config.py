@@ -62,6 +62,9 @@ class RunConfig(_Section):
     # COMPILE_UNITS; one graph per block shape, shared by every resolution pair that runs it)
     compile_scope: Literal["model", "blocks"] = "model"
     channels_last: Switch = "auto"
+    # CUDA: every host sync inside a training step after the first (where the step waits for
+    # the GPU, which then idles) is printed with its place ("warn") or stops the run ("error")
+    sync_debug: Literal["off", "warn", "error"] = "off"
 
 
 class DataConfig(_Section):

@@ -47,17 +47,19 @@ SPECTRAL_KINDS: tuple[str, ...] = ("frequency", "power", "mixed")  # need spectr
 PER_INSTANCE_KINDS: tuple[str, ...] = (*SPECTRAL_KINDS, "cosine", "linear")
 
 
-def bounded_lambda(t: Tensor, bounds: Tensor, kind: str = "cosine") -> Tensor:
+def bounded_lambda(t: Tensor, bounds: Tensor, kind: str = "cosine",
+                   check: bool = True) -> Tensor:
     """Each image's own schedule at its own t, within its bounds.
 
     t: (B,) in [0, 1]; bounds: (B, 2) = (lambda(0), lambda(1)) = (lambda_max, lambda_min).
     cosine: ``lambda(t) = -2 log tan(u_0 + t (u_1 - u_0))``, ``u_i = atan(exp(-lambda_i / 2))``
     (the SiD2 cosine clipped to the image's bounds); linear: linear in lambda.
-    Returns (B,) float32 with ``lambda_min <= lambda <= lambda_max`` exactly.
+    Returns (B,) float32 with ``lambda_min <= lambda <= lambda_max`` exactly. ``check=False``
+    skips reading the bounds (checked on the host already: no device sync).
     """
     b = bounds.to(torch.float64)
     lam0, lam1 = b[:, 0], b[:, 1]  # lambda(0) = lambda_max > lambda(1) = lambda_min
-    if not bool((lam0 > lam1).all()):
+    if check and not bool((lam0 > lam1).all()):
         raise ValueError("lambda_bounds must be (lambda(0), lambda(1)) with lambda(0) > lambda(1)")
     t64 = t.to(torch.float64)
     if kind == "cosine":
@@ -145,14 +147,15 @@ class DiffusionObjective:
                 raise ValueError(f"per-instance schedule {self.per_instance!r}: the batch has no "
                                  "'spectral_params' (join the spectral statistics in the data "
                                  "config)")
-            params = params.to(device, torch.float64)
-            lam = spectral_lambda(t, params, self.per_instance).to(torch.float32)
-            return lam, lambda_bounds(params).to(torch.float32)
+            params = params.to(device, torch.float64)  # checked on the host (data.to_batch)
+            lam = spectral_lambda(t, params, self.per_instance, check=False).to(torch.float32)
+            return lam, lambda_bounds(params, check=False).to(torch.float32)
         bounds = batch.get("lambda_bounds")
         if bounds is None:
             raise ValueError("per-instance schedule: the batch has no 'lambda_bounds' "
                              "(join the spectral statistics in the data config)")
-        return bounded_lambda(t, bounds.to(device), self.per_instance), bounds.to(device)
+        bounds = bounds.to(device)  # checked on the host (data.to_batch)
+        return bounded_lambda(t, bounds, self.per_instance, check=False), bounds
 
     def drop_labels(self, labels: Tensor | None) -> Tensor | None:
         """Replace each label by the null class -1 with probability ``label_dropout``."""

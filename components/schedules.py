@@ -19,6 +19,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from components.devices import cached_on
+
 LOG_2 = math.log(2.0)
 
 
@@ -148,6 +150,7 @@ class DiscreteSchedule:
     betas: tuple[float, ...]
     name: str = "discrete"
     _lam: Tensor = field(init=False, repr=False, compare=False)
+    _on: dict[str, Tensor] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         b = torch.tensor(self.betas, dtype=torch.float64)
@@ -173,14 +176,14 @@ class DiscreteSchedule:
         x = t.to(torch.float64).clamp(0, 1) * self.T
         i = x.floor().clamp(max=self.T - 1)
         w = x - i
-        lam = self._lam.to(t.device)
+        lam = cached_on(self._lam, t.device, self._on)  # one copy per device, not per call
         i = i.long()
         out = lam[i] * (1 - w) + lam[i + 1] * w
         return out.to(t.dtype) if t.is_floating_point() else out
 
     def t_of_lambda(self, lam: Tensor) -> Tensor:
         lam = _as_tensor(lam)
-        knots = self._lam.to(lam.device)
+        knots = cached_on(self._lam, lam.device, self._on)
         target = lam.to(torch.float64)
         # knots are decreasing: search on the negated (increasing) sequence
         j = torch.searchsorted(-knots, -target).clamp(1, self.T)  # knots[j-1] >= target > knots[j]

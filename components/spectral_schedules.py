@@ -46,11 +46,18 @@ def params_from_stats(stats: dict[str, Any]) -> np.ndarray:
     return np.stack(cols, axis=-1)
 
 
-def _check_params(params: Tensor) -> None:
+def check_params(params: Tensor | np.ndarray) -> None:
+    """Refuse parameter rows that are not (B, 4), not finite, or with lambda_max <= lambda_min.
+
+    A tensor's values are read: on a GPU, a host sync. The training batches are checked here
+    as arrays on the host before they move (``training.data.to_batch``), and the loss passes
+    ``check=False``.
+    """
     if params.ndim != 2 or params.shape[1] != len(PARAM_NAMES):
         raise ValueError(f"params must be (B, {len(PARAM_NAMES)}) {PARAM_NAMES}, "
                          f"got shape {tuple(params.shape)}")
-    if not bool(torch.isfinite(params).all()):
+    lib = np if isinstance(params, np.ndarray) else torch
+    if not bool(lib.isfinite(params).all()):
         raise ValueError("params contain NaN or infinite values")
     if bool((params[:, 3] <= params[:, 2]).any()):
         raise ValueError("params: lambda_max (column 3) must be > lambda_min (column 2)")
@@ -64,20 +71,23 @@ def _exp_family(t: Tensor, lam_max: Tensor, span: Tensor, k: Tensor) -> Tensor:
     return torch.where(small, lam_max - t * span, curved)
 
 
-def spectral_lambda(t: Tensor, params: Tensor, kind: str = "mixed") -> Tensor:
+def spectral_lambda(t: Tensor, params: Tensor, kind: str = "mixed",
+                    check: bool = True) -> Tensor:
     """Per-image log-SNR ``lambda(t)``: t (B,) in [0, 1], params (B, 4) -> (B,).
 
     Strictly decreasing in t, ``lambda(0) = lambda_max``, ``lambda(1) = lambda_min`` of each
     image. ``kind`` in {"frequency", "power", "mixed"}. Computed in float64, returned in the
-    dtype of ``params`` (float32 at least).
+    dtype of ``params`` (float32 at least). ``check=False`` skips reading the values of
+    ``params`` and ``t`` (for a caller that checked them on the host: no device sync).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown spectral schedule kind {kind!r}: expected one of {KINDS}")
-    _check_params(params)
+    if check:
+        check_params(params)
     out_dtype = torch.promote_types(params.dtype, torch.float32)
     p = params.to(torch.float64)
     t = torch.as_tensor(t, dtype=torch.float64, device=p.device).expand(p.shape[0])
-    if bool(((t < 0) | (t > 1)).any()):
+    if check and bool(((t < 0) | (t > 1)).any()):
         raise ValueError("spectral_lambda: t must lie in [0, 1]")
     beta, lam_min, lam_max = p[:, 1].clamp_min(BETA_MIN), p[:, 2], p[:, 3]
     span = lam_max - lam_min  # D > 0
@@ -97,9 +107,11 @@ def spectral_lambda_grid(params: Tensor, steps: int, kind: str = "mixed") -> Ten
     return torch.stack([spectral_lambda(t, params, kind) for t in ts])
 
 
-def lambda_bounds(params: Tensor) -> Tensor:
-    """``(lambda(0), lambda(1)) = (lambda_max, lambda_min)``, (B, 2): ``Cond.lambda_bounds``."""
-    _check_params(params)
+def lambda_bounds(params: Tensor, check: bool = True) -> Tensor:
+    """``(lambda(0), lambda(1)) = (lambda_max, lambda_min)``, (B, 2): ``Cond.lambda_bounds``.
+    ``check=False``: as in :func:`spectral_lambda`."""
+    if check:
+        check_params(params)
     return torch.stack([params[:, 3], params[:, 2]], dim=1)
 
 

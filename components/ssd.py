@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from components.degradation import LinearOp, posterior_mean
+from components.devices import cached_on, to_device
 from components.diffusion import LAMBDA_SCALE, Cond, Denoiser, NetworkDenoiser
 from components.scale import resize
 from components.schedules import ddpm_linear
@@ -102,6 +103,7 @@ class SSDProcess:
 
     def __post_init__(self) -> None:
         self.alpha_bar = ddpm_linear(self.T, self.beta_start, self.beta_end).alpha_bar
+        self._on: dict[str, Tensor] = {}  # alpha_bar, one copy per device
         self.resolutions = resolution_schedule(self.base_resolution, self.levels, self.T,
                                                self.resolution_schedule, self.gamma)
         self._mats: dict[tuple, Tensor] = {}
@@ -136,7 +138,7 @@ class SSDProcess:
 
     def lambda_(self, k: Tensor) -> Tensor:
         """log SNR of states k (long tensor, k >= 0), float32."""
-        ab = self.alpha_bar.to(k.device)[k]
+        ab = cached_on(self.alpha_bar, k.device, self._on)[k]
         return (ab.log() - (-ab).log1p()).float()
 
     def state_of(self, lam: Tensor | float) -> int:
@@ -186,13 +188,21 @@ class SSDProcess:
         return LinearOp(lambda x: c * R.apply(x), lambda y: c * R.transpose(y))
 
     # ----------------------------------------------------------------- forward process
-    def q_sample(self, x0: Tensor, k: Tensor, eps: Tensor) -> Tensor:
-        """``x_k = a_k R_{0:k} x0 + sigma_k eps``; k (B,) long, all at one resolution."""
-        r = {self.resolutions[int(i)] for i in k.unique()}
-        if len(r) != 1:
-            raise ValueError(f"q_sample: the steps of a batch must share one resolution, got {r}")
-        ab = self.alpha_bar.to(x0.device)[k].to(x0.dtype)[:, None, None, None]  # (B,1,1,1)
-        return ab.sqrt() * self.down(x0, r.pop()) + (1 - ab).sqrt() * eps
+    def q_sample(self, x0: Tensor, k: Tensor, eps: Tensor,
+                 resolution: int | None = None) -> Tensor:
+        """``x_k = a_k R_{0:k} x0 + sigma_k eps``; k (B,) long, all at one resolution.
+
+        ``resolution``: that resolution, known to a caller that drew k on the host; without
+        it, k's values are read to find it (a host sync where k is on a GPU)."""
+        if resolution is None:
+            r = {self.resolutions[int(i)] for i in k.unique()}
+            if len(r) != 1:
+                raise ValueError(f"q_sample: the steps of a batch must share one resolution, "
+                                 f"got {r}")
+            resolution = r.pop()
+        ab = cached_on(self.alpha_bar, x0.device, self._on)[k].to(x0.dtype)
+        ab = ab[:, None, None, None]  # (B, 1, 1, 1)
+        return ab.sqrt() * self.down(x0, resolution) + (1 - ab).sqrt() * eps
 
     # ----------------------------------------------------------------- posterior
     def posterior_noise(self, z: Tensor, j: int, k: int) -> Tensor:
@@ -379,11 +389,11 @@ class SSDObjective:
                              f"got {tuple(x0.shape[-2:])}")
         k = self.sample_steps(x0.shape[0])  # (B,) long, CPU
         r_in, r_out = self.process.res(int(k[0])), self.process.res(int(k[0]) - 1)
-        k_dev = k.to(x0.device)
+        k_dev = to_device(k, x0.device)  # queued: the host knows k and the pair already
         x0f = x0.float()
         eps = torch.randn(x0.shape[0], x0.shape[1], r_in, r_in, device=x0.device)
         with torch.autocast(x0.device.type, enabled=False):  # resizes in float32
-            x_k = self.process.q_sample(x0f, k_dev, eps).to(x0.dtype)  # (B, C, r_in, r_in)
+            x_k = self.process.q_sample(x0f, k_dev, eps, r_in).to(x0.dtype)  # (B,C,r_in,r_in)
             target = self.process.down(x0f, r_out)  # (B, C, r_out, r_out)
         labels = batch.get("labels")
         if labels is not None and self.label_dropout > 0:

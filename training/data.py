@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from common.run_config import Config
+from components.devices import to_device
 from components.spectra import gaussian_random_field, image_statistics
-from components.spectral_schedules import lambda_bounds, params_from_stats
+from components.spectral_schedules import check_params, lambda_bounds, params_from_stats
 from training.streams import ShardStreamDataset, check_class_count, load_spectral_params
 
 
@@ -53,18 +54,22 @@ def to_batch(images: np.ndarray | torch.Tensor, labels: np.ndarray | None,
         x = torch.nn.functional.avg_pool2d(x, side // resolution)
     y = None
     if num_classes > 0 and labels is not None:
-        y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        bad = (y < -1) | (y >= num_classes)  # here, on the host: the networks do not check
-        if bool(bad.any()):                  # labels on the GPU (a sync every step)
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"label {int(y[i])} of {keys[i] if i < len(keys) else i} is "
+        lab = np.asarray(labels)  # checked here, on the host: the networks do not check
+        bad = (lab < -1) | (lab >= num_classes)  # labels on the GPU (a sync every step)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"label {int(lab[i])} of {keys[i] if i < len(keys) else i} is "
                              f"outside [-1, {num_classes}) (data.num_classes={num_classes})")
-        y = y.to(device)
+        # queued, not waited for: a DataLoader with pin_memory left these page-locked
+        y = to_device(torch.as_tensor(labels, dtype=torch.long), device)
     out = {"images": x, "labels": y, "lambda_bounds": None, "spectral_params": None,
            "keys": list(keys)}
     if params is not None:  # (b, 4) = (log_A, beta, lambda_min, lambda_max)
-        p = torch.as_tensor(np.asarray(params), dtype=torch.float32).to(device)
-        out["spectral_params"], out["lambda_bounds"] = p, lambda_bounds(p)
+        p = torch.as_tensor(params, dtype=torch.float32)
+        check_params(p.numpy())  # on the host, where reading the values costs no device sync
+        bounds = lambda_bounds(p, check=False)
+        out["spectral_params"], out["lambda_bounds"] = to_device(p, device), to_device(bounds,
+                                                                                        device)
     return out
 
 

@@ -121,6 +121,7 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
             group["lr"] = lr
         if graphs:  # the graphs' outputs of the last step are no longer read
             torch.compiler.cudagraph_mark_step_begin()
+        parts.watch_syncs(cfg, device, step > start_step)  # run.sync_debug
         for a in range(accum):  # gradient accumulation; DDP syncs on the last micro-step
             slot = ctx.rank * accum + a
             batch = data.batch(step, slot)
@@ -141,6 +142,7 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
         opt.step()
         opt.zero_grad(set_to_none=True)
         parts.ema_update(ema, net, step, cfg)
+        parts.watch_syncs(cfg, device, False)
         step, images_seen = step + 1, images_seen + cfg.train.batch_size
         n_logged, window_images = n_logged + 1, window_images + cfg.train.batch_size
         clock.step_done()

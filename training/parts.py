@@ -177,6 +177,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def watch_syncs(cfg: Config, device: torch.device, on: bool) -> None:
+    """``run.sync_debug`` on (inside a training step) or off (logging, checkpoints)."""
+    if device.type == "cuda" and cfg.run.sync_debug != "off":
+        torch.cuda.set_sync_debug_mode(cfg.run.sync_debug if on else "default")
+
+
 def crossed_any(before: float, after: float, marks: list[float] | tuple[float, ...]) -> bool:
     """True when a mark lies in (before, after]: a count passed it this step."""
     return any(before < m <= after for m in marks)
