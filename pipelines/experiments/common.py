@@ -92,10 +92,11 @@ def config_path(name: str) -> Path:
 def reference_hash(spec: ReferenceSpec) -> str:
     """Eight hex digits of the resolved training config (what the weights depend on)."""
     cfg = load_config(config_path(spec.config), spec.sets).model_dump(mode="json")
-    # not what the weights depend on; compile_scope, a speed path newer than the recorded
-    # references, is left out so that their hashes stay
+    # not what the weights depend on; compile_scope and sync_debug, settings newer than the
+    # recorded references, are left out so that their hashes stay
     for section, key in (("run", "output_dir"), ("run", "name"), ("run", "project"),
-                         ("run", "compile_scope"), ("tracking", "enabled"), ("tracking", "uri"),
+                         ("run", "compile_scope"), ("run", "sync_debug"),
+                         ("tracking", "enabled"), ("tracking", "uri"),
                          ("tracking", "register_name"), ("data", "num_workers")):
         cfg.get(section, {}).pop(key, None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]

@@ -4,7 +4,7 @@ S3's and S4's GPU arms trained on the device are kept as run records and samples
 ``references/<arm>-<hash>`` (docs/science/s3-ssd-vs-ddpm.md, s4-dimr-vs-dit.md); measuring
 them again, or adding an arm beside them, finds them by that hash. A new config field must
 therefore be left out of :func:`reference_hash` when it does not change the weights (as
-``run.compile_scope``), or the recorded runs re-keyed.
+``run.compile_scope``, ``run.sync_debug``), or the recorded runs re-keyed.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pipelines.experiments import dimr_vs_dit, ssd_vs_ddpm
 from pipelines.experiments.common import reference_hash
 
 RECORDED = {  # experiment module -> arm -> the hash of the run measured on the GPU
-    ssd_vs_ddpm: {"ssd4": "aa63bd20", "ddpm": "5327e9fa"},
-    dimr_vs_dit: {"dimr": "0f3738d1", "dit": "e378ff46", "dimr-adaln": "0c202d43"},
+    ssd_vs_ddpm: {"ssd4": "aa63bd20", "ddpm": "5327e9fa", "ssd2": "c6e536d4"},
+    dimr_vs_dit: {"dimr": "0f3738d1", "dit": "e378ff46", "dimr-adaln": "0c202d43",
+                  "unet": "544c1ba0"},
 }
 
 
