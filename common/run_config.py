@@ -238,10 +238,12 @@ class CheckpointConfig(_Section):
     every_images: int = Field(5120, ge=1)
     keep_last: int = Field(3, ge=1)
     resume: bool = True  # the same run name resumes from its latest checkpoint
-    # export the EMA model to <run>/snapshots/<images seen>/ when the images seen, or the
-    # training FLOPs (train.count_flops), first reach each mark: quality along the run
+    # export the EMA model to <run>/snapshots/<images seen>/ when the images seen, the
+    # training FLOPs (train.count_flops) or the training seconds (the loop's clock, as
+    # train.time_limit_s) first reach each mark: quality along the run
     snapshot_images: list[int] = Field(default_factory=list)
     snapshot_flops: list[float] = Field(default_factory=list)
+    snapshot_seconds: list[float] = Field(default_factory=list)
 
 
 class TrackingConfig(_Section):

@@ -145,6 +145,7 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
         parts.watch_syncs(cfg, device, False)
         step, images_seen = step + 1, images_seen + cfg.train.batch_size
         n_logged, window_images = n_logged + 1, window_images + cfg.train.batch_size
+        seconds_before = clock.seconds
         clock.step_done()
         cb.on_step(step, images_seen)
         last = step == cfg.total_steps
@@ -175,6 +176,8 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
         before = images_seen - cfg.train.batch_size
         if ctx.rank == 0 and (
                 parts.crossed_any(before, images_seen, snapshot_images)
+                or parts.crossed_any(seconds_before, clock.seconds,
+                                     cfg.checkpoint.snapshot_seconds)
                 or (flops is not None and parts.crossed_any(
                     flops * before, flops * images_seen, cfg.checkpoint.snapshot_flops))):
             with clock.paused():

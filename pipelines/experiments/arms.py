@@ -217,12 +217,10 @@ def run(d: Design, s: ArmsSettings, out: Path, log: Log) -> dict[str, Any]:
             return measured(key, images, seconds, real, spaces, s.metrics, device, log,
                             intervals)
 
-    rows, details, curves, mark, at = evaluate_arms(
+    rows, details, curves, mark, meet = evaluate_arms(
         refs, getattr(s, d.marks_field), d.mark_key, d.mark_budget, evaluate, s.n_images,
         s.n_curve, d.pairs)
-    comparisons = paired(details, [(f"{a}@time", f"{b}@time", "time") for a, b in d.pairs]
-                         + [(f"{a}@{at[a, b]}", f"{b}@{at[a, b]}", at[a, b])
-                            for a, b in d.pairs if (a, b) in at])
+    comparisons = paired(details, meet)
     results = {
         **head, "feature_net": fnet, "real_data": real_src, "n_real": len(real),
         "floors": floors, d.mark_field: mark, "rows": rows, "curves": curves,
@@ -245,8 +243,8 @@ def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
                   budget_name: str, evaluate: Any, n_rows: int, n_curve: int,
                   pairs: Sequence[tuple[str, str]] = ()
                   ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, list], Any,
-                             dict[tuple[str, str], str]]:
-    """Rows, metric details, curves, the main mark and each pair's equal-compute budget.
+                             list[tuple[str, str, str]]]:
+    """Rows, metric details, curves, the main mark and where each pair meets.
 
     ``evaluate(arm, samples, model_dir, n, intervals) -> (row, details)`` samples (or reuses
     the samples named ``samples``) and measures one model, with bootstrap intervals for the
@@ -256,8 +254,12 @@ def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
     every arm when no pair is given), for every arm that reached it. A pair that did not both
     reach the main mark meets at the largest mark it did reach, in rows
     ``<arm>@<budget_name> (<mark>)``: an arm that stopped early leaves the others' equal-compute
-    rows where they were. Returns ``at``: each pair's budget label (the rows' suffix after
-    ``@``; pairs that share no mark are absent). Curves: every snapshot on the first
+    rows where they were. At equal time a pair meets at its final models when both ran to the
+    same ``train.time_limit_s``; otherwise at the shorter run's end, against the longer run's
+    snapshot at that many seconds (its ``checkpoint.snapshot_seconds`` must hold the shorter
+    limit), in a row ``<arm>@time (<mark> s)``; without it the pair has no equal-time
+    comparison. Returns ``meet``: the
+    (row a, row b, budget) of each pair's comparisons. Curves: every snapshot on the first
     ``n_curve`` of its samples.
     """
     snaps = {a: snapshots(r["run_dir"]) for a, r in refs.items()}
@@ -268,16 +270,22 @@ def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
     if mark is not None:
         picked += [(a, budget_name, mark, snap) for a in refs
                    if (snap := at_mark(snaps[a], mark, key))]
-    at: dict[tuple[str, str], str] = {}
+    meet: list[tuple[str, str, str]] = []
     for a, b in pairs:
+        labels = _equal_time(snaps, a, b)
+        if labels is not None:
+            have = {(arm, lab) for arm, lab, _, _ in picked}
+            picked += [(arm, lab, m, at_mark(snaps[arm], m, "train_seconds"))
+                       for arm, (lab, m) in labels.items() if (arm, lab) not in have]
+            meet.append((f"{a}@{labels[a][0]}", f"{b}@{labels[b][0]}", "time"))
         m = common_mark({a: snaps[a], b: snaps[b]}, marks, key)
         if m is None:
             continue
         label = budget_name if m == mark else f"{budget_name} ({mark_label(m)})"
-        at[a, b] = label
         have = {(arm, lab) for arm, lab, _, _ in picked}
         picked += [(arm, label, m, at_mark(snaps[arm], m, key)) for arm in (a, b)
                    if (arm, label) not in have]
+        meet.append((f"{a}@{label}", f"{b}@{label}", label))
     rows, details = [], {}
     for a, budget, m, snap in picked:
         tag, samples = f"{a}@{budget}", model_key(a, snap)
@@ -291,7 +299,31 @@ def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
             tag = model_key(a, snap)
             row, _ = evaluate(a, tag, snap["dir"], n_curve, False)
             curves[a].append({"tag": tag, **progress(snap), **row})
-    return rows, details, curves, mark, at
+    return rows, details, curves, mark, meet
+
+
+def _equal_time(snaps: dict[str, list[dict[str, Any]]], a: str, b: str
+                ) -> dict[str, tuple[str, float | None]] | None:
+    """Where arms a and b meet at equal time: arm -> (row budget, time mark or None for the
+    final model), or None where they cannot (see :func:`evaluate_arms`)."""
+    train = {x: _training(snaps[x][-1]) for x in (a, b)}
+    limit = {x: train[x].get("train", {}).get("time_limit_s") for x in (a, b)}
+    if limit[a] == limit[b]:  # the same budget (or runs too old to say: as before)
+        return {a: ("time", None), b: ("time", None)}
+    if None in limit.values():
+        return None
+    short, long_ = sorted((a, b), key=lambda x: limit[x])
+    t = limit[short]
+    if t not in train[long_].get("checkpoint", {}).get("snapshot_seconds", []) \
+            or not at_mark(snaps[long_], t, "train_seconds"):
+        return None
+    return {short: ("time", None), long_: (f"time ({t:g} s)", t)}
+
+
+def _training(final: dict[str, Any]) -> dict[str, Any]:
+    """The run's training config, from its final model (empty where it kept none)."""
+    p = Path(final["dir"]) / "config.json"
+    return json.loads(p.read_text()).get("training", {}) if p.exists() else {}
 
 
 def mark_label(m: float) -> str:

@@ -99,6 +99,8 @@ def reference_hash(spec: ReferenceSpec) -> str:
                          ("tracking", "enabled"), ("tracking", "uri"),
                          ("tracking", "register_name"), ("data", "num_workers")):
         cfg.get(section, {}).pop(key, None)
+    if not cfg["checkpoint"].get("snapshot_seconds"):  # newer than the recorded references
+        cfg["checkpoint"].pop("snapshot_seconds", None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
 
 

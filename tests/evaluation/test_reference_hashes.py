@@ -30,3 +30,27 @@ def test_gpu_arms_keep_the_hashes_of_their_recorded_runs(module):
     design = next(v for v in vars(module).values() if isinstance(v, A.Design))
     specs = A.references(design, s, s.train_data)
     assert {a: reference_hash(spec) for a, spec in specs.items()} == recorded
+
+
+# the longer runs' settings of the pages' "Next" (docs/science/s3-*.md, s4-*.md): the arms
+# kept at their recorded length must still be found by the hashes of their runs
+LONGER = {
+    ssd_vs_ddpm: ({"ssd4": ["checkpoint.snapshot_seconds=[330]"],
+                   "ddpm": ["checkpoint.snapshot_seconds=[330]"],
+                   "ssd2": ["train.time_limit_s=330.0"]}, ["ssd2"]),
+    dimr_vs_dit: ({"dit": ["checkpoint.snapshot_seconds=[360]"],
+                   "dimr": ["checkpoint.snapshot_seconds=[360]"],
+                   "unet": ["train.time_limit_s=360.0"],
+                   "dimr-adaln": ["train.time_limit_s=360.0"]}, ["unet", "dimr-adaln"]),
+}
+
+
+@pytest.mark.parametrize("module", list(LONGER), ids=lambda m: m.NAME)
+def test_arms_kept_short_beside_longer_runs_keep_their_hashes(module):
+    sets, kept = LONGER[module]
+    s = module.Settings(**{**module.PRESETS["gpu"], "work_dir": "/nowhere", "arms": list(sets),
+                           "time_limit_s": 480.0, "arm_sets": sets})
+    design = next(v for v in vars(module).values() if isinstance(v, A.Design))
+    hashes = {a: reference_hash(spec) for a, spec in A.references(design, s, s.train_data).items()}
+    assert {a: hashes[a] for a in kept} == {a: RECORDED[module][a] for a in kept}
+    assert all(hashes[a] != RECORDED[module][a] for a in sets if a not in kept)

@@ -88,10 +88,15 @@ def test_snapshots_at_image_and_flops_marks_with_their_progress(snapshot_run):
 def test_time_limit_stops_on_the_training_clock(tmp_path):
     cfg = debug_config(tmp_path, "train.total_images=100000", "train.batch_size=8",
                        "train.log_every_images=8", "checkpoint.every_images=100000",
-                       "train.time_limit_s=1.0")
+                       "train.time_limit_s=1.0", "checkpoint.snapshot_seconds=[0.5]")
     result = run_local(cfg)
     recs = _records(tmp_path / "debug")
     assert 8 <= result["images_seen"] < 100000
+    # one snapshot, at the step that took the training clock past 0.5 s
+    (snap,) = (tmp_path / "debug" / "snapshots").iterdir()
+    at = json.loads((snap / "progress.json").read_text())
+    before = [r for r in recs if r["images_seen"] == at["images_seen"] - 8]
+    assert at["train_seconds"] >= 0.5 and all(r["train_seconds"] < 0.5 for r in before)
     # it stopped at the first log step after 1 s of training time, not before
     assert recs[-1]["train_seconds"] > 1.0
     assert all(r["train_seconds"] <= 1.0 for r in recs[:-1])
