@@ -14,7 +14,8 @@
 #
 # Or, needing no warm machine between calls: each arm trained and sampled in one call and
 # brought back without its weights (its run records and samples, in parts of 15 MiB under
-# $OUT), the feature network in another, and the metrics computed here:
+# $OUT, four a call: where there are more, `more 60 TAG` on the same machine brings the next
+# four), the feature network in another, and the metrics computed here:
 #   bash benchmarks/experiments_gpu.sh s4-arm 590 --set 'arms=[dimr]' --set n_images=2000
 #   bash benchmarks/experiments_gpu.sh fnet-cifar10          # the CIFAR-10 feature network
 #   cat s4-dimr.tgz.* | tar xz -C W; cat fnet.tgz.* | tar xz -C W   # here, in a work folder W
@@ -93,10 +94,23 @@ run() {  # name setting [--set ...]
 bring() {  # tag: the files listed in /tmp/px/<experiment>/portable.txt -> $OUT/<tag>.tgz.NN
   local list=$1/portable.txt
   [ -f "$list" ] || { echo "nothing sampled to bring back ($list absent)"; return 1; }
-  tar czf - -C /tmp/px -T "$list" | split -b 15m -d - "$OUT/$2.tgz."
-  echo "brought back: $(wc -l < "$list") files in $(ls "$OUT/$2".tgz.* | wc -l) parts"
+  rm -rf "/tmp/px/parts/$2" && mkdir -p "/tmp/px/parts/$2"
+  tar czf - -C /tmp/px -T "$list" | split -b 15m -d - "/tmp/px/parts/$2/$2.tgz."
+  echo "$(wc -l < "$list") files in $(ls "/tmp/px/parts/$2" | wc -l) parts"
+  more "$2"
+}
+more() {  # the next four parts of <tag> (60 MiB: a call brings back at most 64 MiB)
+  local p n=0
+  for p in "/tmp/px/parts/$1"/*; do
+    [ -e "$p" ] || break
+    [ $n -lt 4 ] || { echo "parts left: bring them with: experiments_gpu.sh more 60 $1"; return; }
+    mv "$p" "$OUT/" && n=$((n + 1))
+  done
+  echo "brought back the last parts of $1"
 }
 case $stage in
+  more)  # the parts of an arm's samples left by s3-arm / s4-arm: more 60 TAG
+    more "${extra[0]:?usage: experiments_gpu.sh more 60 TAG}" ;;
   s3-arm|s4-arm)  # one arm a call: trained, sampled (final model, then snapshots), brought back
     arm=$(printf '%s\n' "${extra[@]}" | sed -n 's/^arms=\[\(.*\)\]$/\1/p' | tr -d ' ,')
     name=$([ "$stage" = s3-arm ] && echo ssd-vs-ddpm || echo dimr-vs-dit)
