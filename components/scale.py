@@ -21,6 +21,7 @@ instead, a different operator from the one whose transpose Scale Space Diffusion
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from kornia.filters import filter2d_separable
 from kornia.filters.kernels import get_pascal_kernel_1d
 from torch import Tensor
+
+from components.devices import cached_on
 
 PyramidKind = Literal["box", "gaussian"]
 
@@ -137,13 +140,22 @@ def resize_matrix(n_in: int, n_out: int, antialias: bool = True,
 
 # --------------------------------------------------------------------------- pyramids
 
+@functools.cache
+def _binomial_5() -> Tensor:
+    """[1 4 6 4 1]/16 as (1, 5), on the host (exact in float32)."""
+    return get_pascal_kernel_1d(5, norm=True)[None]
+
+
+_BINOMIAL_ON: dict[str, Tensor] = {}  # the kernel, one copy per device (not one per call)
+
+
 def _blur_binomial(x: Tensor) -> Tensor:
     """Separable 5-tap binomial blur [1 4 6 4 1]/16 with reflect padding, (N, 1, H, W).
 
     Reflect padding by 2 needs at least 3 pixels along each side; smaller images (the last
     levels of a deep pyramid) are padded by replication instead.
     """
-    k = get_pascal_kernel_1d(5, norm=True, device=x.device, dtype=x.dtype)[None]  # (1, 5)
+    k = cached_on(_binomial_5(), x.device, _BINOMIAL_ON).to(x.dtype)  # (1, 5)
     border = "reflect" if min(x.shape[-2:]) > 2 else "replicate"
     return filter2d_separable(x, k, k, border_type=border)
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers
 from train_helpers import ROOT  # noqa: E402
 
 from common.run_config import load_config  # noqa: E402
+from components import scale  # noqa: E402
 from components.devices import cached_on, to_device  # noqa: E402
 from components.schedules import ddpm_linear  # noqa: E402
 from components.spectral_schedules import check_params  # noqa: E402
@@ -120,7 +121,7 @@ class _Copies(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def test_schedule_tables_reach_a_device_once_not_per_call():
+def test_constant_tables_reach_a_device_once_not_per_call():
     meta = torch.device("meta")
     schedule, process = ddpm_linear(), SSDProcess(16, levels=2)
     t = torch.zeros(8, device=meta)
@@ -135,6 +136,12 @@ def test_schedule_tables_reach_a_device_once_not_per_call():
             process.q_sample(x0, k, eps, resolution=8)
         counts.append(c.n)
     assert counts[0] >= 2 and counts[1:] == [0, 0]  # tables, resize matrices: once
+    # the pyramids' binomial kernel (kornia makes it with torch.tensor(list, device=...), a
+    # copy this mode does not see): kept, one per device
+    scale.pyramid_down(x0[:, :1], "gaussian")
+    kernel = scale._BINOMIAL_ON["meta"]
+    scale.pyramid_down(x0[:, :1], "gaussian")
+    assert scale._BINOMIAL_ON["meta"] is kernel
     assert schedule == ddpm_linear()  # the per-device copies are not part of the value
 
 
