@@ -54,7 +54,7 @@
 # ../shared/tools/gpu-wheels --no-ray. Results come back under $OUT; log them to MLflow here
 # with `prism experiment log DIR`.
 set -uo pipefail
-stage=${1:?usage: experiments_gpu.sh train|eval|s2-train|s2-eval|s3-train|s3-eval|s4-train|s4-eval|s3-arm|s4-arm|fnet-cifar10|fnet-tin64 [seconds [--set k=v ...]]}
+stage=${1:?usage: experiments_gpu.sh train|eval|s2-train|s2-eval|s3-train|s3-eval|s4-train|s4-eval|s3-arm|s4-arm|more|fnet-cifar10|fnet-tin64 [seconds [--set k=v ...]]}
 budget=${2:-560}
 extra=("${@:3}")
 export PYTHONUNBUFFERED=1
