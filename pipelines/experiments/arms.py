@@ -275,8 +275,8 @@ def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
         labels = _equal_time(snaps, a, b)
         if labels is not None:
             have = {(arm, lab) for arm, lab, _, _ in picked}
-            picked += [(arm, lab, m, at_mark(snaps[arm], m, "train_seconds"))
-                       for arm, (lab, m) in labels.items() if (arm, lab) not in have]
+            picked += [(arm, lab, m, snap) for arm, (lab, m, snap) in labels.items()
+                       if (arm, lab) not in have]
             meet.append((f"{a}@{labels[a][0]}", f"{b}@{labels[b][0]}", "time"))
         m = common_mark({a: snaps[a], b: snaps[b]}, marks, key)
         if m is None:
@@ -303,21 +303,21 @@ def evaluate_arms(refs: dict[str, dict[str, Any]], marks: list[float], key: str,
 
 
 def _equal_time(snaps: dict[str, list[dict[str, Any]]], a: str, b: str
-                ) -> dict[str, tuple[str, float | None]] | None:
+                ) -> dict[str, tuple[str, float | None, dict[str, Any]]] | None:
     """Where arms a and b meet at equal time: arm -> (row budget, time mark or None for the
-    final model), or None where they cannot (see :func:`evaluate_arms`)."""
+    final model, the model), or None where they cannot (see :func:`evaluate_arms`)."""
     train = {x: _training(snaps[x][-1]) for x in (a, b)}
     limit = {x: train[x].get("train", {}).get("time_limit_s") for x in (a, b)}
     if limit[a] == limit[b]:  # the same budget (or runs too old to say: as before)
-        return {a: ("time", None), b: ("time", None)}
+        return {x: ("time", None, snaps[x][-1]) for x in (a, b)}
     if None in limit.values():
         return None
     short, long_ = sorted((a, b), key=lambda x: limit[x])
     t = limit[short]
-    if t not in train[long_].get("checkpoint", {}).get("snapshot_seconds", []) \
-            or not at_mark(snaps[long_], t, "train_seconds"):
+    snap = at_mark(snaps[long_], t, "train_seconds")
+    if t not in train[long_].get("checkpoint", {}).get("snapshot_seconds", []) or snap is None:
         return None
-    return {short: ("time", None), long_: (f"time ({t:g} s)", t)}
+    return {short: ("time", None, snaps[short][-1]), long_: (f"time ({t:g} s)", t, snap)}
 
 
 def _training(final: dict[str, Any]) -> dict[str, Any]:
