@@ -95,7 +95,9 @@ def test_ssd_samples_with_every_wrapper_and_its_seed_alone(model):
     assert plain.shape == (2, 3, 16, 16) and torch.isfinite(plain).all()
     cfg = generate(model, seeds=[3, 4], cfg_scale=2.5, **kw)
     alone = generate(model, seeds=[4], steps=6, class_labels=[2], cfg_scale=2.5)
-    torch.testing.assert_close(alone[0], cfg[1], atol=1e-5, rtol=0)
+    # batches of 1 and 4 (with CFG's unconditional half) may take different BLAS kernels
+    # (8e-5 apart after six steps on one AMD CPU); a wrong seed or label differs by O(1)
+    torch.testing.assert_close(alone[0], cfg[1], atol=1e-3, rtol=0)
     assert not torch.allclose(cfg, plain, atol=1e-3)
     aware = generate(model, seeds=[3, 4], time_aware=(1, 0.5), **kw)
     assert not torch.allclose(aware, plain, atol=1e-3)
