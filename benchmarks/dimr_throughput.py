@@ -163,11 +163,11 @@ def bench_one(name: str, model: nn.Module, call_of: Callable, compile_: bool,
     runner = torch.compile(model, mode=args.compile_mode, dynamic=False) \
         if compile_ and args.compile else model
     step = make_step(model, call_of(runner), opt, batch, device)
+    if device.type == "cuda":  # before warm-up: CUDA graphs take their pool at capture
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         step()
     _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
