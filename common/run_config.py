@@ -65,6 +65,16 @@ class RunConfig(_Section):
     # CUDA: every host sync inside a training step after the first (where the step waits for
     # the GPU, which then idles) is printed with its place ("warn") or stops the run ("error")
     sync_debug: Literal["off", "warn", "error"] = "off"
+    # CUDA graphs of the eager network's forward and backward, one per input shape, recorded in
+    # seconds (training.graphs; compile off: the graphs replace compilation, not add to it)
+    cuda_graphs: Annotated[Literal["off", "on"], BeforeValidator(_switch_value)] = "off"
+
+    @model_validator(mode="after")
+    def _graphs_without_compile(self) -> RunConfig:
+        if self.cuda_graphs == "on" and self.compile != "off":
+            raise ValueError("run.cuda_graphs=on records the eager network: set run.compile=off "
+                             "(torch.compile's own graphs: run.compile_mode=reduce-overhead)")
+        return self
 
 
 class DataConfig(_Section):

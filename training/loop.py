@@ -27,6 +27,7 @@ from training.build import build_model, build_objective, param_groups
 from training.callbacks import Callback, Callbacks
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import MemoryData, build_data
+from training.graphs import use_training_graphs
 from training.sampling import generative_model, load_schedule_model, sample_grid
 
 
@@ -85,6 +86,11 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
             fwd = torch.compile(fwd, dynamic=False, mode=cfg.run.compile_mode)
     graphs = compiled and device.type == "cuda" and \
         cfg.run.compile_mode in ("reduce-overhead", "max-autotune")
+    if cfg.run.cuda_graphs == "on":  # eager kernels recorded per input shape (off CUDA: eager)
+        if ddp is not None:
+            raise ValueError("run.cuda_graphs=on runs one process; with several, use "
+                             "run.compile_mode=reduce-overhead")
+        fwd = use_training_graphs(net)
     cb.on_start(cfg, {"rank": ctx.rank, "world": ctx.world, "device": str(device),
                       "run_dir": str(run_dir), "start_step": step, "data_note": data_note,
                       "total_steps": cfg.total_steps, "family": family,

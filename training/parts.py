@@ -72,10 +72,13 @@ def compile_blocks(net: nn.Module, mode: str) -> int:
 
 
 def autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (precision auto/bf16), full precision otherwise."""
+    """bf16 autocast on CUDA (precision auto/bf16), full precision otherwise. With
+    ``run.cuda_graphs`` on, autocast keeps no cache of cast weights (a recorded graph would
+    read a cast freed after its recording)."""
     p = cfg.run.precision
     if p == "bf16" or (p == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16,
+                              cache_enabled=cfg.run.cuda_graphs == "off")
     return contextlib.nullcontext()
 
 

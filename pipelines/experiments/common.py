@@ -101,6 +101,8 @@ def reference_hash(spec: ReferenceSpec) -> str:
         cfg.get(section, {}).pop(key, None)
     if not cfg["checkpoint"].get("snapshot_seconds"):  # newer than the recorded references
         cfg["checkpoint"].pop("snapshot_seconds", None)
+    if cfg["run"].get("cuda_graphs") == "off":  # likewise
+        cfg["run"].pop("cuda_graphs")
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -1,0 +1,150 @@
+"""CUDA graphs for training without compilation: the eager network's forward and backward
+recorded once per input signature and replayed (``run.cuda_graphs: on``).
+
+A small network at a small resolution is bound by kernel launches, not arithmetic: the host
+issues hundreds of launches a step while the GPU waits. ``torch.compile(mode=
+"reduce-overhead")`` removes them, but compiles one graph per input shape first, and SSD's
+Flexi-UNet trains on one shape per resolution pair (seven for ``ssd-64-4l``: minutes of
+compilation before a run of a few minutes has started; ``benchmarks/results/ssd-speed.md``).
+Here PyTorch's own ``torch.cuda.make_graphed_callables`` records the eager kernels instead:
+a few warm-up passes and one capture per signature, seconds rather than minutes.
+
+What this module adds to that function (why it is not called directly): the loop's network
+is called with several signatures (resolution pairs, keyword arguments such as
+``out_resolution``, ``labels=None``), while ``make_graphed_callables`` takes one fixed tuple
+of tensors and replaces the module's ``forward``. :class:`TrainingGraphs` keys each call by
+its signature, binds the non-tensor arguments into a small module that shares the network's
+parameters, and records that one on first use; every recording shares one memory pool.
+
+Correctness rests on four points:
+- A step runs one graph's forward and then its backward before any other graph replays, so
+  graphs may share memory: nothing one leaves behind is read after another has run (the
+  outputs are consumed by the loss, the gradients copied into ``.grad`` by autograd).
+- Autocast runs with its weight cache off (``parts.autocast``), so a graph never reads a
+  cast that was freed; the autocast state is part of the signature.
+- Random numbers inside the network (dropout) come from PyTorch's graph-safe generator: the
+  seed set before each step is honoured, the draws differ from eager's.
+- Parameters the signature leaves unused (a Flexi-UNet's other levels) get no gradient, as in
+  eager.
+Without gradients (evaluation), off CUDA, or for a network that cannot be captured (one that
+waits for the host), the network runs eagerly; the last with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class _Bound(nn.Module):
+    """``net`` with one call's non-tensor arguments fixed: ``forward(*tensors)``."""
+
+    def __init__(self, net: nn.Module, layout: tuple, kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.net, self.layout, self.fixed = net, layout, kwargs
+
+    def forward(self, *tensors: Tensor) -> Any:
+        it = iter(tensors)
+        args = [next(it) if slot is _TENSOR else slot for slot in self.layout[0]]
+        kwargs = {k: next(it) if v is _TENSOR else v for k, v in self.layout[1]}
+        return self.net(*args, **kwargs, **self.fixed)
+
+
+_TENSOR = object()  # a tensor's place in a call's layout
+
+
+def _signature(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, list[Tensor]]:
+    """(hashable key, the call's tensors in order): shapes, strides, dtypes and the other
+    arguments' values, with the autocast state."""
+    tensors: list[Tensor] = []
+    key: list[Any] = []
+
+    def slot(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            tensors.append(v)
+            key.append((tuple(v.shape), v.stride(), v.dtype, v.device, v.requires_grad))
+            return _TENSOR
+        key.append(v)
+        return v
+
+    layout = (tuple(slot(a) for a in args), tuple((k, slot(v)) for k, v in sorted(kwargs.items())))
+    amp = torch.is_autocast_enabled("cuda")
+    key.append((amp, torch.get_autocast_dtype("cuda") if amp else None))
+    return (tuple(key), layout), tensors
+
+
+def _capturable(tensors: list[Tensor]) -> bool:
+    """A call CUDA graphs can record: tensors, all on CUDA."""
+    return bool(tensors) and all(t.is_cuda for t in tensors)
+
+
+@contextlib.contextmanager
+def _no_sync_debug() -> Iterator[None]:
+    """Recording synchronises on purpose: ``run.sync_debug`` is for the steps, not for it."""
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+class TrainingGraphs(nn.Module):
+    """``net`` called through CUDA graphs of its forward and backward, one per signature (see
+    the module docstring). Checkpoints and EMA keep using ``net`` itself."""
+
+    def __init__(self, net: nn.Module, warmup: int = 3) -> None:
+        super().__init__()
+        self.net, self.warmup = net, warmup
+        self._graphs: dict[tuple, nn.Module] = {}
+        self._eager: set[tuple] = set()
+        self._pool: Any = None
+
+    def __getattr__(self, name: str) -> Any:  # the network's attributes (num_classes, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("net"), name)
+
+    @property
+    def graphs(self) -> int:
+        """How many signatures have been recorded."""
+        return len(self._graphs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        (key, layout), tensors = _signature(args, kwargs)
+        if not torch.is_grad_enabled() or not _capturable(tensors) or key in self._eager:
+            return self.net(*args, **kwargs)
+        graphed = self._graphs.get(key)
+        if graphed is None:
+            try:
+                graphed = self._graphs[key] = self._record(layout, tensors)
+            except RuntimeError as exc:  # e.g. a network that waits for the host
+                self._eager.add(key)
+                warnings.warn(f"CUDA graph capture failed, this signature runs eagerly: {exc}",
+                              RuntimeWarning, stacklevel=2)
+                torch.cuda.synchronize()
+                return self.net(*args, **kwargs)
+        return graphed(*tensors)
+
+    def _record(self, layout: tuple, tensors: list[Tensor]) -> nn.Module:
+        fixed = {k: v for k, v in layout[1] if v is not _TENSOR}
+        tensor_layout = (layout[0], tuple((k, v) for k, v in layout[1] if v is _TENSOR))
+        bound = _Bound(self.net, tensor_layout, fixed).train(self.net.training)
+        sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with _no_sync_debug():
+            return torch.cuda.make_graphed_callables(
+                bound, sample, num_warmup_iters=self.warmup, allow_unused_input=True,
+                pool=self._pool)
+
+
+def use_training_graphs(net: nn.Module) -> TrainingGraphs:
+    """``net`` wrapped in :class:`TrainingGraphs` (a wrapped network is returned as is)."""
+    return net if isinstance(net, TrainingGraphs) else TrainingGraphs(net)
