@@ -4,6 +4,9 @@
 #   bash benchmarks/loop_vs_bare.sh [loop seconds per model, default 150] [models, default dit,dimr] \
 #       [compile mode, default "default"]
 #   bash benchmarks/loop_vs_bare.sh 150 unet reduce-overhead   # the UNet with CUDA graphs
+#   bash benchmarks/loop_vs_bare.sh 150 unet graphs   # the loop's eager step recorded as CUDA
+#       graphs (run.compile=off, run.cuda_graphs=on) against the bare step with torch.compile's
+#       graphs (reduce-overhead), the fastest bare step
 #
 # Bare step: benchmarks/dimr_throughput.py (noise, forward, loss, backward, clip, fused AdamW on
 # synthetic batches; batch 128, bf16, compiled). Loop: `prism train` of the same recipe as S4's
@@ -19,13 +22,18 @@
 set -uo pipefail
 secs=${1:-150}
 models=${2:-dit,dimr}
-mode=${3:-default}  # torch.compile's mode in both: --compile-mode / run.compile_mode
-arm_sets=$(python3 -c "import sys; print('{' + ', '.join(f'{a}: [run.compile_mode={sys.argv[2]}, run.sync_debug=warn]' for a in sys.argv[1].split(',')) + '}')" "$models" "$mode")
+mode=${3:-default}  # torch.compile's mode in both: --compile-mode / run.compile_mode; or graphs
+if [ "$mode" = graphs ]; then
+  bare_mode=reduce-overhead loop_sets="run.compile=off, run.cuda_graphs=on"
+else
+  bare_mode=$mode loop_sets="run.compile_mode=$mode"
+fi
+arm_sets=$(python3 -c "import sys; print('{' + ', '.join(f'{a}: [{sys.argv[2]}, run.sync_debug=warn]' for a in sys.argv[1].split(',')) + '}')" "$models" "$loop_sets")
 source benchmarks/gpu_env.sh
 work=/tmp/lvb
 rm -rf $work  # a fresh loop: an earlier call's runs on a warm machine would be read as this one's
 python3 benchmarks/dimr_throughput.py --batch 128 --steps 30 --warmup 5 --models "$models" \
-    --compile-mode "$mode" > "$OUT/bare.log" 2>&1 || { tail -n 20 "$OUT/bare.log"; exit 1; }
+    --compile-mode "$bare_mode" > "$OUT/bare.log" 2>&1 || { tail -n 20 "$OUT/bare.log"; exit 1; }
 cp "$OUT/dimr_throughput.json" "$OUT/bare.json"
 python3 -m prism_cli experiment run dimr-vs-dit --setting gpu --set stop_after_training=true \
     --set "arms=[$models]" --set time_limit_s="$secs" --set work_dir=$work --set mlflow=false \

@@ -5,6 +5,7 @@
 #   bash benchmarks/ssd_compile_cost.sh eager=60,compiled=360           # one device call
 #   bash benchmarks/ssd_compile_cost.sh compiled-cached=120             # the next, same machine
 #   bash benchmarks/ssd_compile_cost.sh eager=60,compiled-blocks=240    # blocks compiled alone
+#   bash benchmarks/ssd_compile_cost.sh eager=60,graphs=120             # eager CUDA graphs
 #
 # `prism train` of the config (default training/configs/ssd-64-4l.yaml: one graph per
 # (input, output) resolution pair, compiled as each pair first occurs) on synthetic batches:
@@ -12,7 +13,8 @@
 # cache: what a fresh machine pays) and `compiled-cached` (compiled again on the cache that
 # `compiled` left: what a re-run on the same machine pays) and `compiled-blocks`
 # (`run.compile_scope=blocks`: each UNet block compiled on its own, shared by every resolution
-# pair that runs it, on an empty cache of its own), each for its seconds on the loop's
+# pair that runs it, on an empty cache of its own) and `graphs` (`run.cuda_graphs=on`: the eager
+# step recorded as CUDA graphs per resolution pair, no compilation), each for its seconds on the loop's
 # clock. Runs live in /tmp/ssdcc and a mode already run is not run again, so the modes can be
 # spread over calls to one warm machine. A run's wall time is its first step (compilation
 # included) plus the loop's clock; the later resolution pairs compile inside the loop's clock,
@@ -58,7 +60,9 @@ for m in ${modes//,/ }; do
         echo "compiled-cached needs the cache of a compiled run first"; exit 2; fi
       train "$name" on "$secs" ;;
     compiled-blocks) train "$name" on "$secs" --set run.compile_scope=blocks ;;
-    *) echo "unknown mode $name (eager, compiled, compiled-cached, compiled-blocks)"; exit 2 ;;
+    graphs) train "$name" off "$secs" --set run.cuda_graphs=on ;;
+    *) echo "unknown mode $name (eager, compiled, compiled-cached, compiled-blocks, graphs)"
+       exit 2 ;;
   esac
 done
 python3 - "$OUT" "$work" "$config" <<'EOF'
@@ -66,7 +70,7 @@ import json, statistics, sys
 from pathlib import Path
 out, work, config = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 rows = {}
-for name in ("eager", "compiled", "compiled-cached", "compiled-blocks"):
+for name in ("eager", "compiled", "compiled-cached", "compiled-blocks", "graphs"):
     if not (work / name / "metrics.jsonl").exists():
         continue
     recs = [json.loads(x) for x in (work / name / "metrics.jsonl").read_text().splitlines()
@@ -82,7 +86,7 @@ for name in ("eager", "compiled", "compiled-cached", "compiled-blocks"):
                   "offset_s": wall - images / steady,
                   "peak_gib": max(r.get("memory_gib", 0) for r in recs)}
 e = rows.get("eager")
-for name in ("compiled", "compiled-cached", "compiled-blocks"):
+for name in ("compiled", "compiled-cached", "compiled-blocks", "graphs"):
     if e is None or name not in rows:
         continue
     c = rows[name]

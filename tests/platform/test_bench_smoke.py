@@ -96,7 +96,7 @@ def test_stream_throughput_smoke_times_both_streams(tmp_path):
     assert "ratio this tree / streams@HEAD" in proc.stdout
 
 
-SSD_SMOKE = ["eager=4,compiled=4,compiled-cached=4,compiled-blocks=4",
+SSD_SMOKE = ["eager=4,compiled=4,compiled-cached=4,compiled-blocks=4,graphs=4",
              "training/configs/ssd-32-3l.yaml",
              "--set", "model.preset=ssd-debug",
              "--set", "data.resolution=16", "--set", "train.batch_size=8",
@@ -113,13 +113,14 @@ def test_ssd_compile_cost_smoke_times_eager_compiled_and_cached(tmp_path):
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "ssd_compile_cost.json").read_text())["rows"]
-    assert set(rows) == {"eager", "compiled", "compiled-cached", "compiled-blocks"}
+    # graphs: run.cuda_graphs=on, which records nothing off CUDA (the run is eager here)
+    assert set(rows) == {"eager", "compiled", "compiled-cached", "compiled-blocks", "graphs"}
     for r in rows.values():
         assert r["images"] > 0 and r["steady_images_per_s"] > 0
         assert r["wall_s"] == pytest.approx(r["first_step_s"] + r["loop_seconds"])
     # the second compiled run finds the first one's kernels: its compilation is far shorter
     assert rows["compiled-cached"]["first_step_s"] < 0.5 * rows["compiled"]["first_step_s"]
-    for name in ("compiled", "compiled-cached", "compiled-blocks"):
+    for name in ("compiled", "compiled-cached", "compiled-blocks", "graphs"):
         r, e = rows[name], rows["eager"]
         assert r["speedup"] == pytest.approx(r["steady_images_per_s"] / e["steady_images_per_s"])
         assert (r["pays_after_wall_s"] is None) == (r["speedup"] <= 1)
