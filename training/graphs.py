@@ -6,26 +6,31 @@ issues hundreds of launches a step while the GPU waits. ``torch.compile(mode=
 "reduce-overhead")`` removes them, but compiles one graph per input shape first, and SSD's
 Flexi-UNet trains on one shape per resolution pair (seven for ``ssd-64-4l``: minutes of
 compilation before a run of a few minutes has started; ``benchmarks/results/ssd-speed.md``).
-Here PyTorch's own ``torch.cuda.make_graphed_callables`` records the eager kernels instead:
-a few warm-up passes and one capture per signature, seconds rather than minutes.
+Here the eager kernels are recorded instead: a few warm-up passes and one capture per
+signature, seconds rather than minutes.
 
-What this module adds to that function (why it is not called directly): the loop's network
-is called with several signatures (resolution pairs, keyword arguments such as
-``out_resolution``, ``labels=None``), while ``make_graphed_callables`` takes one fixed tuple
-of tensors and replaces the module's ``forward``. :class:`TrainingGraphs` keys each call by
-its signature, binds the non-tensor arguments into a small module that shares the network's
-parameters, and records that one on first use; every recording shares one memory pool.
+Why not ``torch.cuda.make_graphed_callables``, which does the same for one fixed call: it
+records in CUDA's global capture mode, in which a CUDA call from any other thread of the
+process fails (the DataLoader's pin-memory thread allocates page-locked memory while the
+loop records), and it offers no other mode; and it takes one tuple of tensors and replaces the
+module's ``forward``, while the loop's network is called with several signatures (resolution
+pairs, keyword arguments such as ``out_resolution``, ``labels=None``). So :class:`_Recording`
+records a forward and a backward graph in thread-local mode and replays them inside one
+autograd node, and :class:`TrainingGraphs` keys each call by its signature, binds its
+non-tensor arguments, and records it on first use; every recording shares one memory pool.
 
 Correctness rests on four points:
 - A step runs one graph's forward and then its backward before any other graph replays, so
-  graphs may share memory: nothing one leaves behind is read after another has run (the
-  outputs are consumed by the loss, the gradients copied into ``.grad`` by autograd).
+  graphs may share memory: nothing one leaves behind is read after another has run (its
+  outputs are read by the loss, its gradients by the optimizer, within the step).
 - Autocast runs with its weight cache off (``parts.autocast``), so a graph never reads a
   cast that was freed; the autocast state is part of the signature.
 - Random numbers inside the network (dropout) come from PyTorch's graph-safe generator: the
   seed set before each step is honoured, the draws differ from eager's.
 - Parameters the signature leaves unused (a Flexi-UNet's other levels) get no gradient, as in
-  eager.
+  eager. A parameter's ``.grad`` is the recorded gradient itself, not a copy (a copy per
+  parameter would be a launch each, outside the graph), so gradients are not accumulated over
+  micro-steps: the loop refuses ``train.grad_accum`` above 1 with graphs.
 Without gradients (evaluation), off CUDA, or for a network that cannot be captured (one that
 waits for the host), the network runs eagerly; the last with a warning.
 """
@@ -39,6 +44,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
 class _Bound(nn.Module):
@@ -132,17 +139,88 @@ class TrainingGraphs(nn.Module):
                 return self.net(*args, **kwargs)
         return graphed(*tensors)
 
-    def _record(self, layout: tuple, tensors: list[Tensor]) -> nn.Module:
+    def _record(self, layout: tuple, tensors: list[Tensor]) -> Any:
         fixed = {k: v for k, v in layout[1] if v is not _TENSOR}
         tensor_layout = (layout[0], tuple((k, v) for k, v in layout[1] if v is _TENSOR))
-        bound = _Bound(self.net, tensor_layout, fixed).train(self.net.training)
+        bound = _Bound(self.net, tensor_layout, fixed)
         sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         with _no_sync_debug():
-            return torch.cuda.make_graphed_callables(
-                bound, sample, num_warmup_iters=self.warmup, allow_unused_input=True,
-                pool=self._pool)
+            return _record_graphs(bound, sample, self._pool, self.warmup)
+
+
+def _record_graphs(fn: nn.Module, sample: tuple[Tensor, ...], pool: Any, warmup: int) -> Any:
+    """``fn``'s forward and backward on ``sample`` recorded: a callable of tensors like it."""
+    return _Recording(fn, sample, pool, warmup)
+
+
+class _Recording:
+    """One signature's forward and backward graphs (thread-local capture mode)."""
+
+    def __init__(self, fn: nn.Module, sample: tuple[Tensor, ...], pool: Any,
+                 warmup: int) -> None:
+        self.inputs = sample
+        self.params = tuple(p for p in fn.parameters() if p.requires_grad)
+        wrt = [t for t in sample if t.requires_grad] + list(self.params)
+
+        def diff(out: Any) -> list[Tensor]:
+            leaves, _ = tree_flatten(out)
+            if not all(isinstance(o, Tensor) for o in leaves):
+                raise RuntimeError("the network returned something other than tensors")
+            return [o for o in leaves if o.requires_grad]
+
+        here = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(here)
+        with torch.cuda.stream(side):  # cuDNN/cuBLAS choices, lazy init: not in the recording
+            for _ in range(warmup):
+                outs = diff(fn(*sample))
+                torch.autograd.grad(outs, wrt, [torch.zeros_like(o) for o in outs],
+                                    allow_unused=True)
+        here.wait_stream(side)
+        self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.fwd, pool=pool, capture_error_mode="thread_local"):
+            out = fn(*sample)
+        outs = diff(out)
+        self.outputs, self.spec = tree_flatten(out)
+        self.differentiable = [o.requires_grad for o in self.outputs]
+        self.grad_outputs = [torch.empty_like(o) for o in outs]
+        with torch.cuda.graph(self.bwd, pool=pool, capture_error_mode="thread_local"):
+            grads = torch.autograd.grad(outs, wrt, self.grad_outputs, allow_unused=True)
+        it = iter(grads)
+        self.grads = tuple([next(it) if t.requires_grad else None for t in sample]
+                           + [next(it) for _ in self.params])
+
+    def __call__(self, *tensors: Tensor) -> Any:
+        return tree_unflatten(list(_Replay.apply(self, *tensors, *self.params)), self.spec)
+
+
+class _Replay(torch.autograd.Function):
+    """A recording's forward graph, and its backward graph as this node's backward."""
+
+    @staticmethod
+    def forward(ctx: Any, rec: _Recording, *args: Tensor) -> tuple[Tensor, ...]:
+        ctx.rec = rec
+        for static, t in zip(rec.inputs, args, strict=False):  # args end with the parameters
+            if static.data_ptr() != t.data_ptr():
+                static.copy_(t)
+        rec.fwd.replay()
+        outs = tuple(o.detach() for o in rec.outputs)
+        fixed = [o for o, d in zip(outs, rec.differentiable, strict=True) if not d]
+        ctx.mark_non_differentiable(*fixed)
+        return outs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        rec = ctx.rec
+        for static, g in zip(rec.grad_outputs,
+                             [g for g, d in zip(grads, rec.differentiable, strict=True) if d],
+                             strict=True):
+            static.copy_(g)
+        rec.bwd.replay()
+        return (None, *(None if g is None else g.detach() for g in rec.grads))
 
 
 def use_training_graphs(net: nn.Module) -> TrainingGraphs:

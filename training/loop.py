@@ -87,9 +87,9 @@ def train(cfg: Config, callbacks: list[Callback] | tuple[Callback, ...] = (),
     graphs = compiled and device.type == "cuda" and \
         cfg.run.compile_mode in ("reduce-overhead", "max-autotune")
     if cfg.run.cuda_graphs == "on":  # eager kernels recorded per input shape (off CUDA: eager)
-        if ddp is not None:
-            raise ValueError("run.cuda_graphs=on runs one process; with several, use "
-                             "run.compile_mode=reduce-overhead")
+        if ddp is not None or accum > 1:
+            raise ValueError("run.cuda_graphs=on runs one process without gradient "
+                             "accumulation; else use run.compile_mode=reduce-overhead")
         fwd = use_training_graphs(net)
     cb.on_start(cfg, {"rank": ctx.rank, "world": ctx.world, "device": str(device),
                       "run_dir": str(run_dir), "start_step": step, "data_note": data_note,

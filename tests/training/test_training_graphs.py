@@ -1,12 +1,12 @@
 """``run.cuda_graphs: on``: the eager network's forward and backward recorded as CUDA graphs,
 one per input signature (``training.graphs``).
 
-Recording needs a GPU. On the CPU, ``torch.cuda.make_graphed_callables`` is replaced by a
-stand-in that returns the module it is given (so the call runs eagerly through prism's own
-binding of the signature), which tests what prism adds to PyTorch's function: one recording
-per signature and only one, keyword and ``None`` arguments bound, several outputs, and
-gradients reaching the network's parameters, with the same losses as the plain loop to the
-last bit. On a GPU the real recording is held against eager training step by step.
+Recording needs a GPU. On the CPU, the recording (``graphs._record_graphs``) is replaced by
+a stand-in that returns the module it is given, so that each call runs eagerly through the
+binding of its signature: one recording per signature and only one, keyword and ``None``
+arguments in their places, several outputs, and gradients reaching the network's parameters,
+with the same losses as the plain loop to the last bit. On a GPU the real recording is held
+against eager training step by step.
 """
 
 from __future__ import annotations
@@ -61,15 +61,15 @@ def _train(tmp_path: Path, recipe: str, device: str, sets: list[str]) -> list[fl
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    """make_graphed_callables replaced by the identity on the module it records (CPU)."""
+    """The recording replaced by the module it would record (CPU)."""
     recorded: list[tuple[torch.nn.Module, tuple]] = []
 
-    def record(module, sample, **kwargs):
-        assert kwargs["allow_unused_input"] and kwargs["pool"] is not None
+    def record(module, sample, pool, warmup):
+        assert pool is not None and warmup >= 1
         recorded.append((module, tuple((tuple(t.shape), t.dtype) for t in sample)))
         return module
 
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", record)
+    monkeypatch.setattr(graphs, "_record_graphs", record)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
     monkeypatch.setattr(graphs, "_capturable", lambda tensors: bool(tensors))
     monkeypatch.setattr(graphs, "_no_sync_debug", contextlib.nullcontext)
@@ -145,11 +145,13 @@ def test_every_argument_reaches_the_network_in_its_place(stand_in):
     assert g.graphs == len(stand_in) == 4  # keyword order is not a new signature
 
 
-def test_cuda_graphs_need_compile_off():
+def test_cuda_graphs_need_compile_off_and_no_accumulation(tmp_path):
     with pytest.raises(ConfigError, match="run.compile=off"):
         load_config(CONFIGS / "debug.yaml", ["run.cuda_graphs=on", "run.compile=auto"])
     cfg = load_config(CONFIGS / "debug.yaml", ["run.cuda_graphs=on", "run.compile=off"])
     assert cfg.run.cuda_graphs == "on"  # YAML's boolean `on` read back as the switch
+    with pytest.raises(ValueError, match="without gradient accumulation"):
+        _train(tmp_path, "unet-labels", "cpu", ["run.cuda_graphs=on", "train.grad_accum=2"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
