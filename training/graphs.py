@@ -31,8 +31,10 @@ Correctness rests on four points:
   eager. A parameter's ``.grad`` is the recorded gradient itself, not a copy (a copy per
   parameter would be a launch each, outside the graph), so gradients are not accumulated over
   micro-steps: the loop refuses ``train.grad_accum`` above 1 with graphs.
-Without gradients (evaluation), off CUDA, or for a network that cannot be captured (one that
-waits for the host), the network runs eagerly; the last with a warning.
+Without gradients (evaluation), off CUDA, for arguments other than tensors and plain values,
+or for a network that cannot be captured (one that waits for the host), the network runs
+eagerly; the last with a warning. The backward is recorded outside autocast, as the loop runs
+it; two parameters that autograd hands one gradient tensor get a copy each.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class _Bound(nn.Module):
 
 
 _TENSOR = object()  # a tensor's place in a call's layout
+_NESTED = object()  # a call with an argument other than a tensor or a plain value
 
 
 def _signature(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, list[Tensor]]:
@@ -76,7 +79,9 @@ def _signature(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, list[Tensor]
             tensors.append(v)
             key.append((tuple(v.shape), v.stride(), v.dtype, v.device, v.requires_grad))
             return _TENSOR
-        key.append(v)
+        if v is not None and not isinstance(v, (bool, int, float, str)):
+            key.append(_NESTED)  # tensors inside containers are not bound: runs eagerly
+        key.append(v if isinstance(v, (bool, int, float, str)) or v is None else id(v))
         return v
 
     layout = (tuple(slot(a) for a in args), tuple((k, slot(v)) for k, v in sorted(kwargs.items())))
@@ -91,13 +96,16 @@ def _capturable(tensors: list[Tensor]) -> bool:
 
 
 @contextlib.contextmanager
-def _no_sync_debug() -> Iterator[None]:
-    """Recording synchronises on purpose: ``run.sync_debug`` is for the steps, not for it."""
-    mode = torch.cuda.get_sync_debug_mode()
+def _recording() -> Iterator[None]:
+    """Around a recording: no ``run.sync_debug`` (recording synchronises on purpose; the
+    setting is for the steps), and the caller's stream current again after a failed capture
+    (``torch.cuda.graph`` leaves its capture stream current when the capture raises)."""
+    mode, here = torch.cuda.get_sync_debug_mode(), torch.cuda.current_stream()
     torch.cuda.set_sync_debug_mode(0)
     try:
         yield
     finally:
+        torch.cuda.set_stream(here)
         torch.cuda.set_sync_debug_mode(mode)
 
 
@@ -125,8 +133,13 @@ class TrainingGraphs(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         (key, layout), tensors = _signature(args, kwargs)
-        if not torch.is_grad_enabled() or not _capturable(tensors) or key in self._eager:
+        if (not torch.is_grad_enabled() or not _capturable(tensors) or key in self._eager
+                or _NESTED in key):
             return self.net(*args, **kwargs)
+        if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
+            raise RuntimeError("CUDA graphs need autocast without its weight cache "
+                               "(torch.autocast(..., cache_enabled=False))")
+        key = (*key, self.net.training)
         graphed = self._graphs.get(key)
         if graphed is None:
             try:
@@ -146,7 +159,7 @@ class TrainingGraphs(nn.Module):
         sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with _no_sync_debug():
+        with _recording():
             return _record_graphs(bound, sample, self._pool, self.warmup)
 
 
@@ -173,11 +186,15 @@ class _Recording:
         here = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(here)
+        def backward(outs: list[Tensor], grad_outputs: list[Tensor]) -> list[Tensor | None]:
+            # as the loop's backward, outside autocast (the engine would carry it over)
+            with torch.autocast("cuda", enabled=False):
+                return list(torch.autograd.grad(outs, wrt, grad_outputs, allow_unused=True))
+
         with torch.cuda.stream(side):  # cuDNN/cuBLAS choices, lazy init: not in the recording
             for _ in range(warmup):
                 outs = diff(fn(*sample))
-                torch.autograd.grad(outs, wrt, [torch.zeros_like(o) for o in outs],
-                                    allow_unused=True)
+                backward(outs, [torch.zeros_like(o) for o in outs])
         here.wait_stream(side)
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.fwd, pool=pool, capture_error_mode="thread_local"):
@@ -187,7 +204,13 @@ class _Recording:
         self.differentiable = [o.requires_grad for o in self.outputs]
         self.grad_outputs = [torch.empty_like(o) for o in outs]
         with torch.cuda.graph(self.bwd, pool=pool, capture_error_mode="thread_local"):
-            grads = torch.autograd.grad(outs, wrt, self.grad_outputs, allow_unused=True)
+            grads = backward(outs, self.grad_outputs)
+            seen: set[int] = set()
+            for i, g in enumerate(grads):  # autograd may hand two parameters one tensor:
+                if g is not None:  # each .grad gets storage of its own (clipping scales
+                    ptr = g.untyped_storage().data_ptr()  # in place)
+                    grads[i] = g.clone() if ptr in seen else g
+                    seen.add(ptr)
         it = iter(grads)
         self.grads = tuple([next(it) if t.requires_grad else None for t in sample]
                            + [next(it) for _ in self.params])
@@ -215,6 +238,9 @@ class _Replay(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
         rec = ctx.rec
+        if any(p.grad is not None for p in rec.params):
+            raise RuntimeError("a recorded backward needs every .grad None before it "
+                               "(zero_grad(set_to_none=True), no accumulation)")
         for static, g in zip(rec.grad_outputs,
                              [g for g, d in zip(grads, rec.differentiable, strict=True) if d],
                              strict=True):
