@@ -79,9 +79,9 @@ def _signature(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, list[Tensor]
             tensors.append(v)
             key.append((tuple(v.shape), v.stride(), v.dtype, v.device, v.requires_grad))
             return _TENSOR
-        if v is not None and not isinstance(v, (bool, int, float, str)):
-            key.append(_NESTED)  # tensors inside containers are not bound: runs eagerly
-        key.append(v if isinstance(v, (bool, int, float, str)) or v is None else id(v))
+        # a plain value is part of the key; anything else (tensors inside containers are not
+        # bound) makes the call run eagerly
+        key.append(v if v is None or isinstance(v, (bool, int, float, str)) else _NESTED)
         return v
 
     layout = (tuple(slot(a) for a in args), tuple((k, slot(v)) for k, v in sorted(kwargs.items())))
