@@ -148,7 +148,7 @@ class TrainingGraphs(nn.Module):
                 self._eager.add(key)
                 warnings.warn(f"CUDA graph capture failed, this signature runs eagerly: {exc}",
                               RuntimeWarning, stacklevel=2)
-                torch.cuda.synchronize()
+                _end_failed_capture()
                 return self.net(*args, **kwargs)
         return graphed(*tensors)
 
@@ -163,6 +163,15 @@ class TrainingGraphs(nn.Module):
             return _record_graphs(bound, sample, self._pool, self.warmup)
 
 
+def _end_failed_capture() -> None:
+    """After a capture that failed, PyTorch's CUDA generator still counts itself as capturing
+    (the capture's end, which would tell it, raised first) and every later random draw fails;
+    a small capture that succeeds ends that state."""
+    torch.cuda.synchronize()
+    with _recording(), torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
+        torch.ones(1, device="cuda").add_(1)
+
+
 def _record_graphs(fn: nn.Module, sample: tuple[Tensor, ...], pool: Any, warmup: int) -> Any:
     """``fn``'s forward and backward on ``sample`` recorded: a callable of tensors like it."""
     return _Recording(fn, sample, pool, warmup)
@@ -174,14 +183,22 @@ class _Recording:
     def __init__(self, fn: nn.Module, sample: tuple[Tensor, ...], pool: Any,
                  warmup: int) -> None:
         self.inputs = sample
-        self.params = tuple(p for p in fn.parameters() if p.requires_grad)
-        wrt = [t for t in sample if t.requires_grad] + list(self.params)
+        named = [(n, p) for n, p in fn.named_parameters() if p.requires_grad]
+        self.params = tuple(p for _, p in named)
+        # the recording differentiates fresh leaves that share the parameters' storage: a
+        # parameter's own gradient node may be alive from an earlier step on another stream,
+        # and the backward would make that stream wait on the capture (an error)
+        leaves = {n: p.detach().requires_grad_() for n, p in named}
+        wrt = [t for t in sample if t.requires_grad] + list(leaves.values())
+
+        def call(*tensors: Tensor) -> Any:
+            return torch.func.functional_call(fn, leaves, tensors)
 
         def diff(out: Any) -> list[Tensor]:
-            leaves, _ = tree_flatten(out)
-            if not all(isinstance(o, Tensor) for o in leaves):
+            flat, _ = tree_flatten(out)
+            if not all(isinstance(o, Tensor) for o in flat):
                 raise RuntimeError("the network returned something other than tensors")
-            return [o for o in leaves if o.requires_grad]
+            return [o for o in flat if o.requires_grad]
 
         here = torch.cuda.current_stream()
         side = torch.cuda.Stream()
@@ -193,15 +210,16 @@ class _Recording:
 
         with torch.cuda.stream(side):  # cuDNN/cuBLAS choices, lazy init: not in the recording
             for _ in range(warmup):
-                outs = diff(fn(*sample))
+                outs = diff(call(*sample))
                 backward(outs, [torch.zeros_like(o) for o in outs])
+                del outs  # the warm-up graph freed before the capture
         here.wait_stream(side)
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.fwd, pool=pool, capture_error_mode="thread_local"):
-            out = fn(*sample)
+            out = call(*sample)
         outs = diff(out)
-        self.outputs, self.spec = tree_flatten(out)
-        self.differentiable = [o.requires_grad for o in self.outputs]
+        outputs, self.spec = tree_flatten(out)
+        self.differentiable = [o.requires_grad for o in outputs]
         self.grad_outputs = [torch.empty_like(o) for o in outs]
         with torch.cuda.graph(self.bwd, pool=pool, capture_error_mode="thread_local"):
             grads = backward(outs, self.grad_outputs)
@@ -211,6 +229,7 @@ class _Recording:
                     ptr = g.untyped_storage().data_ptr()  # in place)
                     grads[i] = g.clone() if ptr in seen else g
                     seen.add(ptr)
+        self.outputs = [o.detach() for o in outputs]  # the recorded graph's nodes freed
         it = iter(grads)
         self.grads = tuple([next(it) if t.requires_grad else None for t in sample]
                            + [next(it) for _ in self.params])

@@ -205,3 +205,29 @@ def test_recorded_gradients_are_eagers_and_each_parameters_own():
     g(x)[0].sum().backward()  # leaves .grad: a recorded backward refuses to add to it
     with pytest.raises(RuntimeError, match="set_to_none"):
         g(x)[0].sum().backward()
+
+
+class _Waits(torch.nn.Module):
+    """A network that waits for the host in its forward: it cannot be recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = torch.nn.functional.dropout(self.lin(x), 0.1)
+        return y * (2.0 if y.sum().item() > 0 else -2.0)
+
+
+@GPU
+def test_a_network_that_cannot_be_recorded_runs_eagerly_and_random_draws_still_work():
+    net = _Waits().cuda()
+    g = graphs.use_training_graphs(net)
+    x = torch.randn(4, 8, device="cuda")
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        g(x).sum().backward()
+    assert g.graphs == 0 and net.lin.weight.grad is not None
+    net.zero_grad(set_to_none=True)
+    g(x).sum().backward()  # the same signature: eagerly again, no second try
+    torch.randn(3, device="cuda")  # the generator left capture mode with the failed capture
+    assert torch.nn.functional.dropout(torch.ones(1000, device="cuda"), 0.5).eq(0).any()
