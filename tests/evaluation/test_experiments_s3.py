@@ -14,6 +14,10 @@ import torch
 from pipelines import experiments
 from pipelines.experiments.common import feature_space, measure, real_images
 
+# a minute and more of training, sampling and measuring on 2 cores: with the slow tests (CI
+# runs both suites), so that `make test` stays well under 15 minutes
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):

@@ -20,6 +20,10 @@ from pipelines.experiments.common import config_path, feature_space, measure, re
 from pipelines.experiments.dimr_vs_dit import references
 from training.build import build_model, build_objective
 
+# a minute and more of training, sampling and measuring on 2 cores: with the slow tests (CI
+# runs both suites), so that `make test` stays well under 15 minutes
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def s4(tmp_path_factory):
