@@ -101,10 +101,11 @@ SSD_SMOKE = ["eager=4,compiled=4,compiled-cached=4,compiled-blocks=4,graphs=4",
              "--set", "model.preset=ssd-debug",
              "--set", "data.resolution=16", "--set", "train.batch_size=8",
              "--set", "train.log_every_images=16", "--set", "data.num_workers=0",
-             "--set", "optim.warmup_images=16"]
+             "--set", "optim.warmup_images=16",
+             "--set", "objective.options.levels=2"]  # three resolution pairs to compile
 
 
-@pytest.mark.slow  # four short trainings, three compiled on CPU: about 4 minutes
+@pytest.mark.slow  # five short trainings, three compiled on CPU: 4 to 8 minutes
 def test_ssd_compile_cost_smoke_times_eager_compiled_and_cached(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1",
            "SSDCC_WORK": str(tmp_path / "work"),
