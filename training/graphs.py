@@ -99,11 +99,16 @@ def _capturable(tensors: list[Tensor]) -> bool:
 def _recording() -> Iterator[None]:
     """Around a recording: no ``run.sync_debug`` (recording synchronises on purpose; the
     setting is for the steps), and the caller's stream current again after a failed capture
-    (``torch.cuda.graph`` leaves its capture stream current when the capture raises)."""
+    (``torch.cuda.graph`` leaves its capture stream current when the capture raises) and
+    PyTorch's CUDA generator out of its capture state (:func:`_end_failed_capture`)."""
     mode, here = torch.cuda.get_sync_debug_mode(), torch.cuda.current_stream()
     torch.cuda.set_sync_debug_mode(0)
     try:
         yield
+    except BaseException:
+        torch.cuda.set_stream(here)
+        _end_failed_capture()
+        raise
     finally:
         torch.cuda.set_stream(here)
         torch.cuda.set_sync_debug_mode(mode)
@@ -148,7 +153,6 @@ class TrainingGraphs(nn.Module):
                 self._eager.add(key)
                 warnings.warn(f"CUDA graph capture failed, this signature runs eagerly: {exc}",
                               RuntimeWarning, stacklevel=2)
-                _end_failed_capture()
                 return self.net(*args, **kwargs)
         return graphed(*tensors)
 
@@ -166,9 +170,10 @@ class TrainingGraphs(nn.Module):
 def _end_failed_capture() -> None:
     """After a capture that failed, PyTorch's CUDA generator still counts itself as capturing
     (the capture's end, which would tell it, raised first) and every later random draw fails;
-    a small capture that succeeds ends that state."""
-    torch.cuda.synchronize()
-    with _recording(), torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
+    a small capture that succeeds ends that state (one that fails leaves the first error
+    to be reported)."""
+    with contextlib.suppress(RuntimeError), torch.cuda.graph(
+            torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
         torch.ones(1, device="cuda").add_(1)
 
 
